@@ -1,0 +1,5 @@
+"""vllm-gateway: start vLLM when a request comes, stop it when nobody uses it."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
