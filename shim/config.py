@@ -1,0 +1,227 @@
+"""The configuration: one TOML file, declared here, checked at start-up.
+
+Every error names the file and the key, e.g.
+``config.toml: engines.main.port: must be 1..65535``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .durations import parse_duration
+
+DEFAULT_PATH = Path("~/.config/vllm-gateway/config.toml")
+DEFAULT_ENGINE_PORT = 8100
+DEFAULT_UNIT = "vllm.service"
+# vLLM's cold start is ~60 s for a 9B model and can take many minutes for
+# large ones (torch.compile, CUDA graphs): five minutes covers most.
+DEFAULT_START_TIMEOUT_S = 300.0
+DEFAULT_STOP_AFTER_S = 600.0
+# vLLM drains and frees VRAM within seconds; past this systemd sends SIGKILL.
+DEFAULT_STOP_TIMEOUT_S = 30.0
+DEFAULT_EXIT_AFTER_S = 300.0
+TOOL_CALL_FORMATS = ("off", "nemotron", "hermes", "mistral")
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, key: str, message: str) -> None:
+        name = os.path.basename(path) if path else "config"
+        super().__init__(f"{name}: {key}: {message}" if key else f"{name}: {message}")
+        self.path = path
+        self.key = key
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    command: tuple[str, ...]
+    port: int = DEFAULT_ENGINE_PORT
+    environment: Mapping[str, str] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+    health_path: str = "/health"
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    stop_after_s: float | None = DEFAULT_STOP_AFTER_S
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    unit: str = DEFAULT_UNIT
+    tool_call_format: str = "off"
+
+    def argv(self) -> list[str]:
+        """The engine's command line; the gateway owns the address it listens on."""
+        return [*self.command, "--host", "127.0.0.1", "--port", str(self.port)]
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    engines: Mapping[str, EngineConfig]
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    # When the engine is stopped and no connection came for this long, the
+    # shim exits; the socket unit keeps the port and starts it again.
+    exit_after_s: float | None = DEFAULT_EXIT_AFTER_S
+    # Requests waiting for a cold start; past this they get a 503 at once.
+    max_waiting: int = 1024
+    source: str = ""
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine (one per gateway until routing by model exists)."""
+        return next(iter(self.engines.values()))
+
+
+def config_path() -> Path:
+    env = os.environ.get("VLLM_GATEWAY_CONFIG")
+    return Path(env) if env else DEFAULT_PATH.expanduser()
+
+
+def load(path: Path | None = None) -> GatewayConfig:
+    path = path or config_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", f"no configuration file at {path}") from None
+    except OSError as e:
+        raise ConfigError(str(path), "", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(str(path), "", f"not valid TOML: {e}") from None
+    return parse(data, str(path))
+
+
+def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig:
+    c = _Checker(source)
+    c.only_keys(data, "", {"gateway", "engines"})
+    gw = data.get("gateway", {})
+    c.table(gw, "gateway")
+    c.only_keys(gw, "gateway", {"listen", "exit_after", "max_waiting"})
+    host, port = "127.0.0.1", 8000
+    if "listen" in gw:
+        host, port = c.address(gw["listen"], "gateway.listen")
+    exit_after = c.duration_or_off(gw.get("exit_after", DEFAULT_EXIT_AFTER_S), "gateway.exit_after")
+    max_waiting = c.integer(gw.get("max_waiting", 1024), "gateway.max_waiting", 1, 1_000_000)
+
+    engines_raw = data.get("engines")
+    if engines_raw is None:
+        raise ConfigError(source, "engines", "missing: add an [engines.NAME] table")
+    c.table(engines_raw, "engines")
+    if not engines_raw:
+        raise ConfigError(source, "engines", "must define at least one [engines.NAME] table")
+    if len(engines_raw) > 1:
+        raise ConfigError(source, "engines", "only one engine is supported for now")
+    engines = {name: _engine(c, name, table) for name, table in engines_raw.items()}
+    return GatewayConfig(
+        engines=engines,
+        listen_host=host,
+        listen_port=port,
+        exit_after_s=exit_after,
+        max_waiting=max_waiting,
+        source=source,
+    )
+
+
+_ENGINE_KEYS = {
+    "command", "port", "environment", "models", "health_path", "start_timeout",
+    "stop_after", "stop_timeout", "unit", "tool_call_format",
+}
+
+
+def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
+    k = f"engines.{name}"
+    c.table(t, k)
+    c.only_keys(t, k, _ENGINE_KEYS)
+    if "command" not in t:
+        raise ConfigError(c.source, f"{k}.command", "missing: the engine's command line as a list")
+    command = c.string_list(t["command"], f"{k}.command")
+    if not command:
+        raise ConfigError(c.source, f"{k}.command", "must not be empty")
+    for flag in ("--port", "--host"):
+        if flag in command:
+            raise ConfigError(
+                c.source, f"{k}.command",
+                f"must not set {flag}: the gateway appends --host 127.0.0.1 --port PORT itself",
+            )
+    env = t.get("environment", {})
+    c.table(env, f"{k}.environment")
+    for key, value in env.items():
+        if not isinstance(value, str):
+            raise ConfigError(c.source, f"{k}.environment.{key}", "must be a string")
+    unit = t.get("unit", DEFAULT_UNIT)
+    if not isinstance(unit, str) or not unit.endswith(".service") or "/" in unit:
+        raise ConfigError(c.source, f"{k}.unit", "must be a unit name ending in .service")
+    health = t.get("health_path", "/health")
+    if not isinstance(health, str) or not health.startswith("/"):
+        raise ConfigError(c.source, f"{k}.health_path", "must be a path starting with /")
+    fmt = t.get("tool_call_format", "off")
+    if fmt not in TOOL_CALL_FORMATS:
+        raise ConfigError(
+            c.source, f"{k}.tool_call_format", f"must be one of {', '.join(TOOL_CALL_FORMATS)}"
+        )
+    start_timeout = c.duration(t.get("start_timeout", DEFAULT_START_TIMEOUT_S), f"{k}.start_timeout")
+    if start_timeout <= 0:
+        raise ConfigError(c.source, f"{k}.start_timeout", "must be greater than zero")
+    return EngineConfig(
+        name=name,
+        command=tuple(command),
+        port=c.integer(t.get("port", DEFAULT_ENGINE_PORT), f"{k}.port", 1, 65535),
+        environment=dict(env),
+        models=tuple(c.string_list(t.get("models", []), f"{k}.models")),
+        health_path=health,
+        start_timeout_s=start_timeout,
+        stop_after_s=c.duration_or_off(t.get("stop_after", DEFAULT_STOP_AFTER_S), f"{k}.stop_after"),
+        stop_timeout_s=c.duration(t.get("stop_timeout", DEFAULT_STOP_TIMEOUT_S), f"{k}.stop_timeout"),
+        unit=unit,
+        tool_call_format=fmt,
+    )
+
+
+@dataclass
+class _Checker:
+    source: str
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.source, key, message)
+
+    def table(self, value: Any, key: str) -> None:
+        if not isinstance(value, dict):
+            raise self.fail(key, "must be a table")
+
+    def only_keys(self, table: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                where = f"{prefix}.{key}" if prefix else key
+                raise self.fail(where, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    def integer(self, value: Any, key: str, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be {low}..{high}")
+        return value
+
+    def duration(self, value: Any, key: str) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+
+    def duration_or_off(self, value: Any, key: str) -> float | None:
+        if value == "off" or value is False:
+            return None
+        seconds = self.duration(value, key)
+        return None if seconds == 0 else seconds
+
+    def string_list(self, value: Any, key: str) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, "must be a list of strings")
+        return list(value)
+
+    def address(self, value: Any, key: str) -> tuple[str, int]:
+        if not isinstance(value, str) or ":" not in value:
+            raise self.fail(key, "must be \"HOST:PORT\", e.g. \"127.0.0.1:8000\"")
+        host, _, port = value.rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise self.fail(key, "port must be 1..65535")
+        return host.strip("[]"), int(port)

@@ -1,0 +1,330 @@
+"""The one owner of an engine's lifecycle.
+
+A single trio task (`Engine.run`) owns the state. Everything that wants to
+change it — request handlers, admin calls, systemd's signals, the start
+attempt's health probe — posts a message to its inbox; handlers then wait for
+the state to change. Nothing else writes the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from . import journal
+from .config import EngineConfig
+from .errors import EngineUnavailable, QueueFull
+from .lifecycle import Event, State, next_state
+from .systemd import GONE, Systemd, SystemdError, TransientService, UnitState
+from .upstream import Upstream, probe
+
+log = logging.getLogger("vllm_gateway.engine")
+
+# vLLM answers /health within ~100 ms of its engine being ready; poll at half
+# of that so a waiting request is released within 100 ms (the brief's bound).
+HEALTH_POLL_S = 0.05
+# Cool-down after a failed start: first 5 s, doubling, at most 2 min. Clients
+# get a 503 with Retry-After meanwhile instead of relaunching vLLM each time.
+FAILURE_COOLDOWN_S = 5.0
+FAILURE_COOLDOWN_MAX_S = 120.0
+# Journald may receive the last lines of a dying process just after systemd
+# reports the failure; wait this long for them before quoting.
+JOURNAL_SETTLE_S = 0.3
+
+
+@dataclass(frozen=True)
+class _Want:
+    pass
+
+
+@dataclass(frozen=True)
+class _Stop:
+    cause: str
+
+
+@dataclass(frozen=True)
+class _UnitChanged:
+    active_state: str
+
+
+@dataclass(frozen=True)
+class _Healthy:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class _StartFailed:
+    attempt: int
+    reason: str
+
+
+_Message = _Want | _Stop | _UnitChanged | _Healthy | _StartFailed
+
+
+@dataclass(frozen=True)
+class Failure:
+    message: str
+    at: float  # epoch seconds
+    seq: int
+
+
+class Engine:
+    """One engine behind the gateway, as a transient systemd unit."""
+
+    def __init__(self, cfg: EngineConfig, systemd: Systemd, on_change: Callable[[], None] = lambda: None):
+        self.cfg = cfg
+        self.systemd = systemd
+        self.upstream = Upstream(cfg.port)
+        self.state = State.STOPPED
+        self.state_since = time.time()
+        self.main_pid = 0
+        self.last_cold_start_s: float | None = None
+        self.last_failure: Failure | None = None
+        self.waiting = 0
+        self._on_change = on_change
+        self._changed = trio.Event()
+        self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
+        self._attempt = 0
+        self._attempt_scope: trio.CancelScope | None = None
+        self._start_t0 = 0.0
+        self._start_epoch = 0.0
+        self._failures_in_row = 0
+        self._retry_at = 0.0  # trio time before which no new start is tried
+        self._stop_wanted = False
+
+    # ---- asked by request handlers (any task) ----
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    async def acquire(self, max_waiting: int) -> float:
+        """Return once the engine is ready; the seconds waited for it.
+
+        Raises EngineUnavailable when a start this request waited for failed,
+        or while cooling down after failures; QueueFull past `max_waiting`.
+        """
+        if self.ready:
+            return 0.0
+        if self.waiting >= max_waiting:
+            raise QueueFull(
+                f"vllm-gateway: {self.waiting} requests already wait for the engine to start; try again",
+                retry_after_s=5,
+            )
+        t0 = trio.current_time()
+        seen = self.last_failure.seq if self.last_failure else 0
+        self.waiting += 1
+        try:
+            while not self.ready:
+                failure = self.last_failure
+                if failure is not None and failure.seq != seen:
+                    raise self._unavailable(failure)
+                if self.state is State.FAILED and trio.current_time() < self._retry_at:
+                    assert failure is not None
+                    raise self._unavailable(failure)
+                changed = self._changed
+                self._inbox_send.send_nowait(_Want())
+                await changed.wait()
+        finally:
+            self.waiting -= 1
+        return trio.current_time() - t0
+
+    def _unavailable(self, failure: Failure) -> EngineUnavailable:
+        retry = max(1.0, self._retry_at - trio.current_time())
+        return EngineUnavailable(failure.message, retry_after_s=retry)
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        """Wait until the state changes, or the timeout passes."""
+        changed = self._changed
+        with trio.move_on_after(timeout_s):
+            await changed.wait()
+
+    def request_start(self) -> None:
+        self._inbox_send.send_nowait(_Want())
+
+    def request_stop(self, cause: str) -> None:
+        self._inbox_send.send_nowait(_Stop(cause))
+
+    async def wait_for(self, *states: State, timeout_s: float) -> bool:
+        with trio.move_on_after(timeout_s):
+            while self.state not in states:
+                await self._changed.wait()
+            return True
+        return False
+
+    # ---- the owner task ----
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.systemd.watch(self.cfg.unit) as signals, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._adopt(await self.systemd.unit_state(self.cfg.unit))
+            nursery.start_soon(self._forward_signals, signals)
+            task_status.started()
+            async for msg in self._inbox:
+                await self._handle(msg)
+
+    async def _forward_signals(self, signals: trio.MemoryReceiveChannel[str]) -> None:
+        async for active_state in signals:
+            await self._inbox_send.send(_UnitChanged(active_state))
+
+    async def _adopt(self, unit: UnitState) -> None:
+        """Take over whatever the unit is doing now (e.g. after a shim restart)."""
+        if unit.running:
+            log.info("adopting %s (%s, pid %d)", self.cfg.unit, unit.active_state, unit.main_pid)
+            self.main_pid = unit.main_pid
+            self._begin_start(adopted=True)
+        elif unit.active_state == "deactivating":
+            self._set(Event.UNIT_DEACTIVATING)
+        elif unit.active_state == "failed":
+            await self.systemd.reset_failed(self.cfg.unit)
+
+    async def _handle(self, msg: _Message) -> None:
+        match msg:
+            case _Want():
+                await self._on_want()
+            case _Stop(cause):
+                await self._on_stop(cause)
+            case _UnitChanged(active_state):
+                await self._on_unit(active_state)
+            case _Healthy(attempt) if attempt == self._attempt and self.state is State.STARTING:
+                took = time.monotonic() - self._start_t0
+                self.last_cold_start_s = took
+                self._failures_in_row = 0
+                self._cancel_attempt()
+                log.info("engine %s ready after %.1f s", self.cfg.name, took)
+                self._set(Event.HEALTHY)
+            case _StartFailed(attempt, reason) if attempt == self._attempt:
+                await self._fail(reason)
+            case _:
+                pass  # a stale message from an earlier attempt
+
+    async def _on_want(self) -> None:
+        if self.state is State.FAILED and trio.current_time() >= self._retry_at:
+            self._set(Event.RESET)
+        if self.state is State.STOPPED and self.waiting > 0:
+            await self._start()
+
+    async def _start(self) -> None:
+        svc = TransientService(
+            name=self.cfg.unit,
+            argv=self.cfg.argv(),
+            environment=self.cfg.environment,
+            description=f"vLLM engine {self.cfg.name!r}, started by vllm-gateway",
+            stop_timeout_s=self.cfg.stop_timeout_s,
+            syslog_identifier=self.cfg.unit.removesuffix(".service"),
+        )
+        self._start_epoch = time.time()
+        try:
+            await self.systemd.start_transient(svc)
+        except SystemdError as e:
+            if "UnitExists" not in e.name:
+                self._begin_start(adopted=False)
+                await self._fail(f"systemd refused to start {self.cfg.unit}: {e}")
+                return
+            unit = await self.systemd.unit_state(self.cfg.unit)
+            if unit.running:
+                await self._adopt(unit)
+                return
+            # a failed or stopping leftover: clear it and try once more
+            await self.systemd.reset_failed(self.cfg.unit)
+            try:
+                await self.systemd.start_transient(svc)
+            except SystemdError as e2:
+                self._begin_start(adopted=False)
+                await self._fail(f"systemd refused to start {self.cfg.unit}: {e2}")
+                return
+        log.info("starting engine %s as %s: %s", self.cfg.name, self.cfg.unit, " ".join(svc.argv))
+        self._begin_start(adopted=False)
+
+    def _begin_start(self, *, adopted: bool) -> None:
+        self._set(Event.ADOPT if adopted else Event.START)
+        self.upstream.reset()
+        self._attempt += 1
+        self._start_t0 = time.monotonic()
+        if adopted:
+            self._start_epoch = time.time()
+        scope = trio.CancelScope()
+        self._attempt_scope = scope
+        self._nursery.start_soon(self._probe_until_healthy, self._attempt, scope)
+
+    def _cancel_attempt(self) -> None:
+        if self._attempt_scope is not None:
+            self._attempt_scope.cancel()
+            self._attempt_scope = None
+
+    async def _probe_until_healthy(self, attempt: int, scope: trio.CancelScope) -> None:
+        with scope:
+            deadline = trio.current_time() + self.cfg.start_timeout_s
+            while trio.current_time() < deadline:
+                if await probe("127.0.0.1", self.cfg.port, self.cfg.health_path) == 200:
+                    await self._inbox_send.send(_Healthy(attempt))
+                    return
+                await trio.sleep(HEALTH_POLL_S)
+            await self._inbox_send.send(_StartFailed(
+                attempt, f"the engine did not become ready within {self.cfg.start_timeout_s:g} s",
+            ))
+
+    async def _fail(self, reason: str) -> None:
+        """A start failed: stop the unit, record why (with the engine's last
+        words from the journal), and cool down before the next try."""
+        self._cancel_attempt()
+        await self.systemd.stop_unit(self.cfg.unit)
+        await trio.sleep(JOURNAL_SETTLE_S)
+        lines = await journal.tail(self.cfg.unit, self._start_epoch)
+        self._failures_in_row += 1
+        cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
+        self._retry_at = trio.current_time() + cooldown
+        excerpt = ("; the engine's last output: " + " | ".join(lines)) if lines else ""
+        message = f"vllm-gateway: the engine {self.cfg.name!r} failed to start: {reason}{excerpt}"
+        seq = (self.last_failure.seq + 1) if self.last_failure else 1
+        self.last_failure = Failure(message, time.time(), seq)
+        log.error("%s (failure %d in a row; next try in %g s)", message, self._failures_in_row, cooldown)
+        self._set(Event.START_FAILED)
+
+    async def _on_stop(self, cause: str) -> None:
+        if self.state in (State.STARTING, State.READY):
+            log.info("stopping engine %s (%s)", self.cfg.name, cause)
+            self._cancel_attempt()
+            self._set(Event.STOP)
+            await self.systemd.stop_unit(self.cfg.unit)
+
+    async def _on_unit(self, active_state: str) -> None:
+        st = self.state
+        if active_state in ("active", "activating", "reloading"):
+            if st is State.STOPPED:  # started by somebody else, e.g. `systemctl start`
+                await self._adopt(await self.systemd.unit_state(self.cfg.unit))
+            return
+        if active_state == "deactivating":
+            if st is State.STARTING:
+                self._cancel_attempt()
+            if st is not State.FAILED:
+                self._set(Event.UNIT_DEACTIVATING)
+            return
+        # inactive, failed, or GONE
+        if st is State.STARTING:
+            what = "exited" if active_state != GONE else "disappeared"
+            await self._fail(f"its process {what} before it was ready (unit {active_state})")
+            return
+        if st is State.READY:
+            log.warning("engine %s stopped unexpectedly (unit %s)", self.cfg.name, active_state)
+        if st is not State.STOPPED:
+            self._set(Event.UNIT_GONE)
+        self.upstream.reset()
+        self.main_pid = 0
+        if self.state is State.STOPPED and self.waiting > 0:
+            await self._start()
+
+    def _set(self, event: Event) -> None:
+        new = next_state(self.state, event)
+        if new is not self.state:
+            log.info("engine %s: %s -> %s (%s)", self.cfg.name, self.state.value, new.value, event.value)
+            self.state = new
+            self.state_since = time.time()
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+        self._on_change()

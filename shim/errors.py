@@ -1,0 +1,91 @@
+"""The gateway's own errors. Each carries the HTTP status it maps to, and is
+turned into OpenAI's error JSON once, at the HTTP edge."""
+
+from __future__ import annotations
+
+import json
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status = 500
+    error_type = "gateway_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.error_type, self.code)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after_s is None:
+            return []
+        return [(b"retry-after", str(max(1, round(self.retry_after_s))).encode())]
+
+
+class BadRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    error_type = "invalid_request_error"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    error_type = "invalid_request_error"
+
+
+class EngineUnavailable(GatewayError):
+    """The engine could not be started, or is cooling down after failures."""
+
+    status = 503
+    error_type = "engine_unavailable"
+    code = "engine_unavailable"
+
+
+class QueueFull(GatewayError):
+    status = 503
+    error_type = "engine_unavailable"
+    code = "queue_full"
+
+
+class UpstreamError(GatewayError):
+    """The engine broke the exchange (reset, hang, bad HTTP)."""
+
+    status = 502
+    error_type = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+def error_body(message: str, error_type: str, code: str | None = None) -> bytes:
+    """OpenAI's error shape; clients such as the openai SDK read `error.message`."""
+    return json.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}},
+        ensure_ascii=False,
+    ).encode()

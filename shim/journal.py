@@ -1,0 +1,34 @@
+"""Read an engine's recent output back from the journal, to quote it in errors."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+log = logging.getLogger("vllm_gateway.journal")
+
+# Enough of vLLM's output to show the exception and its message.
+EXCERPT_LINES = 12
+JOURNALCTL_TIMEOUT_S = 5.0
+
+
+async def tail(unit: str, since_epoch_s: float, lines: int = EXCERPT_LINES) -> list[str]:
+    """The unit's last output lines since a time; [] when the journal has none."""
+    cmd = [
+        "journalctl", "--user", "--unit", unit, "--since", f"@{since_epoch_s:.3f}",
+        "--lines", str(lines), "--output", "cat", "--no-pager", "--quiet",
+    ]
+    try:
+        with trio.fail_after(JOURNALCTL_TIMEOUT_S):
+            done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    except (OSError, trio.TooSlowError) as e:
+        log.warning("cannot read the journal of %s: %s", unit, e)
+        return []
+    if done.returncode != 0:
+        log.warning("journalctl for %s failed: %s", unit, done.stderr.decode(errors="replace").strip())
+        return []
+    text = done.stdout.decode(errors="replace")
+    return [line for line in text.splitlines() if line.strip()]
+
+

@@ -1,0 +1,71 @@
+"""The engine's lifecycle as named states and one table of transitions.
+
+Pure logic: no I/O. The engine owner (engine.py) is the only caller.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class Event(enum.Enum):
+    START = "start"  # the owner asked systemd to start the unit
+    ADOPT = "adopt"  # the unit was found running (e.g. after a shim restart)
+    HEALTHY = "healthy"  # the engine answered its health check
+    STOP = "stop"  # the owner asked systemd to stop the unit
+    UNIT_DEACTIVATING = "unit_deactivating"  # somebody else is stopping it
+    UNIT_GONE = "unit_gone"  # the unit is inactive, failed or unloaded
+    START_FAILED = "start_failed"  # timeout, or the unit died before healthy
+    RESET = "reset"  # the failure was reported; ready to try again
+
+
+class LifecycleError(Exception):
+    """An event that the current state does not allow."""
+
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(f"engine lifecycle: event {event.value!r} is illegal in state {state.value!r}")
+        self.state = state
+        self.event = event
+
+
+S, E = State, Event
+
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.STOPPED, E.START): S.STARTING,
+    (S.STOPPED, E.ADOPT): S.STARTING,
+    (S.STOPPED, E.UNIT_GONE): S.STOPPED,
+    (S.STOPPED, E.UNIT_DEACTIVATING): S.STOPPING,
+    (S.STARTING, E.HEALTHY): S.READY,
+    (S.STARTING, E.START_FAILED): S.FAILED,
+    (S.STARTING, E.STOP): S.STOPPING,
+    (S.STARTING, E.UNIT_DEACTIVATING): S.STOPPING,
+    (S.STARTING, E.UNIT_GONE): S.FAILED,
+    (S.READY, E.STOP): S.STOPPING,
+    (S.READY, E.UNIT_DEACTIVATING): S.STOPPING,
+    (S.READY, E.UNIT_GONE): S.STOPPED,
+    (S.READY, E.HEALTHY): S.READY,
+    (S.STOPPING, E.UNIT_GONE): S.STOPPED,
+    (S.STOPPING, E.UNIT_DEACTIVATING): S.STOPPING,
+    (S.STOPPING, E.STOP): S.STOPPING,
+    (S.STOPPING, E.START_FAILED): S.STOPPING,
+    (S.FAILED, E.RESET): S.STOPPED,
+    (S.FAILED, E.UNIT_GONE): S.FAILED,
+    (S.FAILED, E.UNIT_DEACTIVATING): S.FAILED,
+    (S.FAILED, E.STOP): S.FAILED,
+    (S.FAILED, E.ADOPT): S.STARTING,
+}
+
+
+def next_state(state: State, event: Event) -> State:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise LifecycleError(state, event) from None

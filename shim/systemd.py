@@ -1,0 +1,248 @@
+"""systemd's user manager over D-Bus, from trio, with jeepney.
+
+Only what the gateway needs: start a transient unit, stop it, read its state
+and follow its changes through signals (no polling).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from jeepney import (
+    DBusAddress,
+    DBusErrorResponse,
+    HeaderFields,
+    MatchRule,
+    Message,
+    message_bus,
+    new_method_call,
+)
+from jeepney.io.trio import DBusRouter, open_dbus_router
+from jeepney.wrappers import Properties, unwrap_msg
+
+log = logging.getLogger("vllm_gateway.systemd")
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPS_IFACE = "org.freedesktop.DBus.Properties"
+MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
+
+GONE = "gone"  # our name for "no such unit loaded"
+
+
+class SystemdError(Exception):
+    """A D-Bus call to systemd failed; the message names the call and the D-Bus error."""
+
+    def __init__(self, call: str, name: str, detail: str) -> None:
+        super().__init__(f"systemd {call}: {name}: {detail}")
+        self.name = name
+
+
+def unit_path(unit: str) -> str:
+    """The object path systemd gives a unit (sd_bus_path_encode)."""
+    out = []
+    for i, ch in enumerate(unit):
+        if ch.isascii() and (ch.isalpha() or (ch.isdigit() and i > 0)):
+            out.append(ch)
+        else:
+            out.extend(f"_{b:02x}" for b in ch.encode())
+    return f"{MANAGER_PATH}/unit/{''.join(out)}"
+
+
+def session_bus_address() -> str:
+    """The session bus, also when only XDG_RUNTIME_DIR is known (as in some units)."""
+    addr = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+    if addr:
+        return addr
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return f"unix:path={runtime}/bus"
+
+
+@dataclass(frozen=True)
+class UnitState:
+    active_state: str  # active, activating, deactivating, inactive, failed, or GONE
+    sub_state: str = ""
+    result: str = ""
+    main_pid: int = 0
+    control_group: str = ""
+    status_text: str = ""
+    # CLOCK_REALTIME microseconds, 0 when never
+    active_enter_us: int = 0
+    inactive_enter_us: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.active_state in ("active", "activating", "reloading")
+
+
+@dataclass(frozen=True)
+class TransientService:
+    name: str
+    argv: Sequence[str]
+    environment: Mapping[str, str]
+    description: str
+    stop_timeout_s: float
+    syslog_identifier: str
+
+    def properties(self) -> list[tuple[str, tuple[str, Any]]]:
+        exe = self.argv[0]
+        if "/" not in exe:
+            exe = shutil.which(exe) or exe
+        return [
+            ("Description", ("s", self.description)),
+            ("ExecStart", ("a(sasb)", [(exe, list(self.argv), False)])),
+            ("Environment", ("as", [f"{k}={v}" for k, v in self.environment.items()])),
+            # "exec": the start job fails at once when the binary cannot run.
+            ("Type", ("s", "exec")),
+            # vLLM's worker processes hold VRAM: they must die with the unit.
+            ("KillMode", ("s", "control-group")),
+            ("TimeoutStopUSec", ("t", int(self.stop_timeout_s * 1_000_000))),
+            # A failed engine is unloaded at once, so the next start is clean.
+            ("CollectMode", ("s", "inactive-or-failed")),
+            ("SyslogIdentifier", ("s", self.syslog_identifier)),
+            ("StandardOutput", ("s", "journal")),
+            ("StandardError", ("s", "journal")),
+        ]
+
+
+class Systemd:
+    """A connection to the user manager. Use `connect()`."""
+
+    def __init__(self, router: DBusRouter) -> None:
+        self.router = router
+
+    async def _call(self, msg: Message, what: str) -> tuple[Any, ...]:
+        try:
+            reply = await self.router.send_and_get_reply(msg)
+            body: tuple[Any, ...] = unwrap_msg(reply)
+            return body
+        except DBusErrorResponse as e:
+            detail = e.data[0] if e.data else ""
+            raise SystemdError(what, e.name, str(detail)) from None
+
+    async def subscribe(self) -> None:
+        """Ask systemd to emit unit signals (it stays quiet for nobody)."""
+        await self._call(new_method_call(MANAGER, "Subscribe"), "Subscribe")
+
+    async def get_unit(self, unit: str) -> str | None:
+        try:
+            (path,) = await self._call(new_method_call(MANAGER, "GetUnit", "s", (unit,)), "GetUnit")
+        except SystemdError as e:
+            if e.name.endswith("NoSuchUnit"):
+                return None
+            raise
+        return str(path)
+
+    async def unit_state(self, unit: str) -> UnitState:
+        path = await self.get_unit(unit)
+        if path is None:
+            return UnitState(GONE)
+        u = await self._get_all(path, UNIT_IFACE)
+        s = await self._get_all(path, SERVICE_IFACE) if unit.endswith(".service") else {}
+        if u.get("LoadState") == "not-found":
+            return UnitState(GONE)
+        return UnitState(
+            active_state=str(u.get("ActiveState", GONE)),
+            sub_state=str(u.get("SubState", "")),
+            result=str(s.get("Result", "")),
+            main_pid=int(s.get("MainPID", 0)),
+            control_group=str(s.get("ControlGroup", "")),
+            status_text=str(s.get("StatusText", "")),
+            active_enter_us=int(u.get("ActiveEnterTimestamp", 0)),
+            inactive_enter_us=int(u.get("InactiveEnterTimestamp", 0)),
+        )
+
+    async def _get_all(self, path: str, iface: str) -> dict[str, Any]:
+        addr = DBusAddress(path, bus_name=SYSTEMD, interface=iface)
+        try:
+            (props,) = await self._call(Properties(addr).get_all(), f"GetAll {iface}")
+        except SystemdError as e:
+            if e.name.endswith("UnknownObject") or e.name.endswith("NoSuchUnit"):
+                return {}
+            raise
+        return {k: v[1] for k, v in props.items()}
+
+    async def start_transient(self, svc: TransientService) -> str:
+        (job,) = await self._call(
+            new_method_call(
+                MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                (svc.name, "fail", svc.properties(), []),
+            ),
+            f"StartTransientUnit {svc.name}",
+        )
+        return str(job)
+
+    async def stop_unit(self, unit: str) -> None:
+        try:
+            msg = new_method_call(MANAGER, "StopUnit", "ss", (unit, "replace"))
+            await self._call(msg, f"StopUnit {unit}")
+        except SystemdError as e:
+            if not e.name.endswith("NoSuchUnit"):
+                raise
+
+    async def reset_failed(self, unit: str) -> None:
+        try:
+            await self._call(
+                new_method_call(MANAGER, "ResetFailedUnit", "s", (unit,)), f"ResetFailedUnit {unit}"
+            )
+        except SystemdError as e:
+            if not e.name.endswith("NoSuchUnit"):
+                raise
+
+    async def add_match(self, rule: MatchRule) -> None:
+        await self._call(message_bus.AddMatch(rule), "AddMatch")
+
+    @asynccontextmanager
+    async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
+        """Yield a channel that receives the unit's ActiveState as it changes,
+        in the order systemd emitted them, and GONE when it is unloaded."""
+        path = unit_path(unit)
+        send, recv = trio.open_memory_channel[str](256)
+        rules = [
+            MatchRule(type="signal", interface=PROPS_IFACE, member="PropertiesChanged", path=path),
+            MatchRule(type="signal", interface=MANAGER_IFACE, member="UnitRemoved", path=MANAGER_PATH),
+            MatchRule(type="signal", interface=MANAGER_IFACE, member="JobRemoved", path=MANAGER_PATH),
+        ]
+        for rule in rules:
+            # the bus needs the sender; jeepney's local filter must not have it,
+            # since messages carry systemd's unique name
+            await self.add_match(MatchRule(type="signal", sender=SYSTEMD, **rule.header_fields))
+        async with trio.open_nursery() as nursery:
+            for rule in rules:
+                nursery.start_soon(self._pump, rule, unit, send)
+            try:
+                yield recv
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _pump(self, rule: MatchRule, unit: str, out: trio.MemorySendChannel[str]) -> None:
+        with self.router.filter(rule, bufsize=256) as queue:
+            while True:
+                msg = await queue.receive()
+                member = msg.header.fields.get(HeaderFields.member)
+                if member == "PropertiesChanged":
+                    iface, changed, _invalidated = msg.body
+                    if iface == UNIT_IFACE and "ActiveState" in changed:
+                        await out.send(str(changed["ActiveState"][1]))
+                elif member == "UnitRemoved" and msg.body[0] == unit:
+                    await out.send(GONE)
+                elif member == "JobRemoved" and msg.body[2] == unit:
+                    log.debug("job for %s finished: %s", unit, msg.body[3])
+
+
+@asynccontextmanager
+async def connect() -> AsyncIterator[Systemd]:
+    async with open_dbus_router(session_bus_address()) as router:
+        sd = Systemd(router)
+        await sd.subscribe()
+        yield sd

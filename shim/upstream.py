@@ -1,0 +1,95 @@
+"""Connections from the gateway to the engine: a small keep-alive pool and
+the health probe used while the engine starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from .httpio import next_event, send
+
+# uvicorn (vLLM's HTTP server) closes idle keep-alive connections after 5 s;
+# reuse ours only well before that, so a reused one is almost never dead.
+POOL_IDLE_S = 4.0
+POOL_MAX = 64
+# A health probe on loopback answers in well under this, even on a busy box.
+HEALTH_PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class UpstreamConn:
+    stream: trio.SocketStream
+    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    generation: int = 0
+    idle_since: float = 0.0
+    reused: bool = False
+
+    def close(self) -> None:
+        self.stream.socket.close()
+
+
+class Upstream:
+    """Connections to one engine's port. `reset()` drops every pooled
+    connection; call it whenever the engine process changes."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port
+        self.generation = 0
+        self._idle: list[UpstreamConn] = []
+
+    async def connect(self) -> UpstreamConn:
+        now = trio.current_time()
+        while self._idle:
+            c = self._idle.pop()
+            if c.generation == self.generation and now - c.idle_since < POOL_IDLE_S:
+                c.reused = True
+                return c
+            c.close()
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        stream.setsockopt(6, 1, 1)  # TCP_NODELAY: SSE events must not wait for Nagle
+        return UpstreamConn(stream, generation=self.generation)
+
+    def release(self, c: UpstreamConn) -> None:
+        """Put a connection back after a complete exchange, or close it."""
+        if (
+            c.generation == self.generation
+            and c.conn.our_state is h11.DONE
+            and c.conn.their_state is h11.DONE
+            and len(self._idle) < POOL_MAX
+        ):
+            c.conn.start_next_cycle()
+            c.idle_since = trio.current_time()
+            c.reused = False
+            self._idle.append(c)
+        else:
+            c.close()
+
+    def reset(self) -> None:
+        self.generation += 1
+        for c in self._idle:
+            c.close()
+        self._idle.clear()
+
+
+async def probe(host: str, port: int, path: str) -> int | None:
+    """GET path once; the status, or None when nothing answers yet."""
+    try:
+        with trio.fail_after(HEALTH_PROBE_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                conn = h11.Connection(h11.CLIENT)
+                await send(conn, stream, h11.Request(
+                    method="GET", target=path,
+                    headers=[("host", f"{host}:{port}"), ("connection", "close")],
+                ))
+                await send(conn, stream, h11.EndOfMessage())
+                event = await next_event(conn, stream)
+                if isinstance(event, h11.Response):
+                    return event.status_code
+                return None
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError):
+        # refused or reset: not listening yet
+        return None
