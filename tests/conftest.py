@@ -26,9 +26,13 @@ def sandbox() -> Iterator[Sandbox]:
     try:
         sb = Sandbox.start()
     except SandboxUnavailable as e:
-        if _in_ci():
-            pytest.fail(f"CI needs the sandbox tier, but {e}", pytrace=False)
-        pytest.skip(f"no sandbox here: {e}")
+        reason = str(e)
+    else:
+        reason = ""
+    if reason and _in_ci():
+        pytest.fail(f"CI needs the sandbox tier, but {reason}", pytrace=False)
+    if reason:
+        pytest.skip(f"no sandbox here: {reason}")
     try:
         yield sb
     finally:
@@ -72,4 +76,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("sandbox tier", sep="!", red=True, bold=True)
         terminalreporter.line(
             f"CI is set but {problem}: the sandbox tier must run in CI "
-            "(scripts/sandbox must work on this machine).", red=True, bold=True)
+            "(scripts/sandbox must work on this machine).",
+            red=True,
+            bold=True,
+        )
