@@ -459,3 +459,27 @@ def test_orphan_workers_outlive_the_server(start: Start) -> None:
         assert pid_alive(worker)
     finally:
         os.kill(worker, signal.SIGKILL)
+
+
+def test_sleep_during_a_stream_kills_the_engine(start: Start) -> None:
+    fake = start(
+        "--enable-sleep-mode",
+        "--sleep-delay-s",
+        "0",
+        "--token-interval-ms",
+        "200",
+        "--reply-text",
+        REPLY,
+        env=DEV,
+    )
+    conn = fake.connect()
+    conn.request("POST", "/v1/chat/completions", json.dumps({**CHAT, "stream": True}))
+    resp = conn.getresponse()
+    first = next(stream_chunks(resp))  # the stream is flushed event by event
+    assert b'"role":"assistant"' in first
+    assert fake.json("POST", "/sleep?level=1")[0] == 200
+    events = sse_data(first + resp.read())
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == 500
+    assert fake.request("GET", "/health")[0] != 200
+    conn.close()
