@@ -20,7 +20,7 @@ from . import journal
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
-from .systemd import GONE, Systemd, SystemdError, TransientService, UnitState
+from .systemd import GONE, JOB_PREFIX, Systemd, SystemdError, TransientService, UnitState
 from .upstream import Upstream, probe
 
 log = logging.getLogger("vllm_gateway.engine")
@@ -95,7 +95,9 @@ class Engine:
         self._start_epoch = 0.0
         self._failures_in_row = 0
         self._retry_at = 0.0  # trio time before which no new start is tried
-        self._stop_wanted = False
+        # whether this start attempt's unit was seen running: a new transient
+        # unit first reports "inactive", which is not a failure
+        self._seen_running = False
 
     # ---- asked by request handlers (any task) ----
 
@@ -246,6 +248,7 @@ class Engine:
         self.upstream.reset()
         self._attempt += 1
         self._start_t0 = time.monotonic()
+        self._seen_running = adopted
         if adopted:
             self._start_epoch = time.time()
         scope = trio.CancelScope()
@@ -295,7 +298,15 @@ class Engine:
 
     async def _on_unit(self, active_state: str) -> None:
         st = self.state
+        if active_state.startswith(JOB_PREFIX):
+            result = active_state.removeprefix(JOB_PREFIX)
+            if st is State.STARTING and result == "done":
+                self._seen_running = True
+            elif st is State.STARTING and result not in ("done", "canceled"):
+                await self._fail(f"systemd's start job for {self.cfg.unit} ended with {result!r}")
+            return
         if active_state in ("active", "activating", "reloading"):
+            self._seen_running = True
             if st is State.STOPPED:  # started by somebody else, e.g. `systemctl start`
                 await self._adopt(await self.systemd.unit_state(self.cfg.unit))
             return
@@ -306,6 +317,8 @@ class Engine:
                 self._set(Event.UNIT_DEACTIVATING)
             return
         # inactive, failed, or GONE
+        if st is State.STARTING and not self._seen_running and active_state != "failed":
+            return  # the new unit's initial state, before its start job ran
         if st is State.STARTING:
             what = "exited" if active_state != GONE else "disappeared"
             await self._fail(f"its process {what} before it was ready (unit {active_state})")

@@ -38,6 +38,7 @@ PROPS_IFACE = "org.freedesktop.DBus.Properties"
 MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
 GONE = "gone"  # our name for "no such unit loaded"
+JOB_PREFIX = "job:"  # "job:done", "job:failed", ...: a job for the unit finished
 
 
 class SystemdError(Exception):
@@ -205,7 +206,8 @@ class Systemd:
     @asynccontextmanager
     async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """Yield a channel that receives the unit's ActiveState as it changes,
-        in the order systemd emitted them, and GONE when it is unloaded."""
+        in the order systemd emitted them, GONE when it is unloaded, and
+        JOB_PREFIX + result when a job for it finished."""
         path = unit_path(unit)
         send, recv = trio.open_memory_channel[str](256)
         rules = [
@@ -237,7 +239,7 @@ class Systemd:
                 elif member == "UnitRemoved" and msg.body[0] == unit:
                     await out.send(GONE)
                 elif member == "JobRemoved" and msg.body[2] == unit:
-                    log.debug("job for %s finished: %s", unit, msg.body[3])
+                    await out.send(JOB_PREFIX + str(msg.body[3]))
 
 
 @asynccontextmanager

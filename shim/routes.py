@@ -1,0 +1,97 @@
+"""Which requests the gateway answers itself, forwards, or refuses. Pure logic.
+
+Only known API paths reach the engine: an unknown path never starts it, and
+vLLM's dev-mode control endpoints are unreachable in any spelling.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+
+class Kind(enum.Enum):
+    HEALTH = "health"
+    MODELS = "models"
+    STATUS = "status"
+    ADMIN_START = "admin_start"
+    ADMIN_STOP = "admin_stop"
+    ENGINE = "engine"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
+# Endpoints that vLLM opens with VLLM_SERVER_DEV_MODE=1 (and a few debug ones).
+# They control the engine itself; only the gateway may call them.
+DEV_ENDPOINTS = frozenset({
+    "sleep", "wake_up", "is_sleeping", "collective_rpc", "reset_prefix_cache",
+    "reset_mm_cache", "reconfigure", "start_profile", "stop_profile", "server_info",
+    "update_weights", "init_weights", "pause", "resume", "is_paused", "scale_elastic_ep",
+    "is_scaling_elastic_ep", "load_lora_adapter", "unload_lora_adapter",
+})
+
+OWN: dict[str, tuple[str, Kind]] = {
+    "/health": ("GET", Kind.HEALTH),
+    "/v1/models": ("GET", Kind.MODELS),
+    "/gateway/status": ("GET", Kind.STATUS),
+    "/gateway/start": ("POST", Kind.ADMIN_START),
+    "/gateway/stop": ("POST", Kind.ADMIN_STOP),
+}
+
+# Engine endpoints, by method. Those in JSON_BODY are checked before the
+# engine is started, so that a malformed request never costs a cold start.
+ENGINE_POST = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/audio/transcriptions", "/v1/audio/translations", "/tokenize", "/detokenize",
+    "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+})
+ENGINE_GET = frozenset({"/version"})
+JSON_BODY = ENGINE_POST - {"/v1/audio/transcriptions", "/v1/audio/translations"}
+CHAT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Kind
+    path: str  # canonical path
+    query: str  # raw query string, without '?'
+
+    @property
+    def target(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+def canonical_path(raw: str) -> str:
+    """Decode percent-escapes (repeatedly, so %252F cannot hide a slash),
+    lower-case, collapse slashes and dot segments, drop a trailing slash."""
+    path = raw
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    path = path.replace("\\", "/").lower()
+    path = posixpath.normpath("/" + path.lstrip("/"))
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return path
+
+
+def classify(method: str, target: str) -> Route:
+    raw_path, _, query = target.partition("?")
+    path = canonical_path(raw_path)
+    first = path.strip("/").split("/", 1)[0]
+    if first in DEV_ENDPOINTS:
+        return Route(Kind.NOT_FOUND, path, query)
+    if path in OWN:
+        want, kind = OWN[path]
+        if method == want or (method == "HEAD" and want == "GET"):
+            return Route(kind, path, query)
+        return Route(Kind.METHOD_NOT_ALLOWED, path, query)
+    if path in ENGINE_POST:
+        return Route(Kind.ENGINE if method == "POST" else Kind.METHOD_NOT_ALLOWED, path, query)
+    if path in ENGINE_GET:
+        return Route(Kind.ENGINE if method == "GET" else Kind.METHOD_NOT_ALLOWED, path, query)
+    return Route(Kind.NOT_FOUND, path, query)

@@ -1,0 +1,330 @@
+"""The gateway's HTTP side: accepts clients, answers its own endpoints,
+forwards the rest through the proxy, and reports its state to systemd."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import h11
+import trio
+
+from .config import GatewayConfig
+from .engine import Engine
+from .errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamError,
+)
+from .httpio import header, next_event
+from .lifecycle import State
+from .notify import Notifier
+from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
+from .routes import JSON_BODY, Kind, Route, classify
+from .status import ShimStatus
+
+log = logging.getLogger("vllm_gateway.server")
+
+# Bounds on what a client may send. Headers of OpenAI clients are ~1 KiB;
+# bodies carry prompts and base64 images, so tens of MiB.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024
+# A client must send its request head and body within this (slow clients
+# would otherwise hold connections forever).
+REQUEST_READ_TIMEOUT_S = 60.0
+# An idle keep-alive connection is closed after this.
+KEEPALIVE_IDLE_S = 75.0
+# sd_notify STATUS is refreshed at least this often, so idle_s stays current
+# for `systemctl status`; the idle check itself uses idle_since.
+STATUS_REFRESH_S = 5.0
+
+
+class Activity:
+    """Requests in flight and since when the gateway has been idle."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.idle_since: float | None = time.time()
+        self.connections = 0
+        self.last_connection = trio.current_time()
+        self.changed: trio.Event = trio.Event()
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.idle_since = None
+            self._bump()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle_since = time.time()
+                self._bump()
+
+    def _bump(self) -> None:
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, engine: Engine, notifier: Notifier) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.notifier = notifier
+        self.activity = Activity()
+        self.started = time.time()
+
+    # ---- status ----
+
+    def shim_status(self) -> ShimStatus:
+        return ShimStatus(
+            state=self.engine.state.value,
+            in_flight=self.activity.in_flight,
+            idle_since=self.activity.idle_since,
+            unit=self.engine.cfg.unit,
+        )
+
+    def publish_status(self) -> None:
+        self.notifier.status(self.shim_status().format(time.time()))
+
+    def status_json(self) -> dict[str, object]:
+        e = self.engine
+        st = self.shim_status()
+        return {
+            "state": e.state.value,
+            "state_since": round(e.state_since, 3),
+            "idle_s": round(st.idle_s(time.time()), 1),
+            "in_flight": self.activity.in_flight,
+            "waiting": e.waiting,
+            "engine": e.cfg.name,
+            "unit": e.cfg.unit,
+            "main_pid": e.main_pid or None,
+            "port": e.cfg.port,
+            "models": list(e.cfg.models),
+            "stop_after_s": e.cfg.stop_after_s,
+            "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
+            "last_error": e.last_failure.message if e.last_failure else None,
+            "gateway_pid": os.getpid(),
+            "gateway_uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def status_loop(self) -> None:
+        """Keep systemd's STATUS and watchdog current; no timer runs while
+        nothing changes beyond the refresh interval."""
+        watchdog = Notifier.watchdog_interval_s()
+        period = min(STATUS_REFRESH_S, watchdog) if watchdog else STATUS_REFRESH_S
+        while True:
+            self.publish_status()
+            self.notifier.watchdog()
+            with trio.move_on_after(period):
+                await self.activity.changed.wait()
+
+    async def exit_when_idle(self, cancel: trio.CancelScope) -> None:
+        """With the engine stopped and no connection for exit_after, stop
+        serving: the socket unit keeps the port and starts us again."""
+        limit = self.cfg.exit_after_s
+        if limit is None:
+            return
+        while True:
+            await trio.sleep(max(1.0, limit / 4))
+            quiet = trio.current_time() - self.activity.last_connection
+            if (
+                self.engine.state is State.STOPPED
+                and self.activity.connections == 0
+                and self.engine.waiting == 0
+                and quiet >= limit
+            ):
+                log.info("engine stopped and no client for %g s: exiting until the next connection", quiet)
+                cancel.cancel()
+                return
+
+    # ---- connections ----
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.activity.connections += 1
+        self.activity.last_connection = trio.current_time()
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        client = ClientSide(stream, conn)
+        try:
+            while True:
+                if not await self._one_request(client):
+                    break
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    break
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _StreamBroken):
+            pass
+        finally:
+            self.activity.connections -= 1
+            self.activity.last_connection = trio.current_time()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _one_request(self, client: ClientSide) -> bool:
+        """Serve one request on the connection; False when it should close."""
+        conn = client.conn
+        first_timeout = KEEPALIVE_IDLE_S if conn.their_state is h11.IDLE else REQUEST_READ_TIMEOUT_S
+        try:
+            with trio.fail_after(first_timeout):
+                event = await next_event(conn, client.stream)
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return False
+            assert isinstance(event, h11.Request)
+            with trio.fail_after(REQUEST_READ_TIMEOUT_S):
+                body = await self._read_body(client)
+        except trio.TooSlowError:
+            if conn.their_state is h11.IDLE:
+                return False  # an idle keep-alive connection, closed quietly
+            await self._send_error(client, RequestTimeout("vllm-gateway: the request was not sent in time"))
+            return False
+        except h11.RemoteProtocolError as e:
+            err: GatewayError = HeadersTooLarge(f"vllm-gateway: {e}") if e.error_status_hint == 431 \
+                else _bad_request(e)
+            err.status = e.error_status_hint if e.error_status_hint >= 400 else 400
+            await self._send_error(client, err)
+            return False
+        except PayloadTooLarge as e:
+            await self._send_error(client, e)
+            return False
+        await self._serve(client, event, body)
+        return True
+
+    async def _read_body(self, client: ClientSide) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await next_event(client.conn, client.stream)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY_BYTES:
+                    raise PayloadTooLarge(
+                        f"vllm-gateway: the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
+                    )
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise h11.RemoteProtocolError("unexpected event in the request body")
+
+    async def _serve(self, client: ClientSide, req: h11.Request, body: bytes) -> None:
+        t0 = trio.current_time()
+        request_id = (header(req.headers, b"x-request-id") or b"").decode("latin-1")[:64] \
+            or f"req-{secrets.token_hex(8)}"
+        method = req.method.decode("ascii", "replace")
+        target = req.target.decode("latin-1")
+        route = classify(method, target)
+        ex = Exchange()
+        with self.activity.request() if route.kind is Kind.ENGINE else _nothing():
+            try:
+                ex = await self._dispatch(client, req, route, body, request_id)
+            except GatewayError as e:
+                ex.status = e.status
+                if client.conn.our_state is h11.SEND_RESPONSE:
+                    await self._send_error(client, e, request_id)
+                else:
+                    raise _StreamBroken(e.message) from None
+        ms = (trio.current_time() - t0) * 1000
+        cold = f" cold_start_ms={ex.waited_s * 1000:.0f}" if ex.waited_s > 0 else ""
+        tools = f" tool_calls={ex.tool_calls}" if ex.tool_calls else ""
+        log.info("%s %s %d %dB %.1fms id=%s%s%s", method, route.path, ex.status, ex.bytes_out, ms,
+                 request_id, cold, tools)
+
+    async def _dispatch(
+        self, client: ClientSide, req: h11.Request, route: Route, body: bytes, request_id: str
+    ) -> Exchange:
+        kind = route.kind
+        if kind is Kind.NOT_FOUND:
+            raise NotFound(f"vllm-gateway: no such endpoint: {route.path}")
+        if kind is Kind.METHOD_NOT_ALLOWED:
+            raise MethodNotAllowed(f"vllm-gateway: {req.method.decode()} is not allowed on {route.path}")
+        if kind is Kind.HEALTH:
+            return await self._json(client, 200, {"status": "ok", "engine": self.engine.state.value})
+        if kind is Kind.STATUS:
+            return await self._json(client, 200, self.status_json())
+        if kind is Kind.ADMIN_START:
+            self.engine.request_start()
+            waited = await self.engine.acquire(self.cfg.max_waiting)
+            ex = await self._json(client, 200, self.status_json())
+            ex.waited_s = waited
+            return ex
+        if kind is Kind.ADMIN_STOP:
+            self.engine.request_stop("manual")
+            await self.engine.wait_for(State.STOPPED, State.FAILED,
+                                       timeout_s=self.engine.cfg.stop_timeout_s + 10)
+            return await self._json(client, 200, self.status_json())
+        if kind is Kind.MODELS and not self.engine.ready:
+            return await self._json(client, 200, self._models_from_config())
+        if route.path in JSON_BODY:
+            parsed = json_object_or_error(body)
+            if isinstance(parsed, GatewayError):
+                raise parsed
+            self._check_model(parsed)
+        return await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting)
+
+    def _check_model(self, body: dict[str, object]) -> None:
+        models = self.engine.cfg.models
+        model = body.get("model")
+        if models and model is not None and model not in models:
+            raise NotFound(
+                f"vllm-gateway: the model `{model}` does not exist; available: {', '.join(models)}"
+            )
+
+    def _models_from_config(self) -> dict[str, object]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": int(self.started), "owned_by": "vllm-gateway"}
+                for m in self.engine.cfg.models
+            ],
+        }
+
+    async def _json(self, client: ClientSide, status: int, value: object) -> Exchange:
+        body = json.dumps(value).encode()
+        await client.send(h11.Response(status_code=status, headers=[
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        ]))
+        await client.send(h11.Data(data=body))
+        await client.send(h11.EndOfMessage())
+        return Exchange(status=status, bytes_out=len(body))
+
+    async def _send_error(self, client: ClientSide, e: GatewayError, request_id: str = "-") -> None:
+        if client.conn.our_state is not h11.SEND_RESPONSE:
+            return
+        body = e.body()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += e.headers()
+        if isinstance(e, UpstreamError | RequestTimeout) or e.status in (400, 408, 413, 431):
+            headers.append((b"connection", b"close"))
+        try:
+            await client.send(h11.Response(status_code=e.status, headers=headers))
+            await client.send(h11.Data(data=body))
+            await client.send(h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if e.status >= 500:
+            log.warning("request %s: %d %s", request_id, e.status, e.message)
+
+
+def _bad_request(e: h11.RemoteProtocolError) -> GatewayError:
+    return BadRequest(f"vllm-gateway: malformed HTTP request: {e}")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
