@@ -21,12 +21,7 @@ class SSEDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes; return the events completed by them, in order."""
         buf = self._buf + data if self._buf else data
-        if (
-            self._scan == 0
-            and b"\r" not in buf
-            and b"\n\n\n" not in buf
-            and not buf.startswith(b"\n")
-        ):
+        if self._scan == 0 and b"\r" not in buf and b"\n\n\n" not in buf and not buf.startswith(b"\n"):
             # Fast path for LF framing without stray empty lines, the shape vLLM
             # sends; it splits exactly where the general loop below would.
             if b"\n\n" not in buf:

@@ -10,7 +10,7 @@ def split_all(data: bytes, cuts: list[int]) -> tuple[list[bytes], bytes]:
     decoder = SSEDecoder()
     events: list[bytes] = []
     start = 0
-    for cut in sorted(cuts) + [len(data)]:
+    for cut in [*sorted(cuts), len(data)]:
         events += decoder.feed(data[start:cut])
         start = max(start, cut)
     return events, decoder.end()
