@@ -14,11 +14,25 @@ JOURNALCTL_TIMEOUT_S = 5.0
 
 
 async def tail(unit: str, since_epoch_s: float, lines: int = EXCERPT_LINES) -> list[str]:
-    """The unit's last output lines since a time; [] when the journal has none."""
+    """The unit's last output lines since a time; [] when the journal has none.
+
+    A user manager's units are filed under _SYSTEMD_USER_UNIT; where the user
+    manager runs at the root of its own cgroup namespace (containers, the test
+    sandbox) journald files them as system units instead, so try both.
+    """
+    for scope in (["--user"], []):
+        found = await _tail([*scope, "--unit", unit], since_epoch_s, lines)
+        if found:
+            return found
+    return []
+
+
+async def _tail(selector: list[str], since_epoch_s: float, lines: int) -> list[str]:
     cmd = [
-        "journalctl", "--user", "--unit", unit, "--since", f"@{since_epoch_s:.3f}",
+        "journalctl", *selector, "--since", f"@{since_epoch_s:.3f}",
         "--lines", str(lines), "--output", "cat", "--no-pager", "--quiet",
     ]
+    unit = selector[-1]
     try:
         with trio.fail_after(JOURNALCTL_TIMEOUT_S):
             done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
