@@ -457,11 +457,10 @@ class StreamRewriter:
         self._decoder = SSEDecoder()
         self._scanner = _Scanner(fmt, request_id)
         # Byte strings whose presence in an event may mean the open tag: its
-        # first character, raw or as a JSON \\u escape.
+        # first character, raw or as a JSON \\u escape (the escape's first five
+        # characters cover both hex cases in one test).
         code = f"{ord(fmt.open_tag[0]):04x}"
-        self._triggers = tuple(
-            {fmt.open_tag[0].encode(), f"\\u{code}".encode(), f"\\u{code.upper()}".encode()}
-        )
+        self._triggers = (fmt.open_tag[0].encode(), f"\\u{code[:3]}".encode())
         self._template: dict[str, Any] = {}
         self._eol = b"\n"
         self._finished = False
@@ -477,14 +476,11 @@ class StreamRewriter:
         if not events:
             return b""
         if self._scanner.idle:
-            triggers = self._triggers
-            out: list[bytes] = []
-            for i, event in enumerate(events):
-                if any(t in event for t in triggers):
-                    out.extend(self._event_safe(e) for e in events[i:])
-                    break
-                out.append(event)
-            return b"".join(out)
+            # The plain path: no tag can start in these events, pass them on.
+            joined = b"".join(events)
+            first, escaped = self._triggers
+            if first not in joined and escaped not in joined:
+                return joined
         return b"".join(self._event_safe(e) for e in events)
 
     def end(self) -> bytes:
@@ -500,8 +496,10 @@ class StreamRewriter:
     # -- internals --
 
     def _event_safe(self, event: bytes) -> bytes:
-        if self._scanner.idle and not any(t in event for t in self._triggers):
-            return event
+        if self._scanner.idle:
+            first, escaped = self._triggers
+            if first not in event and escaped not in event:
+                return event
         try:
             return self._event(event)
         except Exception:
