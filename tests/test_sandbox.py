@@ -161,7 +161,17 @@ def test_script_usage_error() -> None:
     assert "usage:" in result.stderr
 
 
-def test_sigterm_cleans_up() -> None:
+def test_keep_journal_copies_the_journal_out(tmp_path: Path) -> None:
+    unit_run = ["systemd-run", "--user", "--wait", "--unit=kept", "echo", "kept in the journal"]
+    assert run_script("--keep-journal", str(tmp_path), "--", *unit_run).returncode == 0
+    shown = subprocess.run(["journalctl", "--no-pager", "-D", str(tmp_path), "-u", "kept"],
+                           capture_output=True, text=True, check=True)
+    assert "kept in the journal" in shown.stdout
+
+
+# SIGTERM from a supervisor, and Ctrl-C, which reaches the whole process group.
+@pytest.mark.parametrize("sig, whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_signal_cleans_up(sig: signal.Signals, whole_group: bool) -> None:
     mounts_before = host_mounts()
     proc = subprocess.Popen([str(SANDBOX_SCRIPT), "--", "sh", "-c", "echo up; exec sleep 300"],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -170,8 +180,11 @@ def test_sigterm_cleans_up() -> None:
         assert proc.stdout.readline().strip() == "up"
         inside = descendants(proc.pid)
         assert len(sandbox_cgroups(proc.pid)) >= 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 128 + signal.SIGTERM
+        if whole_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        assert proc.wait(30) == 128 + sig
     finally:
         if proc.returncode is None:
             proc.kill()
