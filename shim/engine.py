@@ -32,9 +32,6 @@ HEALTH_POLL_S = 0.05
 # get a 503 with Retry-After meanwhile instead of relaunching vLLM each time.
 FAILURE_COOLDOWN_S = 5.0
 FAILURE_COOLDOWN_MAX_S = 120.0
-# Journald may receive the last lines of a dying process just after systemd
-# reports the failure; wait this long for them before quoting.
-JOURNAL_SETTLE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -277,8 +274,7 @@ class Engine:
         words from the journal), and cool down before the next try."""
         self._cancel_attempt()
         await self.systemd.stop_unit(self.cfg.unit)
-        await trio.sleep(JOURNAL_SETTLE_S)
-        lines = await journal.tail(self.cfg.unit, self._start_epoch)
+        lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
         self._failures_in_row += 1
         cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
         self._retry_at = trio.current_time() + cooldown

@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import trio
 
 log = logging.getLogger("vllm_gateway.journal")
 
-# Enough of vLLM's output to show the exception and its message.
-EXCERPT_LINES = 12
+# vLLM's start-up failures end in two tracebacks (the engine core's, then the
+# API server's); this many lines hold both exception lines.
+TAIL_LINES = 60
+EXCERPT_MAX_LINES = 6
 JOURNALCTL_TIMEOUT_S = 5.0
+# Journald can receive a dying process's last lines just after systemd reports
+# its end: read until the tail stops growing, at most this many times.
+SETTLE_READS = 6
+SETTLE_INTERVAL_S = 0.25
+_ERROR_LINE = re.compile(r"(^\w*(Error|Exception|Exit)\b.*:|^ERROR\b|\bError:|CUDA out of memory)")
 
 
-async def tail(unit: str, since_epoch_s: float, lines: int = EXCERPT_LINES) -> list[str]:
+def excerpt(lines: list[str]) -> list[str]:
+    """The lines that say why: exception and ERROR lines, else the last lines."""
+    errors = [line.strip() for line in lines if _ERROR_LINE.search(line.strip())]
+    return (errors or [line.strip() for line in lines])[-EXCERPT_MAX_LINES:]
+
+
+async def settled_tail(unit: str, since_epoch_s: float) -> list[str]:
+    """Like `tail`, but waits for the journal to catch up with a process that just died."""
+    lines: list[str] = []
+    for _ in range(SETTLE_READS):
+        await trio.sleep(SETTLE_INTERVAL_S)
+        newer = await tail(unit, since_epoch_s)
+        if newer and newer == lines:
+            break
+        lines = newer
+    return lines
+
+
+async def tail(unit: str, since_epoch_s: float, lines: int = TAIL_LINES) -> list[str]:
     """The unit's last output lines since a time; [] when the journal has none.
 
     A user manager's units are filed under _SYSTEMD_USER_UNIT; where the user

@@ -1,0 +1,111 @@
+"""An installed vllm-gateway inside a sandbox, driven like a user would:
+scripts/install, systemctl, journalctl and HTTP on the socket's port."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tests.fakevllm_util import FAKE_VLLM, free_port
+from tests.sandboxing import Sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = Path(sys.executable).parent.parent
+# Cold starts through systemd on a loaded 2-core machine: generous bounds.
+HTTP_TIMEOUT_S = 60.0
+CONFIG = "~/.config/vllm-gateway/config.toml"
+UNITS = "~/.config/systemd/user"
+
+
+def toml_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+
+class Gateway:
+    """The gateway installed in `sb`, listening on `self.port`."""
+
+    def __init__(self, sb: Sandbox, *, timer_every_s: float | None = None) -> None:
+        self.sb = sb
+        self.port = free_port()
+        self.engine_port = free_port()
+        self.home = sb.env["HOME"]
+        sb.run([str(REPO / "scripts" / "install"), "--venv", str(VENV), "--no-pip"])
+        sb.write_file(
+            f"{self.home}/.config/systemd/user/vllm-gateway.socket.d/test.conf",
+            f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{self.port}\n",
+        )
+        if timer_every_s is not None:
+            sb.write_file(
+                f"{self.home}/.config/systemd/user/vllm-gateway-idle.timer.d/test.conf",
+                f"[Timer]\nOnActiveSec={timer_every_s}s\nOnUnitActiveSec={timer_every_s}s\n",
+            )
+        sb.systemctl("daemon-reload")
+
+    def configure(self, fake_args: list[str] | None = None, **engine: Any) -> None:
+        """Write the configuration (the fake engine with `fake_args`), stop the
+        shim and the engine, and (re)start the socket: the next request runs
+        the new configuration."""
+        command = [sys.executable, str(FAKE_VLLM), "--served-model-name", "tiny", *(fake_args or [])]
+        table: dict[str, Any] = {"command": command, "port": self.engine_port, "models": ["tiny"]}
+        table.update(engine)
+        lines = ["[engines.main]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        self.sb.write_file(f"{self.home}/.config/vllm-gateway/config.toml", "\n".join(lines) + "\n")
+        self.sb.systemctl("stop", "vllm-gateway.service", "vllm.service", check=False)
+        self.sb.systemctl("reset-failed", check=False)
+        self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
+
+    # ---- HTTP ----
+
+    def connect(self, timeout_s: float = HTTP_TIMEOUT_S) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None,
+        timeout_s: float = HTTP_TIMEOUT_S,
+    ) -> tuple[int, dict[str, str], bytes]:
+        c = self.connect(timeout_s)
+        try:
+            raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            c.request(method, path, body=raw, headers=dict(headers or {}))
+            resp = c.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            c.close()
+
+    def chat(self, content: str = "hi", **extra: Any) -> tuple[int, dict[str, str], bytes]:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+        return self.request("POST", "/v1/chat/completions", body)
+
+    def status(self) -> dict[str, Any]:
+        code, _, body = self.request("GET", "/gateway/status")
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    # ---- systemd ----
+
+    def unit_prop(self, unit: str, prop: str) -> str:
+        return self.sb.systemctl("show", "-P", prop, unit).stdout.strip()
+
+    def active(self, unit: str) -> str:
+        return self.sb.systemctl("is-active", unit, check=False).stdout.strip()
+
+    def journal(self, *units: str) -> str:
+        return self.sb.journal(*units, lines=2000)
+
+    def alive_in_sandbox(self, pid: int) -> bool:
+        return self.sb.run(["kill", "-0", str(pid)], check=False).returncode == 0
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -1,0 +1,149 @@
+"""The core gateway end to end: installed units in a real systemd user
+manager, the fake engine behind them, clients on the socket's port."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.gatewaying import Gateway, wait_until
+from tests.sandboxing import Sandbox
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture(scope="module")
+def gw(sandbox: Sandbox) -> Iterator[Gateway]:
+    g = Gateway(sandbox)
+    g.configure(["--startup-delay", "2", "--token-interval-ms", "20", "--workers", "2"])
+    yield g
+
+
+def test_first_request_activates_the_shim_and_cold_starts_the_engine(gw: Gateway) -> None:
+    assert gw.active("vllm-gateway.service") == "inactive"
+    assert gw.active("vllm.service") == "inactive"
+    code, headers, body = gw.chat()
+    assert code == 200, body
+    reply = json.loads(body)
+    assert reply["choices"][0]["message"]["content"]
+    assert int(headers["x-vllm-gateway-cold-start-ms"]) >= 1500  # the fake's 2 s start
+    assert gw.active("vllm-gateway.service") == "active"
+    assert gw.active("vllm.service") == "active"
+    st = gw.status()
+    assert st["state"] == "ready"
+    assert st["last_cold_start_s"] >= 1.5
+    # systemd shows the shim's status line
+    assert "state=ready" in gw.unit_prop("vllm-gateway.service", "StatusText")
+
+
+def test_own_endpoints_never_start_the_engine(gw: Gateway) -> None:
+    gw.request("POST", "/gateway/stop")
+    assert gw.active("vllm.service") == "inactive"
+    for method, path, expect in [
+        ("GET", "/health", 200), ("GET", "/v1/models", 200), ("GET", "/gateway/status", 200),
+        ("GET", "/favicon.ico", 404), ("POST", "/sleep?level=1", 404), ("GET", "/v1/chat/completions", 405),
+    ]:
+        code, _, body = gw.request(method, path)
+        assert code == expect, (path, body)
+    code, _, body = gw.request("POST", "/v1/chat/completions", b"{not json")
+    assert code == 400 and b"not valid JSON" in body
+    code, _, body = gw.chat(model="no-such-model") if False else gw.request(
+        "POST", "/v1/chat/completions", {"model": "other", "messages": []})
+    assert code == 404 and b"tiny" in body
+    models = json.loads(gw.request("GET", "/v1/models")[2])
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    time.sleep(0.5)
+    assert gw.active("vllm.service") == "inactive"
+
+
+def test_concurrent_requests_during_a_cold_start_share_one_engine(gw: Gateway) -> None:
+    gw.request("POST", "/gateway/stop")
+    starts_before = gw.journal("vllm").count("Application startup complete")
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(gw.chat()[0])
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 16
+    wait_until(lambda: gw.journal("vllm").count("Application startup complete") > starts_before,
+               10, "the engine's start in the journal")
+    assert gw.journal("vllm").count("Application startup complete") == starts_before + 1
+
+
+def test_streaming_passes_through_event_by_event(gw: Gateway) -> None:
+    gw.chat()  # warm
+    c = gw.connect()
+    body = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+            "fake_reply": "one two three four five six seven eight nine ten eleven twelve"}
+    c.request("POST", "/v1/chat/completions", body=json.dumps(body))
+    resp = c.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("content-type", "").startswith("text/event-stream")
+    arrivals: list[float] = []
+    data = b""
+    while chunk := resp.read1(65536):
+        arrivals.append(time.monotonic())
+        data += chunk
+    c.close()
+    events = [e for e in data.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    text = "".join(
+        (json.loads(e[6:])["choices"][0]["delta"].get("content") or "") for e in events[:-1]
+    )
+    assert text == body["fake_reply"]
+    # the fake paces tokens 20 ms apart: a buffering proxy would deliver in one read
+    assert len(arrivals) >= 5
+    assert arrivals[-1] - arrivals[0] >= 0.1
+
+
+def test_start_failure_answers_503_fast_with_the_engines_own_words(gw: Gateway) -> None:
+    gw.configure(["--fail-at-startup", "CUDA out of memory: tried to allocate 20 GiB"])
+    t0 = time.monotonic()
+    code, headers, body = gw.chat()
+    took = time.monotonic() - t0
+    assert code == 503, body
+    err = json.loads(body)["error"]
+    assert "failed to start" in err["message"]
+    assert "CUDA out of memory" in err["message"]  # quoted from the journal
+    assert int(headers["retry-after"]) >= 1
+    assert took < 30  # not the 5-minute start timeout
+    # the cool-down answers at once, without launching vLLM again
+    starts = gw.journal("vllm-gateway").count("starting engine main")
+    code2, _, body2 = gw.chat()
+    assert code2 == 503 and b"CUDA out of memory" in body2
+    assert gw.journal("vllm-gateway").count("starting engine main") == starts
+    assert gw.status()["state"] == "failed"
+
+
+def test_a_start_that_takes_too_long_fails_and_the_unit_is_stopped(gw: Gateway) -> None:
+    gw.configure(["--hang-at-startup"], start_timeout="3s")
+    code, _, body = gw.chat()
+    assert code == 503
+    assert b"did not become ready within 3 s" in body
+    wait_until(lambda: gw.active("vllm.service") in ("inactive", "failed"), 20, "the hung engine to stop")
+
+
+def test_killed_shim_is_restarted_and_adopts_the_running_engine(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1"])
+    assert gw.chat()[0] == 200
+    engine_pid = gw.unit_prop("vllm.service", "MainPID")
+    shim_pid = gw.unit_prop("vllm-gateway.service", "MainPID")
+    gw.sb.systemctl("kill", "--signal=SIGKILL", "vllm-gateway.service")
+    # clients connecting meanwhile wait in the socket's queue; none is refused
+    codes = [gw.chat()[0] for _ in range(5)]
+    assert codes == [200] * 5
+    wait_until(lambda: gw.active("vllm-gateway.service") == "active", 20, "the shim's restart")
+    assert gw.unit_prop("vllm-gateway.service", "MainPID") != shim_pid
+    assert gw.unit_prop("vllm.service", "MainPID") == engine_pid  # adopted, not doubled
+    assert gw.status()["state"] == "ready"
+    assert re.search(r"adopting vllm\.service", gw.journal("vllm-gateway"))
