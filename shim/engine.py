@@ -95,6 +95,7 @@ class Engine:
         # whether this start attempt's unit was seen running: a new transient
         # unit first reports "inactive", which is not a failure
         self._seen_running = False
+        self._start_job = ""  # D-Bus path of this attempt's start job
 
     # ---- asked by request handlers (any task) ----
 
@@ -218,8 +219,9 @@ class Engine:
             syslog_identifier=self.cfg.unit.removesuffix(".service"),
         )
         self._start_epoch = time.time()
+        self._start_job = ""
         try:
-            await self.systemd.start_transient(svc)
+            self._start_job = await self.systemd.start_transient(svc)
         except SystemdError as e:
             if "UnitExists" not in e.name:
                 self._begin_start(adopted=False)
@@ -232,7 +234,7 @@ class Engine:
             # a failed or stopping leftover: clear it and try once more
             await self.systemd.reset_failed(self.cfg.unit)
             try:
-                await self.systemd.start_transient(svc)
+                self._start_job = await self.systemd.start_transient(svc)
             except SystemdError as e2:
                 self._begin_start(adopted=False)
                 await self._fail(f"systemd refused to start {self.cfg.unit}: {e2}")
@@ -295,10 +297,12 @@ class Engine:
     async def _on_unit(self, active_state: str) -> None:
         st = self.state
         if active_state.startswith(JOB_PREFIX):
-            result = active_state.removeprefix(JOB_PREFIX)
-            if st is State.STARTING and result == "done":
+            result, _, job = active_state.removeprefix(JOB_PREFIX).partition(" ")
+            if st is not State.STARTING or job != self._start_job:
+                return  # e.g. the previous instance's stop job
+            if result == "done":
                 self._seen_running = True
-            elif st is State.STARTING and result not in ("done", "canceled"):
+            elif result != "canceled":
                 await self._fail(f"systemd's start job for {self.cfg.unit} ended with {result!r}")
             return
         if active_state in ("active", "activating", "reloading"):

@@ -38,7 +38,7 @@ PROPS_IFACE = "org.freedesktop.DBus.Properties"
 MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
 GONE = "gone"  # our name for "no such unit loaded"
-JOB_PREFIX = "job:"  # "job:done", "job:failed", ...: a job for the unit finished
+JOB_PREFIX = "job:"  # "job:RESULT JOB_PATH": a job for the unit finished
 
 
 class SystemdError(Exception):
@@ -207,7 +207,7 @@ class Systemd:
     async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """Yield a channel that receives the unit's ActiveState as it changes,
         in the order systemd emitted them, GONE when it is unloaded, and
-        JOB_PREFIX + result when a job for it finished."""
+        "job:RESULT JOB_PATH" when a job for it finished."""
         path = unit_path(unit)
         send, recv = trio.open_memory_channel[str](256)
         rules = [
@@ -239,7 +239,7 @@ class Systemd:
                 elif member == "UnitRemoved" and msg.body[0] == unit:
                     await out.send(GONE)
                 elif member == "JobRemoved" and msg.body[2] == unit:
-                    await out.send(JOB_PREFIX + str(msg.body[3]))
+                    await out.send(f"{JOB_PREFIX}{msg.body[3]} {msg.body[1]}")
 
 
 @asynccontextmanager
