@@ -46,14 +46,17 @@ class Gateway:
             )
         sb.systemctl("daemon-reload")
 
-    def configure(self, fake_args: list[str] | None = None, **engine: Any) -> None:
+    def configure(
+        self, fake_args: list[str] | None = None, gateway: dict[str, Any] | None = None, **engine: Any
+    ) -> None:
         """Write the configuration (the fake engine with `fake_args`), stop the
         shim and the engine, and (re)start the socket: the next request runs
         the new configuration."""
         command = [sys.executable, str(FAKE_VLLM), "--served-model-name", "tiny", *(fake_args or [])]
         table: dict[str, Any] = {"command": command, "port": self.engine_port, "models": ["tiny"]}
         table.update(engine)
-        lines = ["[engines.main]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        lines = ["[gateway]"] + [f"{k} = {toml_value(v)}" for k, v in (gateway or {}).items()]
+        lines += ["[engines.main]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
         self.sb.write_file(f"{self.home}/.config/vllm-gateway/config.toml", "\n".join(lines) + "\n")
         self.sb.systemctl("stop", "vllm-gateway.service", "vllm.service", check=False)
         self.sb.systemctl("reset-failed", check=False)

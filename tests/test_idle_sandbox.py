@@ -87,3 +87,17 @@ def test_a_stop_racing_requests_loses_none(gw: Gateway) -> None:
             t.join()
     assert set(results) == {200}, sorted(set(results))
     assert gw.journal("vllm-gateway").count("starting engine main") >= 3
+
+
+def test_shim_exits_when_idle_and_the_socket_starts_it_again(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1"], gateway={"exit_after": "2s"}, stop_after="2s",
+                 stop_timeout="2s")
+    assert gw.chat()[0] == 200
+    # the timer stops the engine, then the shim leaves: nothing but systemd runs
+    wait_until(lambda: gw.active("vllm.service") == "inactive", 40, "the engine's idle stop")
+    wait_until(lambda: gw.active("vllm-gateway.service") == "inactive", 40, "the shim's exit")
+    assert gw.unit_prop("vllm-gateway.service", "Result") == "success"
+    assert gw.active("vllm-gateway.socket") == "active"
+    code, _, _ = gw.request("GET", "/health")
+    assert code == 200
+    assert gw.active("vllm-gateway.service") == "active"
