@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, config, idle_check, listen, systemd
+from . import __version__, config, control, idle_check, listen, systemd
 from .engine import Engine
 from .notify import Notifier
 from .server import Gateway
@@ -31,6 +31,7 @@ async def serve(cfg: config.GatewayConfig) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             listeners = await listen.listeners(cfg.listen_host, cfg.listen_port)
+            control_listener = await control.listener()
             nursery.start_soon(gateway.status_loop)
             serving = trio.CancelScope()
             nursery.start_soon(gateway.exit_when_idle, serving)
@@ -38,7 +39,9 @@ async def serve(cfg: config.GatewayConfig) -> None:
             log.info("vllm-gateway %s serving; engine %s is %s",
                      __version__, cfg.engine.name, engine.state.value)
             with serving:
-                await trio.serve_listeners(gateway.handle, listeners)
+                async with trio.open_nursery() as servers:
+                    servers.start_soon(trio.serve_listeners, gateway.handle, [control_listener])
+                    await trio.serve_listeners(gateway.handle, listeners)
             notifier.stopping()
             nursery.cancel_scope.cancel()
 

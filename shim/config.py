@@ -49,10 +49,20 @@ class EngineConfig:
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
     unit: str = DEFAULT_UNIT
     tool_call_format: str = "off"
+    # Sleep tier: put the engine to sleep (level 1: weights to CPU RAM; level
+    # 2: weights dropped) after this idle time; None keeps it awake.
+    sleep_after_s: float | None = None
+    sleep_level: int = 1
 
-    def argv(self) -> list[str]:
-        """The engine's command line; the gateway owns the address it listens on."""
-        return [*self.command, "--host", "127.0.0.1", "--port", str(self.port)]
+    def argv(self, *, sleep: bool) -> list[str]:
+        """The engine's command line; the gateway owns the address it listens on,
+        and adds the flag that sleep mode needs."""
+        extra = ["--enable-sleep-mode"] if sleep and "--enable-sleep-mode" not in self.command else []
+        return [*self.command, *extra, "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def env(self, *, sleep: bool) -> dict[str, str]:
+        """The engine's environment; sleep mode's endpoints need vLLM's dev mode."""
+        return {**self.environment, **({"VLLM_SERVER_DEV_MODE": "1"} if sleep else {})}
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
 
 _ENGINE_KEYS = {
     "command", "port", "environment", "models", "health_path", "start_timeout",
-    "stop_after", "stop_timeout", "unit", "tool_call_format",
+    "stop_after", "stop_timeout", "unit", "tool_call_format", "sleep_after", "sleep_level",
 }
 
 
@@ -176,6 +186,8 @@ def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
         stop_timeout_s=c.duration(t.get("stop_timeout", DEFAULT_STOP_TIMEOUT_S), f"{k}.stop_timeout"),
         unit=unit,
         tool_call_format=fmt,
+        sleep_after_s=c.duration_or_off(t.get("sleep_after", "off"), f"{k}.sleep_after"),
+        sleep_level=c.integer(t.get("sleep_level", 1), f"{k}.sleep_level", 1, 2),
     )
 
 

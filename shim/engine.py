@@ -8,10 +8,13 @@ the state to change. Nothing else writes the state.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -21,7 +24,7 @@ from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
 from .systemd import GONE, JOB_PREFIX, Systemd, SystemdError, TransientService, UnitState
-from .upstream import Upstream, probe
+from .upstream import Upstream, call, probe
 
 log = logging.getLogger("vllm_gateway.engine")
 
@@ -32,6 +35,12 @@ HEALTH_POLL_S = 0.05
 # get a 503 with Retry-After meanwhile instead of relaunching vLLM each time.
 FAILURE_COOLDOWN_S = 5.0
 FAILURE_COOLDOWN_MAX_S = 120.0
+# vLLM's first sleep took 43 s on an 80 GB setup (later ones ~6 s); waking
+# ~1.5 s, but a level-2 wake reloads the weights from disk.
+SLEEP_TIMEOUT_S = 180.0
+WAKE_TIMEOUT_S = 300.0
+# How vLLM (e.g. its CPU build) says that it cannot sleep at all.
+_SLEEP_REFUSED = re.compile(r"sleep mode is not supported|enable.sleep.mode", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,30 @@ class _UnitChanged:
 @dataclass(frozen=True)
 class _Healthy:
     attempt: int
+    asleep: bool = False
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    cause: str
+
+
+@dataclass(frozen=True)
+class _Slept:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class _SleepFailed:
+    attempt: int
+    reason: str
+    unsupported: bool
+
+
+@dataclass(frozen=True)
+class _WakeFailed:
+    attempt: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -60,7 +93,9 @@ class _StartFailed:
     reason: str
 
 
-_Message = _Want | _Stop | _UnitChanged | _Healthy | _StartFailed
+_Message = (
+    _Want | _Stop | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed | _WakeFailed
+)
 
 
 @dataclass(frozen=True)
@@ -96,12 +131,26 @@ class Engine:
         # unit first reports "inactive", which is not a failure
         self._seen_running = False
         self._start_job = ""  # D-Bus path of this attempt's start job
+        self._adopted = False
+        self.active = 0  # requests holding a lease: the engine must stay awake
+        # set once the engine showed it cannot sleep; then only the stop tier applies
+        self.sleep_refused = False
+        self.last_wake_s: float | None = None
+        self.last_sleep_error: str | None = None
+
+    @property
+    def sleep_enabled(self) -> bool:
+        return self.cfg.sleep_after_s is not None and not self.sleep_refused
 
     # ---- asked by request handlers (any task) ----
 
     @property
     def ready(self) -> bool:
         return self.state is State.READY
+
+    def in_state(self, *states: State) -> bool:
+        """The state now (a call, so that type checkers do not narrow it across awaits)."""
+        return self.state in states
 
     async def acquire(self, max_waiting: int) -> float:
         """Return once the engine is ready; the seconds waited for it.
@@ -137,6 +186,24 @@ class Engine:
     def _unavailable(self, failure: Failure) -> EngineUnavailable:
         retry = max(1.0, self._retry_at - trio.current_time())
         return EngineUnavailable(failure.message, retry_after_s=retry)
+
+    @asynccontextmanager
+    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
+        """Hold the engine awake for one request; yields the seconds waited.
+
+        The count goes up in the same step as `acquire` returns (no
+        checkpoint between), so the owner never puts to sleep an engine that
+        a request is about to use.
+        """
+        waited = await self.acquire(max_waiting)
+        self.active += 1
+        try:
+            yield waited
+        finally:
+            self.active -= 1
+
+    def request_sleep(self, cause: str) -> None:
+        self._inbox_send.send_nowait(_Sleep(cause))
 
     async def wait_changed(self, timeout_s: float) -> None:
         """Wait until the state changes, or the timeout passes."""
@@ -191,13 +258,49 @@ class Engine:
                 await self._on_stop(cause)
             case _UnitChanged(active_state):
                 await self._on_unit(active_state)
-            case _Healthy(attempt) if attempt == self._attempt and self.state is State.STARTING:
+            case _Healthy(attempt, asleep) if attempt == self._attempt and self.state is State.STARTING:
                 took = time.monotonic() - self._start_t0
-                self.last_cold_start_s = took
                 self._failures_in_row = 0
                 self._cancel_attempt()
+                if asleep:
+                    log.info("engine %s was adopted asleep", self.cfg.name)
+                    self._set(Event.FOUND_ASLEEP)
+                    await self._on_want()
+                    return
+                self.last_cold_start_s = took
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
+            case _Healthy(attempt) if attempt == self._attempt and self.state is State.WAKING:
+                took = time.monotonic() - self._start_t0
+                self._cancel_attempt()
+                self.last_wake_s = took
+                log.info("engine %s awake after %.2f s", self.cfg.name, took)
+                self._set(Event.HEALTHY)
+            case _Sleep(cause):
+                await self._on_sleep(cause)
+            case _Slept(attempt) if attempt == self._attempt and self.state is State.GOING_TO_SLEEP:
+                self._cancel_attempt()
+                log.info("engine %s asleep (level %d) after %.1f s", self.cfg.name,
+                         self.cfg.sleep_level, time.monotonic() - self._start_t0)
+                self._set(Event.SLEPT)
+                await self._on_want()  # requests that arrived meanwhile wake it again
+            case _SleepFailed(attempt, reason, unsupported) if attempt == self._attempt:
+                self._cancel_attempt()
+                self.last_sleep_error = reason
+                if unsupported and not self.sleep_refused:
+                    self.sleep_refused = True
+                    log.warning("engine %s cannot sleep (%s); it will be stopped when idle instead",
+                                self.cfg.name, reason)
+                else:
+                    log.warning("engine %s did not go to sleep: %s", self.cfg.name, reason)
+                if self.state is State.GOING_TO_SLEEP:
+                    self._set(Event.SLEEP_FAILED)
+            case _WakeFailed(attempt, reason) if attempt == self._attempt and self.state is State.WAKING:
+                self._cancel_attempt()
+                log.error("engine %s failed to wake (%s): stopping it; the next request starts it cold",
+                          self.cfg.name, reason)
+                self._set(Event.WAKE_FAILED)
+                await self.systemd.stop_unit(self.cfg.unit)
             case _StartFailed(attempt, reason) if attempt == self._attempt:
                 await self._fail(reason)
             case _:
@@ -208,12 +311,104 @@ class Engine:
             self._set(Event.RESET)
         if self.state is State.STOPPED and self.waiting > 0:
             await self._start()
+        elif self.state is State.SLEEPING and self.waiting > 0:
+            self._set(Event.WAKE)
+            self._spawn_attempt(self._wake)
+
+    async def _on_sleep(self, cause: str) -> None:
+        if self.state is not State.READY or not self.sleep_enabled:
+            return
+        if self.active > 0 or self.waiting > 0:
+            log.info("not putting engine %s to sleep (%s): %d requests in flight",
+                     self.cfg.name, cause, self.active + self.waiting)
+            return
+        log.info("putting engine %s to sleep at level %d (%s)", self.cfg.name, self.cfg.sleep_level, cause)
+        self._set(Event.SLEEP)
+        self._spawn_attempt(self._sleep)
+
+    def _spawn_attempt(self, fn: Callable[[int], Awaitable[None]]) -> None:
+        """Run one step (start probe, sleep, wake) as this attempt's task;
+        its result comes back to the inbox, tagged with the attempt."""
+        self._cancel_attempt()
+        self._attempt += 1
+        self._start_t0 = time.monotonic()
+        scope = trio.CancelScope()
+        self._attempt_scope = scope
+        attempt = self._attempt
+
+        async def step() -> None:
+            with scope:
+                await fn(attempt)
+
+        self._nursery.start_soon(step)
+
+    async def _engine_call(self, method: str, path: str, body: bytes | None = None,
+                           timeout_s: float = 60.0) -> tuple[int, bytes]:
+        result = await call("127.0.0.1", self.cfg.port, method, path, body, timeout_s)
+        if result is None:
+            raise _StepFailed(f"{method} {path}: no answer")
+        return result
+
+    async def _is_sleeping(self) -> bool:
+        status, body = await self._engine_call("GET", "/is_sleeping")
+        if status != 200:
+            raise _StepFailed(f"GET /is_sleeping answered {status}")
+        try:
+            return bool(json.loads(body)["is_sleeping"])
+        except (ValueError, KeyError, TypeError):
+            raise _StepFailed(f"GET /is_sleeping answered {body[:200]!r}") from None
+
+    async def _sleep(self, attempt: int) -> None:
+        # the level goes in the query string: vLLM ignores a JSON body
+        path = f"/sleep?level={self.cfg.sleep_level}"
+        try:
+            with trio.fail_after(SLEEP_TIMEOUT_S):
+                status, body = await self._engine_call("POST", path, timeout_s=SLEEP_TIMEOUT_S)
+                if status != 200:
+                    # 404: dev mode or sleep mode is off; the engine cannot sleep
+                    await self._inbox_send.send(_SleepFailed(
+                        attempt, f"POST {path} answered {status}: {body[:200].decode(errors='replace')}",
+                        unsupported=status in (400, 404, 405, 501),
+                    ))
+                    return
+                if not await self._is_sleeping():
+                    raise _StepFailed("the engine answered the sleep call but is not sleeping")
+        except (_StepFailed, trio.TooSlowError) as e:
+            await self._inbox_send.send(_SleepFailed(attempt, str(e) or "timeout", unsupported=False))
+            return
+        await self._inbox_send.send(_Slept(attempt))
+
+    async def _wake(self, attempt: int) -> None:
+        """vLLM's wake sequence for the level it sleeps at, then a check."""
+        if self.cfg.sleep_level == 2:
+            steps = [
+                ("POST", "/wake_up?tags=weights", None),
+                ("POST", "/collective_rpc", b'{"method": "reload_weights"}'),
+                ("POST", "/wake_up?tags=kv_cache", None),
+                ("POST", "/reset_prefix_cache", None),
+            ]
+        else:
+            steps = [("POST", "/wake_up", None)]
+        try:
+            with trio.fail_after(WAKE_TIMEOUT_S):
+                for method, path, body in steps:
+                    status, answer = await self._engine_call(method, path, body, WAKE_TIMEOUT_S)
+                    if status != 200:
+                        raise _StepFailed(f"{method} {path} answered {status}: "
+                                          f"{answer[:200].decode(errors='replace')}")
+                if await self._is_sleeping():
+                    raise _StepFailed("the engine still reports that it sleeps")
+        except (_StepFailed, trio.TooSlowError) as e:
+            reason = str(e) or f"no wake within {WAKE_TIMEOUT_S:g} s"
+            await self._inbox_send.send(_WakeFailed(attempt, reason))
+            return
+        await self._inbox_send.send(_Healthy(attempt))
 
     async def _start(self) -> None:
         svc = TransientService(
             name=self.cfg.unit,
-            argv=self.cfg.argv(),
-            environment=self.cfg.environment,
+            argv=self.cfg.argv(sleep=self.sleep_enabled),
+            environment=self.cfg.env(sleep=self.sleep_enabled),
             description=f"vLLM engine {self.cfg.name!r}, started by vllm-gateway",
             stop_timeout_s=self.cfg.stop_timeout_s,
             syslog_identifier=self.cfg.unit.removesuffix(".service"),
@@ -245,31 +440,35 @@ class Engine:
     def _begin_start(self, *, adopted: bool) -> None:
         self._set(Event.ADOPT if adopted else Event.START)
         self.upstream.reset()
-        self._attempt += 1
-        self._start_t0 = time.monotonic()
         self._seen_running = adopted
         if adopted:
             self._start_epoch = time.time()
-        scope = trio.CancelScope()
-        self._attempt_scope = scope
-        self._nursery.start_soon(self._probe_until_healthy, self._attempt, scope)
+        self._adopted = adopted
+        self._spawn_attempt(self._probe_until_healthy)
 
     def _cancel_attempt(self) -> None:
         if self._attempt_scope is not None:
             self._attempt_scope.cancel()
             self._attempt_scope = None
 
-    async def _probe_until_healthy(self, attempt: int, scope: trio.CancelScope) -> None:
-        with scope:
-            deadline = trio.current_time() + self.cfg.start_timeout_s
-            while trio.current_time() < deadline:
-                if await probe("127.0.0.1", self.cfg.port, self.cfg.health_path) == 200:
-                    await self._inbox_send.send(_Healthy(attempt))
-                    return
-                await trio.sleep(HEALTH_POLL_S)
-            await self._inbox_send.send(_StartFailed(
-                attempt, f"the engine did not become ready within {self.cfg.start_timeout_s:g} s",
-            ))
+    async def _probe_until_healthy(self, attempt: int) -> None:
+        deadline = trio.current_time() + self.cfg.start_timeout_s
+        while trio.current_time() < deadline:
+            if await probe("127.0.0.1", self.cfg.port, self.cfg.health_path) == 200:
+                # an engine adopted after a shim restart may be asleep: a
+                # request sent to it would break it
+                asleep = False
+                if self._adopted and self.cfg.sleep_after_s is not None:
+                    try:
+                        asleep = await self._is_sleeping()
+                    except _StepFailed:
+                        asleep = False  # no sleep endpoints: it cannot be asleep
+                await self._inbox_send.send(_Healthy(attempt, asleep))
+                return
+            await trio.sleep(HEALTH_POLL_S)
+        await self._inbox_send.send(_StartFailed(
+            attempt, f"the engine did not become ready within {self.cfg.start_timeout_s:g} s",
+        ))
 
     async def _fail(self, reason: str) -> None:
         """A start failed: stop the unit, record why (with the engine's last
@@ -277,6 +476,18 @@ class Engine:
         self._cancel_attempt()
         await self.systemd.stop_unit(self.cfg.unit)
         lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
+        if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
+            # e.g. vLLM's CPU build refuses --enable-sleep-mode: say so once,
+            # and start again at once without it (the stop tier still applies)
+            self.sleep_refused = True
+            self.last_sleep_error = " | ".join(lines)
+            log.warning("engine %s refused sleep mode (%s); starting it without sleep mode",
+                        self.cfg.name, " | ".join(lines))
+            self._set(Event.START_FAILED)
+            self._set(Event.RESET)
+            if self.waiting > 0:
+                await self._start()
+            return
         self._failures_in_row += 1
         cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
         self._retry_at = trio.current_time() + cooldown
@@ -288,7 +499,7 @@ class Engine:
         self._set(Event.START_FAILED)
 
     async def _on_stop(self, cause: str) -> None:
-        if self.state in (State.STARTING, State.READY):
+        if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             log.info("stopping engine %s (%s)", self.cfg.name, cause)
             self._cancel_attempt()
             self._set(Event.STOP)
@@ -311,7 +522,7 @@ class Engine:
                 await self._adopt(await self.systemd.unit_state(self.cfg.unit))
             return
         if active_state == "deactivating":
-            if st is State.STARTING:
+            if st in (State.STARTING, State.GOING_TO_SLEEP, State.WAKING):
                 self._cancel_attempt()
             if st is not State.FAILED:
                 self._set(Event.UNIT_DEACTIVATING)
@@ -323,7 +534,9 @@ class Engine:
             what = "exited" if active_state != GONE else "disappeared"
             await self._fail(f"its process {what} before it was ready (unit {active_state})")
             return
-        if st is State.READY:
+        if st in (State.GOING_TO_SLEEP, State.WAKING):
+            self._cancel_attempt()
+        if st in (State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             log.warning("engine %s stopped unexpectedly (unit %s)", self.cfg.name, active_state)
         if st is not State.STOPPED:
             self._set(Event.UNIT_GONE)
@@ -341,3 +554,7 @@ class Engine:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         self._on_change()
+
+
+class _StepFailed(Exception):
+    """A call in the sleep or wake sequence failed; the message says which."""

@@ -48,6 +48,14 @@ class RequestTimeout(GatewayError):
     error_type = "invalid_request_error"
 
 
+class Conflict(GatewayError):
+    """The request does not fit the engine's state (e.g. sleep while busy)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     error_type = "invalid_request_error"

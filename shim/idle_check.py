@@ -1,18 +1,22 @@
-"""`vllm-gateway idle-check`: run by vllm-gateway-idle.timer. Stops the
-engine when it has been idle past its threshold with nothing in flight.
+"""`vllm-gateway idle-check`: run by vllm-gateway-idle.timer. Puts the
+engine to sleep after `sleep_after`, and stops it after `stop_after`, when
+it has been idle that long with nothing in flight.
 
-It reads the shim's STATUS from systemd, so it needs no connection to the
-shim. If the shim is not running but the engine is, the idle time counts
-from whichever came later: the engine's start or the shim's exit.
+It reads the shim's STATUS from systemd. Stopping goes through systemd; the
+sleep goes through the shim's control socket, since the shim alone calls the
+engine's control endpoints (one owner knows the state). If the shim is not
+running but the engine is, only the stop tier applies, and the idle time
+counts from whichever came later: the engine's start or the shim's exit.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass
 
-from . import systemd
+from . import control, systemd
 from .config import EngineConfig
 from .status import parse_status
 
@@ -21,33 +25,46 @@ log = logging.getLogger("vllm_gateway.idle_check")
 SHIM_UNIT = "vllm-gateway.service"
 
 
+class Action(enum.Enum):
+    NONE = "none"
+    SLEEP = "sleep"
+    STOP = "stop"
+
+
 @dataclass(frozen=True)
 class Verdict:
-    stop: bool
+    action: Action
     reason: str
+
+    @property
+    def stop(self) -> bool:
+        return self.action is Action.STOP
 
 
 def decide(
     engine: EngineConfig, unit: systemd.UnitState, shim: systemd.UnitState, now: float
 ) -> Verdict:
     """Pure decision, so every case is testable without systemd."""
+    none = Action.NONE
     if not unit.running:
-        return Verdict(False, f"{engine.unit} is not running ({unit.active_state})")
-    if engine.stop_after_s is None:
-        return Verdict(False, "stop_after is off")
+        return Verdict(none, f"{engine.unit} is not running ({unit.active_state})")
+    state = "unknown"
     if shim.running:
         st = parse_status(shim.status_text)
         if st is None:
-            return Verdict(False, f"{SHIM_UNIT} has not reported its status yet")
+            return Verdict(none, f"{SHIM_UNIT} has not reported its status yet")
         if st.in_flight > 0:
-            return Verdict(False, f"{st.in_flight} requests in flight")
+            return Verdict(none, f"{st.in_flight} requests in flight")
         idle = st.idle_s(now)
+        state = st.state
     else:
         since_us = max(unit.active_enter_us, shim.inactive_enter_us)
         idle = now - since_us / 1e6
-    if idle < engine.stop_after_s:
-        return Verdict(False, f"idle {idle:.0f} s of {engine.stop_after_s:g} s")
-    return Verdict(True, f"idle {idle:.0f} s, past stop_after {engine.stop_after_s:g} s")
+    if engine.stop_after_s is not None and idle >= engine.stop_after_s:
+        return Verdict(Action.STOP, f"idle {idle:.0f} s, past stop_after {engine.stop_after_s:g} s")
+    if engine.sleep_after_s is not None and idle >= engine.sleep_after_s and state == "ready":
+        return Verdict(Action.SLEEP, f"idle {idle:.0f} s, past sleep_after {engine.sleep_after_s:g} s")
+    return Verdict(none, f"idle {idle:.0f} s (engine {state})")
 
 
 async def run(engine: EngineConfig) -> int:
@@ -55,9 +72,16 @@ async def run(engine: EngineConfig) -> int:
         unit = await sd.unit_state(engine.unit)
         shim = await sd.unit_state(SHIM_UNIT)
         verdict = decide(engine, unit, shim, time.time())
-        if verdict.stop:
+        if verdict.action is Action.STOP:
             log.info("stopping %s: %s", engine.unit, verdict.reason)
             await sd.stop_unit(engine.unit)
+        elif verdict.action is Action.SLEEP:
+            log.info("asking the gateway to put %s to sleep: %s", engine.unit, verdict.reason)
+            answer = await control.request("POST", "/gateway/sleep")
+            if answer is None:
+                log.warning("the gateway's control socket %s did not answer", control.socket_path())
+            elif answer[0] != 200:
+                log.info("the gateway kept the engine awake: %s", answer[1].decode(errors="replace"))
         else:
             log.debug("keeping %s: %s", engine.unit, verdict.reason)
     return 0

@@ -14,6 +14,9 @@ class State(enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+    GOING_TO_SLEEP = "going_to_sleep"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
 
 
 class Event(enum.Enum):
@@ -25,6 +28,12 @@ class Event(enum.Enum):
     UNIT_GONE = "unit_gone"  # the unit is inactive, failed or unloaded
     START_FAILED = "start_failed"  # timeout, or the unit died before healthy
     RESET = "reset"  # the failure was reported; ready to try again
+    SLEEP = "sleep"  # the owner asked the engine to sleep
+    SLEPT = "slept"  # the engine confirmed it sleeps
+    SLEEP_FAILED = "sleep_failed"  # the engine refused or failed to sleep; it is still awake
+    FOUND_ASLEEP = "found_asleep"  # an adopted engine was already asleep
+    WAKE = "wake"  # the owner started the wake sequence
+    WAKE_FAILED = "wake_failed"  # the wake sequence failed; the unit is stopped
 
 
 class LifecycleError(Exception):
@@ -61,7 +70,19 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.FAILED, E.UNIT_DEACTIVATING): S.FAILED,
     (S.FAILED, E.STOP): S.FAILED,
     (S.FAILED, E.ADOPT): S.STARTING,
+    (S.STARTING, E.FOUND_ASLEEP): S.SLEEPING,
+    (S.READY, E.SLEEP): S.GOING_TO_SLEEP,
+    (S.GOING_TO_SLEEP, E.SLEPT): S.SLEEPING,
+    (S.GOING_TO_SLEEP, E.SLEEP_FAILED): S.READY,
+    (S.SLEEPING, E.WAKE): S.WAKING,
+    (S.WAKING, E.HEALTHY): S.READY,
+    (S.WAKING, E.WAKE_FAILED): S.STOPPING,
 }
+# Whatever the engine is doing while asleep or between, systemd has the last word.
+for _s in (S.GOING_TO_SLEEP, S.SLEEPING, S.WAKING):
+    TRANSITIONS[(_s, E.STOP)] = S.STOPPING
+    TRANSITIONS[(_s, E.UNIT_DEACTIVATING)] = S.STOPPING
+    TRANSITIONS[(_s, E.UNIT_GONE)] = S.STOPPED
 
 
 def next_state(state: State, event: Event) -> State:

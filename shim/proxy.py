@@ -59,11 +59,14 @@ async def forward(
     body: bytes,
     request_id: str,
     max_waiting: int,
+    parsed: dict[str, object] | None = None,
 ) -> Exchange:
     ex = Exchange()
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
         body = toolcalls.adapt_request(body, fmt)
+        if not _client_allows_tool_calls(parsed):
+            fmt = None  # as OpenAI and vLLM do: no tools, or "none", means text only
     headers = [(n, v) for n, v in end_to_end_headers(req.headers) if n not in (b"host", b"content-length")]
     headers += [
         (b"host", f"127.0.0.1:{engine.cfg.port}".encode()),
@@ -73,25 +76,44 @@ async def forward(
         headers.append((b"x-request-id", request_id.encode()))
     up_req = h11.Request(method=req.method, target=route.target.encode(), headers=headers)
 
-    up, resp = await _send_request(engine, up_req, body, max_waiting, ex)
-    try:
-        await _relay(engine, client, up, resp, fmt, request_id, ex)
-    except BaseException:
-        up.close()
-        raise
-    engine.upstream.release(up)
-    return ex
+    retried = False
+    while True:
+        # the lease keeps the engine awake (no sleep) until the response is relayed
+        async with engine.lease(max_waiting) as waited:
+            ex.waited_s += waited
+            try:
+                up, resp = await _send_request(engine, up_req, body)
+            except _BeforeResponse as e:
+                if retried:
+                    raise UpstreamError(f"vllm-gateway: cannot reach the engine: {e}") from None
+                log.info("engine connection failed before a response (%s); retrying once", e)
+            else:
+                try:
+                    await _relay(engine, client, up, resp, fmt, request_id, ex)
+                except BaseException:
+                    up.close()
+                    raise
+                engine.upstream.release(up)
+                return ex
+        retried = True
+        await engine.wait_changed(RETRY_SETTLE_S)
+
+
+def _client_allows_tool_calls(parsed: dict[str, object] | None) -> bool:
+    """Rewrite only when the client offered tools and did not forbid calls."""
+    return parsed is not None and bool(parsed.get("tools")) and parsed.get("tool_choice") != "none"
+
+
+class _BeforeResponse(Exception):
+    """The engine connection failed before any response byte: safe to retry."""
 
 
 async def _send_request(
-    engine: Engine, up_req: h11.Request, body: bytes, max_waiting: int, ex: Exchange
+    engine: Engine, up_req: h11.Request, body: bytes
 ) -> tuple[UpstreamConn, h11.Response]:
-    """Send the request and read the response head. A failure before any
-    response byte is retried: at once on a reused keep-alive connection that
-    the engine had closed, and once more after the engine is back."""
-    retried = False
+    """Send the request and read the response head. A reused keep-alive
+    connection that the engine had closed is replaced at once."""
     while True:
-        ex.waited_s += await engine.acquire(max_waiting)
         up: UpstreamConn | None = None
         try:
             up = await engine.upstream.connect()
@@ -114,11 +136,7 @@ async def _send_request(
                 up.close()
                 if up.reused:
                     continue
-            if retried:
-                raise UpstreamError(f"vllm-gateway: cannot reach the engine: {e}") from None
-            retried = True
-            log.info("engine connection failed before a response (%s); retrying once", e)
-            await engine.wait_changed(RETRY_SETTLE_S)
+            raise _BeforeResponse(str(e) or type(e).__name__) from None
 
 
 async def _relay(

@@ -18,6 +18,8 @@ class Kind(enum.Enum):
     STATUS = "status"
     ADMIN_START = "admin_start"
     ADMIN_STOP = "admin_stop"
+    ADMIN_SLEEP = "admin_sleep"
+    ADMIN_WAKE = "admin_wake"
     ENGINE = "engine"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -38,6 +40,8 @@ OWN: dict[str, tuple[str, Kind]] = {
     "/gateway/status": ("GET", Kind.STATUS),
     "/gateway/start": ("POST", Kind.ADMIN_START),
     "/gateway/stop": ("POST", Kind.ADMIN_STOP),
+    "/gateway/sleep": ("POST", Kind.ADMIN_SLEEP),
+    "/gateway/wake": ("POST", Kind.ADMIN_WAKE),
 }
 
 # Engine endpoints, by method. Those in JSON_BODY are checked before the

@@ -18,6 +18,7 @@ from .config import GatewayConfig
 from .engine import Engine
 from .errors import (
     BadRequest,
+    Conflict,
     GatewayError,
     HeadersTooLarge,
     MethodNotAllowed,
@@ -114,6 +115,11 @@ class Gateway:
             "port": e.cfg.port,
             "models": list(e.cfg.models),
             "stop_after_s": e.cfg.stop_after_s,
+            "sleep_after_s": e.cfg.sleep_after_s,
+            "sleep_level": e.cfg.sleep_level,
+            "sleep_enabled": e.sleep_enabled,
+            "last_sleep_error": e.last_sleep_error,
+            "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
             "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
             "last_error": e.last_failure.message if e.last_failure else None,
             "gateway_pid": os.getpid(),
@@ -267,14 +273,45 @@ class Gateway:
             await self.engine.wait_for(State.STOPPED, State.FAILED,
                                        timeout_s=self.engine.cfg.stop_timeout_s + 10)
             return await self._json(client, 200, self.status_json())
+        if kind is Kind.ADMIN_SLEEP:
+            return await self._admin_sleep(client)
+        if kind is Kind.ADMIN_WAKE:
+            if self.engine.state is not State.SLEEPING:
+                raise Conflict(f"vllm-gateway: the engine is {self.engine.state.value}, not sleeping")
+            waited = await self.engine.acquire(self.cfg.max_waiting)
+            ex = await self._json(client, 200, self.status_json())
+            ex.waited_s = waited
+            return ex
         if kind is Kind.MODELS and not self.engine.ready:
             return await self._json(client, 200, self._models_from_config())
+        parsed: dict[str, object] | None = None
         if route.path in JSON_BODY:
-            parsed = json_object_or_error(body)
-            if isinstance(parsed, GatewayError):
-                raise parsed
+            checked = json_object_or_error(body)
+            if isinstance(checked, GatewayError):
+                raise checked
+            parsed = checked
             self._check_model(parsed)
-        return await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting)
+        return await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting,
+                             parsed)
+
+    async def _admin_sleep(self, client: ClientSide) -> Exchange:
+        e = self.engine
+        if not e.sleep_enabled:
+            why = e.last_sleep_error or "sleep_after is off in the configuration"
+            raise Conflict(f"vllm-gateway: the engine {e.cfg.name!r} cannot sleep: {why}")
+        if e.state is State.SLEEPING:
+            return await self._json(client, 200, self.status_json())
+        if e.state is not State.READY:
+            raise Conflict(f"vllm-gateway: the engine is {e.state.value}; only a ready engine can sleep")
+        e.request_sleep("manual")
+        await e.wait_changed(1.0)
+        if e.in_state(State.GOING_TO_SLEEP):
+            await e.wait_for(State.SLEEPING, State.READY, State.STOPPING, State.STOPPED,
+                             timeout_s=e.cfg.stop_timeout_s + 300)
+        if not e.in_state(State.SLEEPING):
+            raise Conflict(f"vllm-gateway: the engine did not go to sleep (it is {e.state.value}; "
+                           f"{e.active} requests in flight; {e.last_sleep_error or 'no error'})")
+        return await self._json(client, 200, self.status_json())
 
     def _check_model(self, body: dict[str, object]) -> None:
         models = self.engine.cfg.models

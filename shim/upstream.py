@@ -74,22 +74,46 @@ class Upstream:
         self._idle.clear()
 
 
-async def probe(host: str, port: int, path: str) -> int | None:
-    """GET path once; the status, or None when nothing answers yet."""
+async def call(
+    host: str, port: int, method: str, path: str, body: bytes | None = None,
+    timeout_s: float = HEALTH_PROBE_TIMEOUT_S, unix_path: str | None = None,
+) -> tuple[int, bytes] | None:
+    """One request on a fresh connection: (status, body), or None when the
+    peer does not answer (refused, reset, timeout, broken HTTP)."""
     try:
-        with trio.fail_after(HEALTH_PROBE_TIMEOUT_S):
-            stream = await trio.open_tcp_stream(host, port)
+        with trio.fail_after(timeout_s):
+            stream: trio.abc.Stream
+            if unix_path is not None:
+                stream = await trio.open_unix_socket(unix_path)
+            else:
+                stream = await trio.open_tcp_stream(host, port)
             async with stream:
                 conn = h11.Connection(h11.CLIENT)
-                await send(conn, stream, h11.Request(
-                    method="GET", target=path,
-                    headers=[("host", f"{host}:{port}"), ("connection", "close")],
-                ))
+                headers = [("host", f"{host}:{port}"), ("connection", "close")]
+                if body is not None:
+                    headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+                await send(conn, stream, h11.Request(method=method, target=path, headers=headers))
+                if body:
+                    await send(conn, stream, h11.Data(data=body))
                 await send(conn, stream, h11.EndOfMessage())
-                event = await next_event(conn, stream)
-                if isinstance(event, h11.Response):
-                    return event.status_code
-                return None
+                status = 0
+                chunks: list[bytes] = []
+                while True:
+                    event = await next_event(conn, stream)
+                    if isinstance(event, h11.Response):
+                        status = event.status_code
+                    elif isinstance(event, h11.Data):
+                        chunks.append(bytes(event.data))
+                    elif isinstance(event, h11.EndOfMessage):
+                        return status, b"".join(chunks)
+                    else:
+                        return None
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, h11.ProtocolError):
         # refused or reset: not listening yet
         return None
+
+
+async def probe(host: str, port: int, path: str) -> int | None:
+    """GET path once; the status, or None when nothing answers yet."""
+    result = await call(host, port, "GET", path)
+    return None if result is None else result[0]

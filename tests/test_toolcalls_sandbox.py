@@ -239,10 +239,6 @@ def test_tool_choice_other_than_auto_reaches_the_engine_unchanged(
     assert sent["tools"] == [WEATHER_TOOL]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "shim/proxy.py forward() rewrites every chat completion of a formatted engine, "
-    "whatever the client's tool_choice: an explicit \"none\" (or no tools at all) "
-    "still gets tool_calls, where vLLM with a parser and OpenAI return the text as content"))
 @pytest.mark.parametrize("extra", [
     {"tools": [WEATHER_TOOL], "tool_choice": "none"},
     {},
