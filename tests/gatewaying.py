@@ -53,6 +53,12 @@ class Gateway:
         shim and the engine, and (re)start the socket: the next request runs
         the new configuration."""
         command = [sys.executable, str(FAKE_VLLM), "--served-model-name", "tiny", *(fake_args or [])]
+        self.configure_command(command, gateway, **engine)
+
+    def configure_command(
+        self, command: list[str], gateway: dict[str, Any] | None = None, **engine: Any
+    ) -> None:
+        """Like `configure`, with any engine command (e.g. real vLLM)."""
         table: dict[str, Any] = {"command": command, "port": self.engine_port, "models": ["tiny"]}
         table.update(engine)
         lines = ["[gateway]"] + [f"{k} = {toml_value(v)}" for k, v in (gateway or {}).items()]
