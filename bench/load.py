@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Load client for the benchmarks: keep-alive HTTP/1.1 over raw asyncio sockets.
+
+Each of `--conns` connections sends one request, reads the whole response and
+sends the next, for `--duration` seconds (after `--warmup` seconds whose
+results are dropped). Responses are framed by Content-Length or chunked
+encoding; nothing else is parsed, so the client stays cheap.
+
+  chat    POST a small non-streaming chat completion; prints requests/s and
+          latency percentiles (request written -> response complete)
+  stream  POST a streaming one; counts SSE events (`data:` lines, [DONE]
+          included) and prints events/s and time to first event (request
+          written -> first byte of the first event)
+
+Prints one JSON object. usage: load.py chat|stream --url http://H:P --conns N --duration S
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import time
+from urllib.parse import urlsplit
+
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+
+
+def request_bytes(host: str, port: int, stream: bool) -> bytes:
+    body = json.dumps({**CHAT, "stream": stream}, separators=(",", ":")).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def percentile(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.recording = False
+        self.done = 0
+        self.errors = 0
+        self.events = 0
+        self.latencies: list[float] = []
+        self.ttfe: list[float] = []
+
+
+class Conn(asyncio.Protocol):
+    """One keep-alive connection that sends `req` again as each response ends."""
+
+    def __init__(self, req: bytes, stats: Stats, lost: asyncio.Future[None]) -> None:
+        self.req = req
+        self.stats = stats
+        self.lost = lost
+        self.transport: asyncio.Transport | None = None
+        self.stopping = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send()
+
+    def send(self) -> None:
+        self.head = b""
+        self.in_body = False
+        self.length: int | None = None  # Content-Length, or None for chunked
+        self.got = 0
+        self.tail = b""
+        self.first_event = False
+        self.events = 0
+        self.t0 = time.perf_counter()
+        assert self.transport is not None
+        self.transport.write(self.req)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_body:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[:end], self.head[end + 4:]
+            self.in_body = True
+            self.ok = head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200")
+            low = head.lower()
+            i = low.find(b"\r\ncontent-length:")
+            if i >= 0:
+                self.length = int(low[i + 17:].split(b"\r\n", 1)[0])
+        seen = self.tail + data
+        n = seen.count(b"data:")
+        if n:
+            if not self.first_event:
+                self.first_event = True
+                self.ttfe = time.perf_counter() - self.t0
+            self.events += n
+        self.tail = seen[-8:]
+        if self.length is not None:
+            self.got += len(data)
+            finished = self.got >= self.length
+        else:
+            finished = seen.endswith(b"\r\n0\r\n\r\n") or (self.got == 0 and data == b"0\r\n\r\n")
+            self.got += len(data)
+        if finished:
+            self.finish()
+
+    def finish(self) -> None:
+        st = self.stats
+        if st.recording:
+            if self.ok:
+                st.done += 1
+                st.latencies.append(time.perf_counter() - self.t0)
+                if self.first_event:
+                    st.ttfe.append(self.ttfe)
+            else:
+                st.errors += 1
+        if self.stopping:
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class StreamConn(Conn):
+    def finish(self) -> None:
+        if self.stats.recording:
+            self.stats.events += self.events
+            self.events = 0
+        super().finish()
+
+
+async def run(mode: str, url: str, conns: int, duration: float, warmup: float) -> dict[str, object]:
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    req = request_bytes(host, port, mode == "stream")
+    stats = Stats()
+    loop = asyncio.get_running_loop()
+    protos: list[Conn] = []
+    cls = StreamConn if mode == "stream" else Conn
+    for _ in range(conns):
+        lost: asyncio.Future[None] = loop.create_future()
+        _, proto = await loop.create_connection(lambda lost=lost: cls(req, stats, lost), host, port)
+        protos.append(proto)
+    await asyncio.sleep(warmup)
+    stats.recording = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(duration)
+    stats.recording = False
+    elapsed = time.perf_counter() - t0
+    dropped = 0
+    for p in protos:
+        p.stopping = True
+        if p.transport is not None and p.transport.is_closing():
+            dropped += 1
+    for p in protos:
+        if p.transport is not None:
+            p.transport.close()
+    ms = 1000.0
+    result: dict[str, object] = {
+        "mode": mode, "conns": conns, "duration_s": round(elapsed, 3),
+        "requests": stats.done, "errors": stats.errors, "closed_by_server": dropped,
+        "rps": stats.done / elapsed,
+        "p50_ms": (percentile(stats.latencies, 50) or 0) * ms,
+        "p99_ms": (percentile(stats.latencies, 99) or 0) * ms,
+    }
+    if mode == "stream":
+        result.update({
+            "events": stats.events, "events_per_s": stats.events / elapsed,
+            "ttfe_p50_ms": (percentile(stats.ttfe, 50) or 0) * ms,
+            "ttfe_p99_ms": (percentile(stats.ttfe, 99) or 0) * ms,
+        })
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["chat", "stream"])
+    p.add_argument("--url", required=True)
+    p.add_argument("--conns", type=int, default=32)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--warmup", type=float, default=0.5)
+    a = p.parse_args()
+    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

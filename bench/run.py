@@ -1,0 +1,695 @@
+#!/usr/bin/env python3
+"""Run every benchmark, print the table, write docs/benchmarks.md and plots.
+
+Run through scripts/bench, which puts this inside scripts/sandbox: the shim
+starts its engine through the systemd user manager that the sandbox provides,
+and every process started here dies with the sandbox's PID namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+PY = sys.executable
+SHIM = Path(PY).parent / "vllm-gateway"
+PROXYD = "/lib/systemd/systemd-socket-proxyd"
+EVENTS = 100  # SSE events per stream, [DONE] included
+
+PEERS = ["direct", "socket-proxyd", "fastapi+httpx", "vllm-gateway", "vllm-gateway+rewrite"]
+
+
+@dataclass
+class Durations:
+    chat32: float
+    chat1: float
+    stream64: float
+    stream1: float
+    warmup: float
+    cold_runs: int
+    idle_s: float
+
+
+QUICK = Durations(chat32=2.0, chat1=1.5, stream64=2.0, stream1=1.0, warmup=0.3, cold_runs=3, idle_s=5.0)
+FULL = Durations(chat32=10.0, chat1=5.0, stream64=10.0, stream1=3.0, warmup=1.0, cold_runs=20, idle_s=10.0)
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def call(port: int, method: str, path: str, body: Any = None, timeout_s: float = 30.0) -> tuple[int, bytes]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        raw = None if body is None else json.dumps(body).encode()
+        c.request(method, path, body=raw, headers={"Content-Type": "application/json"} if raw else {})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def check_peer(port: int) -> None:
+    """One whole and one streamed completion: the peer works and passes the stream on intact."""
+    body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
+    status, data = call(port, "POST", "/v1/chat/completions", body)
+    if status != 200 or b"chat.completion" not in data:
+        raise RuntimeError(f"port {port}: chat completion answered {status}: {data[:200]!r}")
+    status, data = call(port, "POST", "/v1/chat/completions", {**body, "stream": True})
+    n = data.count(b"data:")
+    if status != 200 or n != EVENTS or not data.rstrip().endswith(b"data: [DONE]"):
+        raise RuntimeError(f"port {port}: stream answered {status} with {n} events: {data[-200:]!r}")
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+class Procs:
+    """Every process started here, each in its own process group, ended in reverse."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, **(env or {})}, start_new_session=True, cwd=REPO)
+        out.close()
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # whatever it left in its group
+
+    def stop_all(self) -> None:
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+def wrk(url: str, conns: int, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s",
+         str(BENCH / "chat.lua"), url + "/v1/chat/completions"],
+        capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+    res: dict[str, float] = {"errors": 0.0}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            res["rps"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+            v = parts[1]
+            unit = next(u for u in ("us", "ms", "s") if v.endswith(u))
+            res["p50_ms" if parts[0] == "50%" else "p99_ms"] = float(v[: -len(unit)]) * units[unit]
+        elif "Non-2xx" in line or "Socket errors" in line:
+            res["errors"] += sum(int(x.strip(",")) for x in parts if x.strip(",").isdigit())
+    if "rps" not in res:
+        raise RuntimeError(f"wrk printed no figures:\n{out}")
+    return res
+
+
+def loadpy(mode: str, url: str, conns: int, seconds: float, warmup: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [PY, str(BENCH / "load.py"), mode, "--url", url, "--conns", str(conns),
+         "--duration", str(seconds), "--warmup", str(warmup)],
+        capture_output=True, text=True, timeout=seconds + warmup + 60, check=True).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def measure(port: int, d: Durations, use_wrk: bool) -> dict[str, float]:
+    url = f"http://127.0.0.1:{port}"
+    check_peer(port)
+    r: dict[str, float] = {}
+    if use_wrk:
+        c32 = wrk(url, 32, d.chat32)
+        c1 = wrk(url, 1, d.chat1)
+    else:
+        c32 = loadpy("chat", url, 32, d.chat32, d.warmup)
+        c1 = loadpy("chat", url, 1, d.chat1, d.warmup)
+    r.update(rps32=c32["rps"], p50_32=c32["p50_ms"], p99_32=c32["p99_ms"],
+             p50_1=c1["p50_ms"], p99_1=c1["p99_ms"], errors=c32["errors"] + c1["errors"])
+    s64 = loadpy("stream", url, 64, d.stream64, d.warmup)
+    s1 = loadpy("stream", url, 1, d.stream1, d.warmup)
+    r.update(eps64=s64["events_per_s"], ttfe_p50_64=s64["ttfe_p50_ms"], ttfe_p99_64=s64["ttfe_p99_ms"],
+             ttfe_p50_1=s1["ttfe_p50_ms"], errors=r["errors"] + s64["errors"] + s1["errors"])
+    return r
+
+
+# ---------------------------------------------------------------------------
+# The gateway
+
+@dataclass
+class Shim:
+    procs: Procs
+    workdir: Path
+    name: str
+    engine_cmd: list[str]
+    fmt: str = "off"
+    exit_after: str = "off"
+    port: int = field(default_factory=free_port)
+    engine_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def unit(self) -> str:
+        return f"bench-{self.name}.service"
+
+    def start(self) -> None:
+        cfg = self.workdir / f"{self.name}.toml"
+        cfg.write_text(
+            f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nexit_after = "{self.exit_after}"\n'
+            f"[engines.main]\ncommand = {json.dumps(self.engine_cmd)}\nport = {self.engine_port}\n"
+            f'models = ["bench"]\nunit = "{self.unit}"\nstop_after = "off"\n'
+            f'tool_call_format = "{self.fmt}"\nstart_timeout = "60s"\n')
+        self.proc = self.procs.start(f"shim-{self.name}", [str(SHIM), "--config", str(cfg), "serve"])
+        wait_port(self.port)
+
+    def status(self) -> dict[str, Any]:
+        code, body = call(self.port, "GET", "/gateway/status")
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def stop_engine(self) -> None:
+        code, body = call(self.port, "POST", "/gateway/stop", timeout_s=60)
+        if code != 200 or json.loads(body)["state"] != "stopped":
+            raise RuntimeError(f"{self.unit}: stop answered {code}: {body[:200]!r}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError, RuntimeError, KeyError, ValueError):
+                if self.proc.poll() is None:
+                    self.stop_engine()
+            self.procs.stop(self.proc)
+        subprocess.run(["systemctl", "--user", "stop", self.unit], capture_output=True, check=False)
+
+
+def engine_cmd() -> list[str]:
+    return [PY, str(BENCH / "upstream.py"), "--events", str(EVENTS)]
+
+
+def task_switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+    return total
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    f = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(f["VmRSS"].split()[0]) / 1024, int(f["VmHWM"].split()[0]) / 1024
+
+
+def wakeups(pid: int, seconds: float) -> float:
+    a = task_switches(pid)
+    time.sleep(seconds)
+    return (task_switches(pid) - a) / seconds
+
+
+def processes_matching(*needles: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(n in cmd for n in needles):
+                found.append(f"{d.name}: {cmd.strip()}")
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Cold start
+
+async def _health_poller(port: int, interval_s: float) -> tuple[float, float]:
+    """Poll the engine's /health until 200: (last time it was not ready, time of the 200)."""
+    last_not_ready = time.perf_counter()
+    req = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+    while True:
+        t = time.perf_counter()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(req)
+            line = await r.readline()
+            w.close()
+            if line.startswith(b"HTTP/1.1 200"):
+                return last_not_ready, time.perf_counter()
+        except OSError:
+            pass
+        last_not_ready = t
+        await asyncio.sleep(interval_s)
+
+
+async def _first_byte(port: int) -> tuple[float, float, bytes]:
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    t0 = time.perf_counter()
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    first = await r.read(1)
+    t1 = time.perf_counter()
+    rest = await r.read()
+    w.close()
+    return t0, t1, first + rest
+
+
+async def cold_once(shim: Shim, interval_s: float) -> dict[str, float]:
+    poller = asyncio.create_task(_health_poller(shim.engine_port, interval_s))
+    t0, t_fb, resp = await _first_byte(shim.port)
+    not_ready, ready = await asyncio.wait_for(poller, 10)
+    if not resp.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"cold request answered {resp[:200]!r}")
+    return {"lag_hi_ms": (t_fb - not_ready) * 1000, "lag_lo_ms": (t_fb - ready) * 1000,
+            "total_s": t_fb - t0}
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version(),
+            "systemd": subprocess.run(["systemctl", "--version"], capture_output=True,
+                                      text=True).stdout.split("\n")[0]}
+
+
+def fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if digits == 0:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def peer_table(res: dict[str, dict[str, float]]) -> list[str]:
+    d, p = res.get("direct", {}), res.get("socket-proxyd", {})
+    rows = [
+        "| peer | req/s @32 | vs direct | vs proxyd | p50 @1 ms | p99 @1 ms | p50 @32 ms | p99 @32 ms "
+        "| events/s @64 | vs direct | vs proxyd | first event p50 @1 ms | first event p50/p99 @64 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in PEERS:
+        r = res.get(name)
+        if not r:
+            rows.append(f"| {name} | not measured | | | | | | | | | | | | |")
+            continue
+        rows.append(
+            f"| {name} | {fmt(r['rps32'])} | {ratio(r['rps32'], d.get('rps32'))} "
+            f"| {ratio(r['rps32'], p.get('rps32'))} | {fmt(r['p50_1'], 3)} | {fmt(r['p99_1'], 3)} "
+            f"| {fmt(r['p50_32'], 2)} | {fmt(r['p99_32'], 2)} | {fmt(r['eps64'])} "
+            f"| {ratio(r['eps64'], d.get('eps64'))} | {ratio(r['eps64'], p.get('eps64'))} "
+            f"| {fmt(r['ttfe_p50_1'], 3)} | {fmt(r['ttfe_p50_64'], 1)} / {fmt(r['ttfe_p99_64'], 1)} "
+            f"| {fmt(r['errors'])} |")
+    return rows
+
+
+def targets(res: dict[str, dict[str, float]], extra: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    g, gr = res.get("vllm-gateway", {}), res.get("vllm-gateway+rewrite", {})
+    f, p, d = res.get("fastapi+httpx", {}), res.get("socket-proxyd", {}), res.get("direct", {})
+
+    def rel(a: dict[str, float], b: dict[str, float], key: str, want: float, what: str
+            ) -> tuple[str, str, str, bool | None]:
+        if key not in a or key not in b or not b[key]:
+            return (what, f">= {want:g}x", "-", None)
+        x = a[key] / b[key]
+        return (what, f">= {want:g}x" if want >= 1 else f">= {want:.0%}",
+                f"{x:.2f}x" if want >= 1 else f"{x:.0%}", x >= want)
+
+    out = [
+        rel(g, f, "rps32", 10, "req/s vs fastapi+httpx (rewrite off)"),
+        rel(gr, f, "rps32", 10, "req/s vs fastapi+httpx (rewrite on)"),
+        rel(g, f, "eps64", 10, "events/s vs fastapi+httpx (rewrite off)"),
+        rel(gr, f, "eps64", 10, "events/s vs fastapi+httpx (rewrite on)"),
+        rel(g, p, "rps32", 0.25, "req/s vs socket-proxyd (rewrite off)"),
+        rel(g, p, "eps64", 0.5, "events/s vs socket-proxyd (rewrite off)"),
+        rel(gr, p, "eps64", 0.3, "events/s vs socket-proxyd (rewrite on)"),
+    ]
+    if "p50_1" in g and "p50_1" in d:
+        added = g["p50_1"] - d["p50_1"]
+        out.append(("added p50 latency @1 conn over direct", "< 0.300 ms", f"{added:.3f} ms", added < 0.3))
+    cold = extra.get("cold_p99_hi_ms")
+    out.append(("cold-start lag p99 (upper bound)", "< 100 ms", f"{cold:.1f} ms" if cold is not None else "-",
+                None if cold is None else cold < 100))
+    rss = extra.get("rss_mb")
+    out.append(("shim RSS after load", "< 30 MB", f"{rss:.1f} MB" if rss is not None else "-",
+                None if rss is None else rss < 30))
+    for key, what in (("wake_ready", "idle wake-ups/s, engine ready"),
+                      ("wake_stopped", "idle wake-ups/s, engine stopped")):
+        w = extra.get(key)
+        out.append((what, "0 /s", f"{w:.2f} /s" if w is not None else "-", None if w is None else w == 0))
+    left = extra.get("left")
+    out.append(("processes left when fully idle", "0", str(len(left)) if left is not None else "-",
+                None if left is None else not left))
+    return out
+
+
+def target_rows(ts: list[tuple[str, str, str, bool | None]]) -> list[str]:
+    rows = ["| target | wanted | measured | |", "|---|---|---|---|"]
+    for what, want, got, ok in ts:
+        rows.append(f"| {what} | {want} | {got} | {'PASS' if ok else 'MISS' if ok is False else 'n/a'} |")
+    return rows
+
+
+def plots(res: dict[str, dict[str, float]], extra: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is missing: no plots")
+        return []
+    names = [n for n in PEERS if n in res]
+    colors = ["#777777", "#4c72b0", "#dd8452", "#55a868", "#8fbc8f"][: len(names)]
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    for a, key, title in ((ax[0], "rps32", "non-streaming requests/s, 32 connections"),
+                          (ax[1], "eps64", "SSE events/s, 64 streams")):
+        vals = [res[n][key] for n in names]
+        a.bar(names, vals, color=colors)
+        a.set_title(title)
+        a.tick_params(axis="x", labelrotation=20)
+        for i, v in enumerate(vals):
+            a.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench-throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = range(len(names))
+    w = 0.38
+    ax[0].bar([i - w / 2 for i in x], [res[n]["p50_1"] for n in names], w, label="p50")
+    ax[0].bar([i + w / 2 for i in x], [res[n]["p99_1"] for n in names], w, label="p99")
+    ax[0].set_xticks(list(x), names, rotation=20)
+    ax[0].set_ylabel("ms")
+    ax[0].set_title("latency, 1 connection (non-streaming)")
+    ax[0].legend()
+    lags = extra.get("cold_lags_hi_ms") or []
+    if lags:
+        ax[1].hist(lags, bins=min(20, max(3, len(lags))), color="#55a868")
+        ax[1].axvline(100, color="red", linestyle="--", label="target 100 ms")
+        ax[1].legend()
+    ax[1].set_xlabel("ms (upper bound)")
+    ax[1].set_title(f"cold-start lag: engine /health 200 -> first byte ({len(lags)} starts)")
+    fig.tight_layout()
+    fig.savefig(out / "bench-latency.png", dpi=110)
+    plt.close(fig)
+    return ["bench-throughput.png", "bench-latency.png"]
+
+
+# ---------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "docs"))
+    ap.add_argument("--command", default="scripts/bench", help="the command line to record")
+    ap.add_argument("--upstream-procs", type=int, default=1)
+    ap.add_argument("--no-wrk", action="store_true", help="use bench/load.py for non-streaming too")
+    ap.add_argument("--profile", action="store_true",
+                    help="record py-spy profiles of the shim under load into OUT/profiles")
+    a = ap.parse_args()
+    d = QUICK if a.quick else FULL
+    out = Path(a.out)
+    if not out.is_absolute():
+        out = REPO / out
+    out.mkdir(parents=True, exist_ok=True)
+    use_wrk = not a.no_wrk and shutil.which("wrk") is not None
+    if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        log("no session bus: run me through scripts/bench (the shim needs a systemd user manager)")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="vllm-gateway-bench."))
+    procs = Procs(work)
+    started = time.monotonic()
+    res: dict[str, dict[str, float]] = {}
+    extra: dict[str, Any] = {}
+    notes: list[str] = []
+    shims: list[Shim] = []
+    try:
+        up_port = free_port()
+        procs.start("upstream", [*engine_cmd(), "--port", str(up_port), "--procs", str(a.upstream_procs)])
+        wait_port(up_port)
+
+        def peer(name: str, port: int) -> None:
+            log(f"measuring {name}")
+            try:
+                res[name] = measure(port, d, use_wrk)
+            except Exception as e:  # a peer that fails leaves a gap, not a crashed run
+                log(f"{name} failed: {e}")
+                notes.append(f"{name}: not measured: {e}")
+
+        peer("direct", up_port)
+
+        pp = free_port()
+        proxyd = procs.start("proxyd", ["systemd-socket-activate", "-l", f"127.0.0.1:{pp}", PROXYD,
+                                        f"127.0.0.1:{up_port}"])
+        wait_port(pp)
+        peer("socket-proxyd", pp)
+        procs.stop(proxyd)
+
+        fp = free_port()
+        fa = procs.start("fastapi", [PY, str(BENCH / "peers" / "fastapi_gateway.py"), "--port", str(fp),
+                                     "--upstream", f"http://127.0.0.1:{up_port}"])
+        wait_port(fp)
+        peer("fastapi+httpx", fp)
+        procs.stop(fa)
+
+        # The gateway, warm: its engine is the same stand-in, started by the shim.
+        exit_after = d.idle_s + 4
+        g = Shim(procs, work, "off", engine_cmd(), exit_after=f"{exit_after:g}s")
+        shims.append(g)
+        g.start()
+        peer("vllm-gateway", g.port)
+        pid = g.proc.pid if g.proc else 0
+        profile_dir = out / "profiles"
+        if a.profile and shutil.which("py-spy"):
+            profile_dir.mkdir(exist_ok=True)
+            for mode, conns in (("chat", 32), ("stream", 64)):
+                spy = procs.start(f"py-spy-{mode}", ["py-spy", "record", "-p", str(pid), "-d", "6", "-r", "200",
+                                                     "-f", "speedscope", "-o",
+                                                     str(profile_dir / f"shim-{mode}.speedscope.json")])
+                loadpy(mode, f"http://127.0.0.1:{g.port}", conns, 6, 0.2)
+                spy.wait(30)
+        extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
+        time.sleep(0.5)
+        log(f"idle footprint: engine ready, {d.idle_s:g} s")
+        extra["wake_ready"] = wakeups(pid, d.idle_s)
+        g.stop_engine()
+        time.sleep(0.3)
+        log(f"idle footprint: engine stopped, {d.idle_s:g} s")
+        extra["wake_stopped"] = wakeups(pid, d.idle_s)
+        extra["rss_idle_mb"] = rss_mb(pid)[0]
+        assert g.proc is not None
+        try:
+            g.proc.wait(exit_after + 10)
+            extra["shim_exit"] = f"exited by itself (exit_after = {exit_after:g}s), status {g.proc.returncode}"
+        except subprocess.TimeoutExpired:
+            extra["shim_exit"] = "did not exit by itself"
+        time.sleep(0.5)
+        extra["left"] = processes_matching(f"{g.name}.toml", f"--port {g.engine_port}")
+        unit_state = subprocess.run(["systemctl", "--user", "is-active", g.unit], capture_output=True,
+                                    text=True).stdout.strip()
+        extra["unit_state"] = unit_state
+
+        gr = Shim(procs, work, "rewrite", engine_cmd(), fmt="nemotron")
+        shims.append(gr)
+        gr.start()
+        peer("vllm-gateway+rewrite", gr.port)
+        gr.stop()
+
+        # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
+        log(f"cold starts: {d.cold_runs}")
+        cold = Shim(procs, work, "cold", [PY, str(REPO / "scripts" / "fake-vllm"), "--startup-delay", "2",
+                                          "--served-model-name", "bench"])
+        shims.append(cold)
+        cold.start()
+        lags: list[dict[str, float]] = []
+        for i in range(d.cold_runs):
+            try:
+                lags.append(asyncio.run(cold_once(cold, 0.001)))
+            except Exception as e:
+                notes.append(f"cold start {i}: {e}")
+            cold.stop_engine()
+        cold.stop()
+        if lags:
+            hi = sorted(x["lag_hi_ms"] for x in lags)
+            lo = sorted(x["lag_lo_ms"] for x in lags)
+
+            def pct(xs: list[float], q: float) -> float:
+                return xs[min(len(xs) - 1, max(0, round(q * len(xs) + 0.5) - 1))]
+            extra.update(cold_runs=len(lags), cold_lags_hi_ms=hi, cold_p50_hi_ms=pct(hi, 0.5),
+                         cold_p99_hi_ms=pct(hi, 0.99), cold_p50_lo_ms=pct(lo, 0.5), cold_p99_lo_ms=pct(lo, 0.99),
+                         cold_total_p50_s=sorted(x["total_s"] for x in lags)[len(lags) // 2])
+    finally:
+        for s in shims:
+            s.stop()
+        procs.stop_all()
+
+    elapsed = time.monotonic() - started
+    pt = peer_table(res)
+    ts = targets(res, extra)
+    tt = target_rows(ts)
+    print("\n".join(pt))
+    print()
+    print("\n".join(tt))
+    for n in notes:
+        print(f"note: {n}")
+    images = plots(res, extra, out)
+    write_doc(out / "benchmarks.md", a, d, use_wrk, pt, tt, extra, notes, images, elapsed)
+    log(f"wrote {out / 'benchmarks.md'} in {elapsed:.0f} s")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt: list[str], tt: list[str],
+              extra: dict[str, Any], notes: list[str], images: list[str], elapsed: float) -> None:
+    m = machine()
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    chat_tool = "wrk -t1 (bench/chat.lua)" if use_wrk else "bench/load.py chat"
+    cold = ""
+    if extra.get("cold_runs"):
+        cold = (f"- cold-start lag over {extra['cold_runs']} starts: p50 {extra['cold_p50_hi_ms']:.1f} ms, "
+                f"p99 {extra['cold_p99_hi_ms']:.1f} ms (upper bounds; lower bounds p50 "
+                f"{extra['cold_p50_lo_ms']:.1f} ms, p99 {extra['cold_p99_lo_ms']:.1f} ms); whole cold request "
+                f"p50 {extra['cold_total_p50_s']:.2f} s\n")
+    left = extra.get("left")
+    lines = [
+        "# Benchmarks",
+        "",
+        "What `scripts/bench` measured: vllm-gateway's proxying against a plain TCP relay, the "
+        "FastAPI + httpx design it replaced, and no proxy at all, all in front of the same stand-in "
+        "engine; and the gateway's cold-start lag and idle footprint. Figures, not pass/fail: the "
+        "targets are there to read against.",
+        "",
+        f"- date: {now}",
+        f"- command: `{a.command}`",
+        f"- machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
+        f"{m['systemd']}",
+        f"- run time: {elapsed:.0f} s; windows: {d.chat32:g} s at 32 connections, {d.chat1:g} s at 1, "
+        f"{d.stream64:g} s at 64 streams, {d.stream1:g} s at 1 stream",
+        "",
+        "## Proxying",
+        "",
+        *pt,
+        "",
+        "## Targets",
+        "",
+        *tt,
+        "",
+        "## Footprint and cold start",
+        "",
+        f"- shim RSS: {extra.get('rss_mb', 0):.1f} MB after load (peak {extra.get('rss_peak_mb', 0):.1f} MB), "
+        f"{extra.get('rss_idle_mb', 0):.1f} MB idle with the engine stopped",
+        f"- shim wake-ups (context switches of all its threads) while idle: "
+        f"{extra.get('wake_ready', float('nan')):.2f}/s with the engine ready, "
+        f"{extra.get('wake_stopped', float('nan')):.2f}/s with it stopped ({d.idle_s:g} s each)",
+        f"- shim: {extra.get('shim_exit', '-')}; engine unit afterwards: {extra.get('unit_state', '-')}; "
+        f"processes left: {len(left) if left is not None else '-'}"
+        + ("" if not left else " (" + "; ".join(left) + ")"),
+        cold.rstrip("\n"),
+        "",
+        *[f"![{i}]({i})" for i in images],
+        "",
+        "## How it was measured",
+        "",
+        "- **Upstream** (`bench/upstream.py`): one asyncio process answering from bytes rendered at start-up: "
+        f"a ~480-byte chat.completion, or a stream of {EVENTS} SSE events (vLLM's chat.completion.chunk "
+        "shape, each its own HTTP chunk, `data: [DONE]` last) written at once, no pacing. `direct`, "
+        "`socket-proxyd` and `fastapi+httpx` share one instance; each vllm-gateway starts its own instance "
+        "of the same program as its engine, through systemd.",
+        "- **Peers**: `systemd-socket-activate -l ADDR /lib/systemd/systemd-socket-proxyd UPSTREAM`; "
+        "`bench/peers/fastapi_gateway.py` (FastAPI on uvicorn, one shared httpx.AsyncClient, "
+        "`send(stream=True)` into a StreamingResponse); vllm-gateway run by hand (`vllm-gateway --config "
+        "... serve`, listening on `[gateway] listen`, log on a file) inside `scripts/sandbox`, whose "
+        "systemd user manager runs the engine as a transient unit; warmed with one whole and one streamed "
+        "completion (which also check that the stream arrives intact: all events, [DONE] last). "
+        "`+rewrite` is `tool_call_format = \"nemotron\"` on a stream without tool calls: the cost of "
+        "looking.",
+        f"- **Non-streaming**: {chat_tool}, keep-alive; requests/s at 32 connections, latency percentiles "
+        "at 1 and 32 connections (request sent to response complete).",
+        "- **Streaming**: `bench/load.py stream`, 64 keep-alive connections each streaming one completion "
+        "after another; events/s counts `data:` lines of completed streams; first event = request sent "
+        "to the first byte of the first event, at 1 and at 64 streams (at 64 it is mostly queueing).",
+        "- **Cold-start lag**: the engine is `scripts/fake-vllm --startup-delay 2`, which opens its port "
+        "only when ready. With the engine stopped, one client sends a chat completion to the gateway "
+        "while another polls the engine's `/health` directly every 1 ms. The engine became ready after "
+        "the last poll that failed and before the first that got 200; the lag is the time from then to "
+        "the first response byte at the client. The table gives the upper bound (from the last failed "
+        "poll); the lower bound (from the first 200) is within ~1-2 ms of it. fake-vllm's log stamps "
+        "have 1 s resolution, too coarse to use. The shim itself polls /health every "
+        "50 ms (shim/engine.py HEALTH_POLL_S), which bounds this lag from below on average.",
+        "- **Idle footprint**: VmRSS/VmHWM of the shim process; wake-ups = growth of "
+        "voluntary+nonvoluntary context switches over all its threads (/proc/PID/task/*/status) across "
+        "the idle window, first with the engine ready and no request, then after `POST /gateway/stop`. "
+        "Processes left: after the shim exited by itself (`exit_after`), any process whose command "
+        "line names its config or its engine's port.",
+        "- Everything runs on the same machine as the load client: on a small machine the client, the "
+        "peer and the upstream share the CPUs, so absolute figures are low and ratios taken within one "
+        "run are what to compare.",
+    ]
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
