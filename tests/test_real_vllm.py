@@ -1,0 +1,339 @@
+"""The gateway in front of real vLLM (the CPU build and a tiny local model
+made by `scripts/real-vllm-env`), installed in the sandbox's systemd user
+manager: what the fake engine cannot prove. The cold start is the real one,
+the engine's flags must fit the gateway's tool-call rewriting, a client that
+goes away must make vLLM abort, and stopping must leave none of vLLM's
+processes behind.
+
+One engine serves most tests; the tests that change the configuration come
+last. The model's own output is noise, so the tests force exact text with
+vLLM's `structured_outputs` regex.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.gatewaying import CONFIG, Gateway, toml_value, wait_until
+from tests.real_vllm_env import REQUIRED, real_vllm_paths
+from tests.sandboxing import Sandbox
+
+pytestmark = [pytest.mark.real_vllm, pytest.mark.sandbox]
+
+# ~31 s on 2 idle cores with --enforce-eager; the first start ever compiles (~69 s).
+COLD_START_TIMEOUT_S = 300.0
+# Requests after the start: ms per token, but the machine may be loaded.
+REQUEST_TIMEOUT_S = 60.0
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+# typed loosely: the client's TypedDicts add nothing to a literal schema
+TOOLS: Any = [WEATHER_TOOL]
+TOOL_CALL_TEXT = '<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "Tokyo"}}]</TOOLCALL>'
+PLAIN_TEXT = "Hello from vLLM."
+
+
+def exact(text: str) -> str:
+    """A regex matching `text` only, in the syntax vLLM's structured outputs take."""
+    return "".join("\\" + ch if ch in "\\^$.|?*+()[]{}" else ch for ch in text)
+
+
+def forced(text: str) -> dict[str, Any]:
+    """Request fields that make the engine write exactly `text`."""
+    return {"structured_outputs": {"regex": exact(text)}, "temperature": 0}
+
+
+def engine_command(python: str, model: str, *extra: str) -> list[str]:
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--served-model-name", "tiny", "--max-model-len", "512", "--dtype", "float32",
+            "--gpu-memory-utilization", "0.1", "--enforce-eager", *extra]
+
+
+# The module engine's configuration; the idle test rewrites it with a short stop_after.
+ENGINE_KEYS: dict[str, Any] = {
+    "start_timeout": "5m",
+    "stop_after": "10m",
+    "stop_timeout": "20s",
+    "tool_call_format": "nemotron",
+    "environment": {"HF_HUB_OFFLINE": "1"},
+}
+
+
+@pytest.fixture(scope="module")
+def paths() -> tuple[str, str]:
+    found = real_vllm_paths()
+    if found is None:
+        why = "the real-vLLM environment is not built: run scripts/real-vllm-env"
+        if REQUIRED:
+            pytest.fail(f"CI must run the real-vLLM tier, but {why}", pytrace=False)
+        pytest.skip(why)
+    return found
+
+
+@pytest.fixture(scope="module")
+def gw(paths: tuple[str, str], sandbox: Sandbox) -> Iterator[Gateway]:
+    g = Gateway(sandbox, timer_every_s=1)
+    g.configure_command(engine_command(*paths, "--enable-log-requests"), **ENGINE_KEYS)
+    yield g
+
+
+@pytest.fixture(scope="module")
+def client(gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x",
+                         max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+
+def sse_events(body: bytes) -> list[str]:
+    """The data of each server-sent event, `[DONE]` included."""
+    return [e[len("data: "):] for e in body.decode().split("\n\n") if e.startswith("data: ")]
+
+
+def streamed_text(events: list[str], field: str) -> str:
+    """The text of a stream: `delta.content` of chat chunks, `text` of completion chunks."""
+    assert events[-1] == "[DONE]", events[-3:]
+    text = ""
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            part = choice["delta"].get("content") if field == "content" else choice.get("text")
+            text += part or ""
+    return text
+
+
+def engine_running_requests(gw: Gateway) -> float:
+    """`vllm:num_requests_running` from the engine's own /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.engine_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = [float(m.group(1)) for m in
+              re.finditer(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.MULTILINE)]
+    assert values, "no vllm:num_requests_running in the engine's /metrics"
+    return sum(values)
+
+
+# ---- one engine, started by the first request ----
+
+
+def test_first_request_waits_through_the_real_cold_start(gw: Gateway) -> None:
+    assert gw.active("vllm.service") == "inactive"
+    t0 = time.monotonic()
+    code, headers, body = gw.request(
+        "POST", "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        timeout_s=COLD_START_TIMEOUT_S)
+    took = time.monotonic() - t0
+    assert code == 200, body
+    assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
+    cold_ms = int(headers["x-vllm-gateway-cold-start-ms"])
+    assert 10_000 < cold_ms <= took * 1000 + 1000
+    logged = re.findall(r"cold_start_ms=(\d+)", gw.journal("vllm-gateway"))
+    assert logged and abs(int(logged[-1]) - cold_ms) <= 1, logged
+    st = gw.status()
+    assert st["state"] == "ready"
+    assert st["last_cold_start_s"] > 10
+    assert gw.active("vllm.service") == "active"
+    # the next request is warm: no cold-start header
+    code, headers, _ = gw.chat(max_tokens=3)
+    assert code == 200 and "x-vllm-gateway-cold-start-ms" not in headers
+
+
+def test_chat_completions_models_through_the_openai_client(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=60, extra_body=forced(PLAIN_TEXT))
+    assert whole.choices[0].message.content == PLAIN_TEXT
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.usage is not None and whole.usage.completion_tokens > 0
+
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=60, stream=True, extra_body=forced(PLAIN_TEXT)))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == PLAIN_TEXT
+    assert len(pieces) > 1  # token by token, not one blob
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "stop"
+
+    completion = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=60, extra_body=forced(PLAIN_TEXT))
+    assert completion.choices[0].text == PLAIN_TEXT
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=60, stream=True,
+        extra_body=forced(PLAIN_TEXT)) if c.choices)
+    assert streamed == PLAIN_TEXT
+
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_chat_completions_models_through_raw_http(gw: Gateway) -> None:
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 60, **forced(PLAIN_TEXT)}
+    code, headers, body = gw.request("POST", "/v1/chat/completions", chat, timeout_s=REQUEST_TIMEOUT_S)
+    assert code == 200, body
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["choices"][0]["message"]["content"] == PLAIN_TEXT
+
+    code, headers, body = gw.request("POST", "/v1/chat/completions", {**chat, "stream": True},
+                                     timeout_s=REQUEST_TIMEOUT_S)
+    assert code == 200, body
+    assert headers["content-type"].startswith("text/event-stream")
+    assert streamed_text(sse_events(body), "content") == PLAIN_TEXT
+
+    completion = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 60, **forced(PLAIN_TEXT)}
+    code, _, body = gw.request("POST", "/v1/completions", completion, timeout_s=REQUEST_TIMEOUT_S)
+    assert code == 200, body
+    assert json.loads(body)["choices"][0]["text"] == PLAIN_TEXT
+    code, _, body = gw.request("POST", "/v1/completions", {**completion, "stream": True},
+                               timeout_s=REQUEST_TIMEOUT_S)
+    assert code == 200, body
+    assert streamed_text(sse_events(body), "text") == PLAIN_TEXT
+
+    code, _, body = gw.request("GET", "/v1/models")
+    assert code == 200, body
+    assert [m["id"] for m in json.loads(body)["data"]] == ["tiny"]
+
+
+def ask_weather() -> list[Any]:
+    return [{"role": "user", "content": "What is the weather in Tokyo?"}]
+
+
+def test_real_tool_call_text_becomes_tool_calls_whole(client: openai.OpenAI) -> None:
+    # No tool_choice: the implied "auto" must reach vLLM (started without a tool
+    # parser) as "none", or vLLM answers 400.
+    reply = client.chat.completions.create(
+        model="tiny", messages=ask_weather(), tools=TOOLS,
+        max_tokens=200, extra_body=forced(TOOL_CALL_TEXT))
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert not choice.message.content
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1
+    assert calls[0].type == "function"
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Tokyo"}
+
+
+def test_real_tool_call_text_becomes_tool_calls_streamed(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=ask_weather(), tools=TOOLS,
+        max_tokens=200, stream=True, extra_body=forced(TOOL_CALL_TEXT)))
+    calls: dict[int, dict[str, str]] = {}
+    content = ""
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.function is not None:
+                    slot["name"] += tc.function.name or ""
+                    slot["arguments"] += tc.function.arguments or ""
+    assert "TOOLCALL" not in content and "<" not in content, content
+    assert list(calls) == [0]
+    assert calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["arguments"]) == {"city": "Tokyo"}
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) -> None:
+    body = json.dumps({
+        "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 450, "ignore_eos": True,
+    }).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=REQUEST_TIMEOUT_S) as s:
+        s.sendall(head + body)
+        got = b""
+        while b"data: {" not in got or b"\n\n" not in got.split(b"data: {", 1)[1]:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+    closed = time.monotonic()
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    first = json.loads(got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])
+    request_id = first["id"]
+
+    def aborted() -> bool:
+        return any("abort" in line.lower() and request_id in line
+                   for line in gw.journal("vllm").splitlines())
+
+    wait_until(aborted, 10, f"vLLM to log the abort of {request_id}")
+    took = time.monotonic() - closed
+    assert engine_running_requests(gw) == 0
+    print(f"\nabort of {request_id} logged {took:.2f} s after the client left")
+    # the engine is still fine afterwards
+    assert gw.chat(max_tokens=3)[0] == 200
+
+
+# ---- these change the configuration: last ----
+
+
+def cgroup_pids(gw: Gateway, unit: str) -> list[int]:
+    group = gw.sb.run(["systemctl", "--user", "show", "-P", "ControlGroup", unit]).stdout.strip()
+    assert group, f"{unit} has no control group"
+    # hybrid hierarchy (named systemd v1 tree), then pure cgroup2
+    for root in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        done = gw.sb.run(["cat", f"{root}{group}/cgroup.procs"], check=False)
+        if done.returncode == 0 and done.stdout.strip():
+            return [int(p) for p in done.stdout.split()]
+    raise AssertionError(f"no cgroup.procs for {group} inside the sandbox")
+
+
+def test_idle_timer_stops_real_vllm_and_every_process_of_its_cgroup(
+    gw: Gateway, paths: tuple[str, str],
+) -> None:
+    assert gw.chat(max_tokens=3)[0] == 200
+    pids = cgroup_pids(gw, "vllm.service")
+    # API server, resource tracker, engine core, worker
+    assert len(pids) >= 3, pids
+    assert all(gw.alive_in_sandbox(p) for p in pids)
+    # The idle check reads the configuration on every tick: a short stop_after
+    # applies to the running engine without a restart.
+    table = {"command": engine_command(*paths, "--enable-log-requests"), "port": gw.engine_port,
+             "models": ["tiny"], **ENGINE_KEYS, "stop_after": "5s"}
+    gw.sb.write_file(CONFIG.replace("~", gw.home), "[engines.main]\n" + "".join(
+        f"{k} = {toml_value(v)}\n" for k, v in table.items()))
+    t0 = time.monotonic()
+    wait_until(lambda: gw.active("vllm.service") in ("inactive", "failed"), 60,
+               "the idle timer to stop the engine")
+    print(f"\nidle stop took {time.monotonic() - t0:.1f} s after stop_after became 5 s")
+    assert gw.active("vllm.service") == "inactive", gw.journal("vllm")[-3000:]
+    for pid in pids:
+        assert not gw.alive_in_sandbox(pid), f"process {pid} of vLLM outlived its unit"
+    assert "stopping vllm.service: idle" in gw.journal("vllm-gateway-idle")
+    wait_until(lambda: gw.status()["state"] == "stopped", 10, "the shim to see the stop")
+
+
+def test_start_failure_answers_503_with_vllms_own_error(gw: Gateway, paths: tuple[str, str]) -> None:
+    gw.configure_command(engine_command(paths[0], "/nonexistent/model"), **ENGINE_KEYS)
+    t0 = time.monotonic()
+    code, headers, body = gw.request(
+        "POST", "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        timeout_s=COLD_START_TIMEOUT_S)
+    took = time.monotonic() - t0
+    print(f"\nstart failure answered after {took:.1f} s")
+    assert code == 503, body
+    message = json.loads(body)["error"]["message"]
+    assert "HFValidationError" in message or "Repo id" in message, message
+    assert "/nonexistent/model" in message
+    assert int(headers["retry-after"]) >= 1
+    assert took < 60  # not the 5-minute start timeout
+    assert gw.status()["state"] == "failed"
