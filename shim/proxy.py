@@ -46,6 +46,7 @@ class ClientSide:
     def __init__(self, stream: trio.SocketStream, conn: h11.Connection) -> None:
         self.stream = stream
         self.conn = conn
+        self.method = b""  # of the request being served
 
     async def send(self, event: h11.Event) -> None:
         await send(self.conn, self.stream, event)

@@ -175,6 +175,10 @@ class Gateway:
                     break
         except (trio.BrokenResourceError, trio.ClosedResourceError, _StreamBroken):
             pass
+        except Exception:
+            # one broken exchange must never take the listener (and every
+            # other client) down with it
+            log.exception("unexpected error on a client connection; closing it")
         finally:
             self.activity.connections -= 1
             self.activity.last_connection = trio.current_time()
@@ -229,6 +233,7 @@ class Gateway:
 
     async def _serve(self, client: ClientSide, req: h11.Request, body: bytes) -> None:
         t0 = trio.current_time()
+        client.method = req.method
         request_id = (header(req.headers, b"x-request-id") or b"").decode("latin-1")[:64] \
             or f"req-{secrets.token_hex(8)}"
         method = req.method.decode("ascii", "replace")
@@ -335,12 +340,15 @@ class Gateway:
         await client.send(h11.Response(status_code=status, headers=[
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         ]))
+        if _is_head(client):
+            body = b""  # HEAD: the headers of a GET, no body
         await client.send(h11.Data(data=body))
         await client.send(h11.EndOfMessage())
         return Exchange(status=status, bytes_out=len(body))
 
     async def _send_error(self, client: ClientSide, e: GatewayError, request_id: str = "-") -> None:
-        if client.conn.our_state is not h11.SEND_RESPONSE:
+        # IDLE too: after a malformed request head h11 still lets us answer it
+        if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = e.body()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -349,12 +357,16 @@ class Gateway:
             headers.append((b"connection", b"close"))
         try:
             await client.send(h11.Response(status_code=e.status, headers=headers))
-            await client.send(h11.Data(data=body))
+            await client.send(h11.Data(data=b"" if _is_head(client) else body))
             await client.send(h11.EndOfMessage())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass
         if e.status >= 500:
             log.warning("request %s: %d %s", request_id, e.status, e.message)
+
+
+def _is_head(client: ClientSide) -> bool:
+    return client.method == b"HEAD"
 
 
 def _bad_request(e: h11.RemoteProtocolError) -> GatewayError:

@@ -379,19 +379,6 @@ BAD_HEADS = [
     b"POST /v1/completions HTTP/1.1\r\nhost: g\r\ncontent-length: x\r\n\r\n",
 ]
 
-# BUG (shim/server.py, Gateway._send_error): h11 leaves a server in IDLE, not
-# SEND_RESPONSE, when the request head itself is malformed or too large, and
-# `_send_error` returns early unless our_state is SEND_RESPONSE. So the 400
-# or 431 that `_one_request` builds for a RemoteProtocolError is never sent:
-# the client sees the connection close with no response. h11 allows a
-# server's Response from IDLE for exactly this case.
-HEAD_ERROR_NOT_SENT = pytest.mark.xfail(
-    strict=True,
-    reason="server.py _send_error drops the 400/431 for a malformed request head (h11 stays IDLE)",
-)
-
-
-@HEAD_ERROR_NOT_SENT
 async def test_huge_headers_are_431_and_closed() -> None:
     async with connected() as (client, engine, _gw):
         reply = await client.raw(HUGE_HEAD)
@@ -403,7 +390,6 @@ async def test_huge_headers_are_431_and_closed() -> None:
     assert engine.calls == []
 
 
-@HEAD_ERROR_NOT_SENT
 @pytest.mark.parametrize("head", BAD_HEADS)
 async def test_malformed_request_is_400_and_closed(head: bytes) -> None:
     async with connected() as (client, engine, _gw):
@@ -440,14 +426,6 @@ async def test_malformed_request_closes_the_connection(head: bytes) -> None:
     assert engine.calls == []
 
 
-# BUG (shim/server.py, Gateway._json): routes.classify lets HEAD through to
-# the GET endpoints, but `_json` always sends the body; h11 frames a HEAD
-# response with no body, so `client.send(h11.Data(...))` raises
-# h11.LocalProtocolError, which `Gateway.handle` does not catch: it escapes
-# the connection handler, and under trio.serve_listeners it ends the gateway.
-@pytest.mark.xfail(
-    strict=True, reason="server.py _json sends a body to HEAD; LocalProtocolError escapes handle"
-)
 @pytest.mark.parametrize("target", ["/health", "/gateway/status", "/v1/models"])
 async def test_head_on_own_get_endpoints(target: str) -> None:
     async with connected() as (client, engine, _gw):
