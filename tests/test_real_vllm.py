@@ -74,7 +74,9 @@ ENGINE_KEYS: dict[str, Any] = {
     "stop_after": "10m",
     "stop_timeout": "20s",
     "tool_call_format": "nemotron",
-    "environment": {"HF_HUB_OFFLINE": "1"},
+    # A dotted key: the harness renders values as JSON, which TOML takes for
+    # strings and lists but not for tables.
+    "environment.HF_HUB_OFFLINE": "1",
 }
 
 
@@ -100,6 +102,17 @@ def gw(paths: tuple[str, str], sandbox: Sandbox) -> Iterator[Gateway]:
 def client(gw: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="x",
                          max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+
+def post(gw: Gateway, path: str, body: dict[str, Any],
+         timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, dict[str, str], bytes]:
+    """POST JSON as clients do: unlike the fake, vLLM answers 400 without the content type."""
+    return gw.request("POST", path, body, headers={"Content-Type": "application/json"},
+                      timeout_s=timeout_s)
+
+
+def hi(max_tokens: int = 3) -> dict[str, Any]:
+    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
 
 
 def sse_events(body: bytes) -> list[str]:
@@ -134,10 +147,7 @@ def engine_running_requests(gw: Gateway) -> float:
 def test_first_request_waits_through_the_real_cold_start(gw: Gateway) -> None:
     assert gw.active("vllm.service") == "inactive"
     t0 = time.monotonic()
-    code, headers, body = gw.request(
-        "POST", "/v1/chat/completions",
-        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
-        timeout_s=COLD_START_TIMEOUT_S)
+    code, headers, body = post(gw, "/v1/chat/completions", hi(5), COLD_START_TIMEOUT_S)
     took = time.monotonic() - t0
     assert code == 200, body
     assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
@@ -150,7 +160,7 @@ def test_first_request_waits_through_the_real_cold_start(gw: Gateway) -> None:
     assert st["last_cold_start_s"] > 10
     assert gw.active("vllm.service") == "active"
     # the next request is warm: no cold-start header
-    code, headers, _ = gw.chat(max_tokens=3)
+    code, headers, _ = post(gw, "/v1/chat/completions", hi())
     assert code == 200 and "x-vllm-gateway-cold-start-ms" not in headers
 
 
@@ -185,23 +195,21 @@ def test_chat_completions_models_through_the_openai_client(client: openai.OpenAI
 def test_chat_completions_models_through_raw_http(gw: Gateway) -> None:
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello."}],
             "max_tokens": 60, **forced(PLAIN_TEXT)}
-    code, headers, body = gw.request("POST", "/v1/chat/completions", chat, timeout_s=REQUEST_TIMEOUT_S)
+    code, headers, body = post(gw, "/v1/chat/completions", chat)
     assert code == 200, body
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["choices"][0]["message"]["content"] == PLAIN_TEXT
 
-    code, headers, body = gw.request("POST", "/v1/chat/completions", {**chat, "stream": True},
-                                     timeout_s=REQUEST_TIMEOUT_S)
+    code, headers, body = post(gw, "/v1/chat/completions", {**chat, "stream": True})
     assert code == 200, body
     assert headers["content-type"].startswith("text/event-stream")
     assert streamed_text(sse_events(body), "content") == PLAIN_TEXT
 
     completion = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 60, **forced(PLAIN_TEXT)}
-    code, _, body = gw.request("POST", "/v1/completions", completion, timeout_s=REQUEST_TIMEOUT_S)
+    code, _, body = post(gw, "/v1/completions", completion)
     assert code == 200, body
     assert json.loads(body)["choices"][0]["text"] == PLAIN_TEXT
-    code, _, body = gw.request("POST", "/v1/completions", {**completion, "stream": True},
-                               timeout_s=REQUEST_TIMEOUT_S)
+    code, _, body = post(gw, "/v1/completions", {**completion, "stream": True})
     assert code == 200, body
     assert streamed_text(sse_events(body), "text") == PLAIN_TEXT
 
@@ -279,7 +287,7 @@ def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) ->
     assert engine_running_requests(gw) == 0
     print(f"\nabort of {request_id} logged {took:.2f} s after the client left")
     # the engine is still fine afterwards
-    assert gw.chat(max_tokens=3)[0] == 200
+    assert post(gw, "/v1/chat/completions", hi())[0] == 200
 
 
 # ---- these change the configuration: last ----
@@ -299,7 +307,7 @@ def cgroup_pids(gw: Gateway, unit: str) -> list[int]:
 def test_idle_timer_stops_real_vllm_and_every_process_of_its_cgroup(
     gw: Gateway, paths: tuple[str, str],
 ) -> None:
-    assert gw.chat(max_tokens=3)[0] == 200
+    assert post(gw, "/v1/chat/completions", hi())[0] == 200
     pids = cgroup_pids(gw, "vllm.service")
     # API server, resource tracker, engine core, worker
     assert len(pids) >= 3, pids
@@ -324,10 +332,7 @@ def test_idle_timer_stops_real_vllm_and_every_process_of_its_cgroup(
 def test_start_failure_answers_503_with_vllms_own_error(gw: Gateway, paths: tuple[str, str]) -> None:
     gw.configure_command(engine_command(paths[0], "/nonexistent/model"), **ENGINE_KEYS)
     t0 = time.monotonic()
-    code, headers, body = gw.request(
-        "POST", "/v1/chat/completions",
-        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
-        timeout_s=COLD_START_TIMEOUT_S)
+    code, headers, body = post(gw, "/v1/chat/completions", hi(), COLD_START_TIMEOUT_S)
     took = time.monotonic() - t0
     print(f"\nstart failure answered after {took:.1f} s")
     assert code == 503, body
