@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, config, control, idle_check, listen, systemd
+from . import __version__, commands, config, control, idle_check, listen, systemd
 from .engine import Engine
 from .notify import Notifier
 from .server import Gateway
@@ -46,24 +46,59 @@ async def serve(cfg: config.GatewayConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
+USER_COMMANDS = ("status", "start", "stop", "sleep", "wake", "logs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="vllm-gateway",
         description="Start vLLM when a request comes, stop it when nobody uses it.",
-        epilog="example: systemctl --user enable --now vllm-gateway.socket",
+        epilog="examples:\n  systemctl --user enable --now vllm-gateway.socket\n  vllm-gateway status",
+        formatter_class=raw,
     )
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("--config", help="configuration file (default: $VLLM_GATEWAY_CONFIG or "
                         "~/.config/vllm-gateway/config.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the gateway (what the systemd unit runs; the default)")
-    sub.add_parser("idle-check", help="stop the engine if idle past its threshold (run by the timer)")
-    cfg_p = sub.add_parser("config", help="configuration commands")
-    cfg_sub = cfg_p.add_subparsers(dest="config_command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=raw,
+                              epilog=f"example:\n  {example}")
+
+    st = command("status", "show the gateway's and the engine's state, idle time and memory",
+                 "vllm-gateway status --json | jq .state")
+    st.add_argument("--json", action="store_true",
+                    help="print what GET /gateway/status answers (built from systemd when the "
+                    "gateway does not run)")
+    command("start", "start the engine now and wait until it is ready (starts the gateway too)",
+            "vllm-gateway start   # engine ready in 41.2 s (pid 4242)")
+    command("stop", "stop the engine now (its GPU memory is freed)",
+            "vllm-gateway stop    # engine stopped in 1.3 s")
+    command("sleep", "put the engine to sleep now (needs sleep_after in the configuration)",
+            "vllm-gateway sleep   # engine asleep in 0.4 s (level 1)")
+    command("wake", "wake the sleeping engine now",
+            "vllm-gateway wake    # engine awake in 1.5 s (pid 4242)")
+    lg = command("logs", "show the gateway's and the engine's journal, interleaved by time",
+                 "vllm-gateway logs -f -n 100")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    lg.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="show the last N lines")
+    command("serve", "run the gateway (what the systemd unit runs; the default)",
+            "vllm-gateway --config ./config.toml serve")
+    command("idle-check", "sleep or stop the engine if idle past its thresholds (run by the timer)",
+            "systemctl --user list-timers vllm-gateway-idle.timer")
+    cfg_p = command("config", "configuration commands", "vllm-gateway config check")
+    cfg_sub = cfg_p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     cfg_sub.add_parser("check", help="validate the configuration and print the effective values",
-                       epilog="example: vllm-gateway config check")
-    args = parser.parse_args(argv)
+                       description="Validate the configuration and print the effective values.",
+                       formatter_class=raw,
+                       epilog="example:\n  VLLM_GATEWAY_CONFIG=./config.toml vllm-gateway config check")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -73,19 +108,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(Path(args.config) if args.config else None)
     except config.ConfigError as e:
-        print(f"vllm-gateway: {e}", file=sys.stderr)
-        return 78  # EX_CONFIG: systemd records it; Restart=on-failure backs off
+        if args.command not in USER_COMMANDS:
+            print(f"vllm-gateway: {e}", file=sys.stderr)
+            return 78  # EX_CONFIG: systemd records it; Restart=on-failure backs off
+        # status, stop and logs must work with a broken file too: the defaults name the units
+        print(f"vllm-gateway: warning: {e}; using the default engine settings", file=sys.stderr)
+        cfg = config.GatewayConfig(engines={"main": config.EngineConfig(name="main", command=())})
 
+    if args.command == "status":
+        return commands.status(cfg.engine, args.json)
+    if args.command in ("start", "stop", "sleep", "wake"):
+        return commands.manual(cfg.engine, args.command)
+    if args.command == "logs":
+        return commands.logs(cfg.engine, args.follow, args.lines)
     if args.command == "idle-check":
         return trio.run(idle_check.run, cfg.engine)
     if args.command == "config":
-        for name, eng in cfg.engines.items():
-            print(f"[engines.{name}]")
-            for key, value in vars(eng).items():
-                print(f"  {key} = {value!r}")
-        print(f"listen = {cfg.listen_host}:{cfg.listen_port}; exit_after_s = {cfg.exit_after_s}")
-        return 0
+        return config_check(cfg)
     trio.run(serve, cfg)
+    return 0
+
+
+def config_check(cfg: config.GatewayConfig) -> int:
+    print(f"# {cfg.source or config.config_path()}")
+    print("[gateway]")
+    print(f"  listen = {cfg.listen_host}:{cfg.listen_port}")
+    print(f"  exit_after_s = {cfg.exit_after_s!r}")
+    print(f"  max_waiting = {cfg.max_waiting!r}")
+    for name, eng in cfg.engines.items():
+        print(f"[engines.{name}]")
+        for key, value in vars(eng).items():
+            print(f"  {key} = {value!r}")
     return 0
 
 

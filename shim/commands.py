@@ -1,0 +1,489 @@
+"""The command line's user commands: status, start, stop, sleep, wake, logs.
+
+They work whether or not the shim runs. When it runs, they ask it over its
+control socket (it alone knows requests in flight and drives the engine);
+when it does not, they read systemd directly, and `start` starts it first.
+Rendering is kept apart from I/O so that it can be tested with made-up input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from jeepney import DBusAddress, DBusErrorResponse
+from jeepney.wrappers import Properties, unwrap_msg
+
+from . import control, systemd
+from .config import EngineConfig
+from .status import parse_status
+from .upstream import call
+
+SHIM_UNIT = "vllm-gateway.service"
+IDLE_UNIT = "vllm-gateway-idle.service"
+# How long `start` waits for a freshly started shim's control socket.
+SHIM_START_WAIT_S = 10.0
+# A probe of the control socket: the shim answers status at once.
+PROBE_TIMEOUT_S = 5.0
+# systemd's "no value" for MemoryCurrent (no memory accounting).
+NOT_SET = 2**64 - 1
+
+# The keys of GET /gateway/status (server.Gateway.status_json); the fallback
+# built from systemd has the same ones, so scripts see one shape.
+STATUS_KEYS = (
+    "state", "state_since", "idle_s", "in_flight", "waiting", "engine", "unit", "main_pid", "port",
+    "models", "stop_after_s", "sleep_after_s", "sleep_level", "sleep_enabled", "last_sleep_error",
+    "last_wake_s", "last_cold_start_s", "last_error", "gateway_pid", "gateway_uptime_s",
+)
+
+_COLOURS = {
+    "ready": "32", "starting": "33", "waking": "33", "going_to_sleep": "36", "sleeping": "36",
+    "stopping": "33", "stopped": "2", "failed": "31", "running": "32", "not running": "2",
+}
+
+
+class CommandError(Exception):
+    """A command failed; the message is what the user sees."""
+
+
+# ---- pure parts: the status from systemd, and its rendering ----
+
+
+def engine_state(unit: systemd.UnitState) -> str:
+    """The engine's state as systemd sees it, without the shim."""
+    if unit.active_state in (systemd.GONE, "inactive"):
+        return "stopped"
+    return unit.active_state
+
+
+def status_from_systemd(
+    engine: EngineConfig, unit: systemd.UnitState, shim: systemd.UnitState, now: float
+) -> dict[str, object]:
+    """What /gateway/status would say, from systemd alone: used when the shim
+    does not run or does not answer. The shim's STATUS text, when it has one,
+    gives its state, requests in flight and idle time."""
+    state = engine_state(unit)
+    in_flight = 0
+    idle: float | None = None
+    reported = parse_status(shim.status_text) if shim.running else None
+    if reported is not None:
+        state = reported.state
+        in_flight = reported.in_flight
+        idle = reported.idle_s(now)
+    elif unit.running:
+        # as the idle check counts it: from the engine's start or the shim's exit
+        since_us = max(unit.active_enter_us, shim.inactive_enter_us)
+        idle = max(0.0, now - since_us / 1e6) if since_us else None
+    since_us = unit.active_enter_us if unit.running else unit.inactive_enter_us
+    status: dict[str, object] = {
+        "state": state,
+        "state_since": round(since_us / 1e6, 3) if since_us and reported is None else None,
+        "idle_s": None if idle is None else round(idle, 1),
+        "in_flight": in_flight,
+        "waiting": 0,
+        "engine": engine.name,
+        "unit": engine.unit,
+        "main_pid": unit.main_pid or None,
+        "port": engine.port,
+        "models": list(engine.models),
+        "stop_after_s": engine.stop_after_s,
+        "sleep_after_s": engine.sleep_after_s,
+        "sleep_level": engine.sleep_level,
+        "sleep_enabled": engine.sleep_after_s is not None,
+        "last_sleep_error": None,
+        "last_wake_s": None,
+        "last_cold_start_s": None,
+        "last_error": _unit_failure(unit),
+        "gateway_pid": (shim.main_pid or None) if shim.running else None,
+        "gateway_uptime_s": (
+            round(max(0.0, now - shim.active_enter_us / 1e6), 1)
+            if shim.running and shim.active_enter_us else None
+        ),
+    }
+    return status
+
+
+def _unit_failure(unit: systemd.UnitState) -> str | None:
+    if unit.active_state == "failed":
+        return f"{unit.sub_state or 'failed'} (result: {unit.result or 'unknown'})"
+    return None
+
+
+def duration(seconds: float | None) -> str:
+    """'42 s', '3m 05s', '2h 10m'."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+    m, sec = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m {sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB"
+
+
+def countdown(after_s: object, idle_s: object, state: str, applies: Sequence[str], done: str) -> str:
+    """Time left before a tier (sleep or stop) acts on the idle engine."""
+    if after_s is None:
+        return "off"
+    if state == done:
+        return "now" if done == "sleeping" else "-"
+    if state not in applies:
+        return "-"
+    if not isinstance(after_s, int | float):
+        return "?"
+    if not isinstance(idle_s, int | float):
+        return f"after {duration(after_s)} idle"
+    left = after_s - idle_s
+    if left <= 0:
+        return "due (at the next idle check)"
+    return f"in {duration(left)}"
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What the table shows beyond /gateway/status."""
+
+    shim: systemd.UnitState
+    memory_bytes: int | None
+    vram: str
+    shim_answered: bool  # the status came from the shim itself
+
+
+def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: bool = False) -> str:
+    """The human status: one aligned `name  value` row per fact."""
+    state = str(status.get("state"))
+    shim = extras.shim
+    if shim.running:
+        gateway = "running"
+        details = []
+        if status.get("gateway_pid") or shim.main_pid:
+            details.append(f"pid {status.get('gateway_pid') or shim.main_pid}")
+        if status.get("gateway_uptime_s") is not None:
+            details.append(f"up {duration(float(status['gateway_uptime_s']))}")
+        if not extras.shim_answered:
+            details.append("control socket not answering")
+        gateway_value = _paint(gateway, colour) + (f" ({', '.join(details)})" if details else "")
+    elif shim.active_state == "failed":
+        gateway_value = _paint("failed", colour, "failed") + f" ({shim.result or 'see: vllm-gateway logs'})"
+    else:
+        gateway_value = _paint("not running", colour) + " (starts on the next request)"
+
+    engine_value = _paint(state, colour)
+    since = status.get("state_since")
+    if isinstance(since, int | float) and since > 0:
+        engine_value += f" for {duration(now - since)}"
+    if status.get("start_phase"):
+        engine_value += f" ({status['start_phase']})"
+    engine_value += f"  [{status.get('engine')}, port {status.get('port')}]"
+
+    idle = status.get("idle_s")
+    in_flight = status.get("in_flight") or 0
+    awake = ("ready",)
+    running = ("ready", "going_to_sleep", "sleeping", "waking", "active", "activating")
+    cold = status.get("last_cold_start_s")
+    wake = status.get("last_wake_s")
+    cold_value = "-" if cold is None else duration(float(cold))
+    if wake is not None:
+        cold_value += f" (last wake {duration(float(wake))})"
+    rows = [
+        ("gateway", gateway_value),
+        ("engine", engine_value),
+        ("unit", str(status.get("unit"))),
+        ("main pid", str(status.get("main_pid") or "-")),
+        ("idle", "busy" if in_flight else duration(idle if isinstance(idle, int | float) else None)),
+        ("next sleep", countdown(status.get("sleep_after_s"), idle, state, awake, "sleeping")),
+        ("next stop", countdown(status.get("stop_after_s"), idle, state, running, "stopped")),
+        ("in flight", f"{in_flight}" + (f" ({status['waiting']} waiting)" if status.get("waiting") else "")),
+        ("cold start", cold_value),
+        ("last error", str(status.get("last_error") or status.get("last_sleep_error") or "-")),
+        ("memory", size(extras.memory_bytes)),
+        ("vram", extras.vram),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _paint(text: str, colour: bool, key: str | None = None) -> str:
+    code = _COLOURS.get(key or text)
+    if not colour or code is None:
+        return text
+    return f"\x1b[1;{code}m{text}\x1b[0m"
+
+
+def use_colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def vram_text(pids: set[int]) -> str:
+    """Each GPU's used memory (and the engine's share), when NVML is there."""
+    try:
+        nvml: Any = importlib.import_module("pynvml")
+    except ImportError:
+        return "n/a"
+    try:
+        nvml.nvmlInit()
+    except Exception as e:  # NVMLError: no driver, no GPU
+        return f"n/a ({e})"
+    try:
+        parts = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            mem = nvml.nvmlDeviceGetMemoryInfo(h)
+            part = f"gpu{i} {size(int(mem.used))} of {size(int(mem.total))}"
+            try:
+                procs = nvml.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:
+                procs = []
+            mine = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid in pids)
+            if mine:
+                part += f" (engine {size(mine)})"
+            parts.append(part)
+        return "; ".join(parts) or "no GPU"
+    except Exception as e:
+        return f"n/a ({e})"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def cgroup_pids(control_group: str) -> set[int]:
+    if not control_group:
+        return set()
+    try:
+        text = (Path("/sys/fs/cgroup") / control_group.lstrip("/") / "cgroup.procs").read_text()
+    except OSError:
+        return set()
+    return {int(p) for p in text.split()}
+
+
+def error_message(body: bytes) -> str:
+    """The message of OpenAI's error JSON, or the body as text."""
+    try:
+        data = json.loads(body)
+        message = data["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (ValueError, KeyError, TypeError):
+        pass
+    return body.decode(errors="replace").strip() or "no answer"
+
+
+def journal_argv(units: Sequence[str], *, user: bool, follow: bool, lines: int | None) -> list[str]:
+    argv = ["journalctl", *(["--user"] if user else [])]
+    for unit in units:
+        argv += ["-u", unit]
+    if lines is not None:
+        argv += ["-n", str(lines)]
+    if follow:
+        argv.append("-f")
+    return argv
+
+
+# ---- I/O ----
+
+
+async def ask(method: str, path: str, timeout_s: float) -> tuple[int, bytes] | None:
+    """One request to the shim's control socket; None when no shim listens."""
+    return await call("localhost", 0, method, path, None, timeout_s, unix_path=str(control.socket_path()))
+
+
+async def memory_current(sd: systemd.Systemd, unit: str) -> int | None:
+    path = await sd.get_unit(unit)
+    if path is None:
+        return None
+    addr = DBusAddress(path, bus_name=systemd.SYSTEMD, interface=systemd.SERVICE_IFACE)
+    try:
+        reply = await sd.router.send_and_get_reply(Properties(addr).get("MemoryCurrent"))
+        ((_sig, value),) = unwrap_msg(reply)
+    except (DBusErrorResponse, ValueError, TypeError):
+        return None
+    value = int(value)
+    return None if value == NOT_SET else value
+
+
+async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
+    async with systemd.connect() as sd:
+        unit = await sd.unit_state(engine.unit)
+        shim = await sd.unit_state(SHIM_UNIT)
+        memory = await memory_current(sd, engine.unit) if unit.running else None
+    answer = await ask("GET", "/gateway/status", PROBE_TIMEOUT_S) if shim.running else None
+    status: dict[str, object] | None = None
+    if answer is not None and answer[0] == 200:
+        try:
+            loaded = json.loads(answer[1])
+            status = loaded if isinstance(loaded, dict) else None
+        except ValueError:
+            status = None
+    answered = status is not None
+    if status is None:
+        status = status_from_systemd(engine, unit, shim, time.time())
+    vram = vram_text(cgroup_pids(unit.control_group)) if unit.running else _vram_idle()
+    return status, Extras(shim=shim, memory_bytes=memory, vram=vram, shim_answered=answered)
+
+
+def _vram_idle() -> str:
+    return vram_text(set())
+
+
+def _bus_error(e: Exception) -> int:
+    print(f"vllm-gateway: cannot ask systemd's user manager at {systemd.session_bus_address()}: {e}",
+          file=sys.stderr)
+    return 1
+
+
+def status(engine: EngineConfig, as_json: bool) -> int:
+    try:
+        st, extras = trio.run(gather, engine)
+    except (OSError, systemd.SystemdError) as e:
+        return _bus_error(e)
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(render_table(st, extras, time.time(), use_colour()))
+    return 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _shim_status() -> dict[str, Any] | None:
+    answer = await ask("GET", "/gateway/status", PROBE_TIMEOUT_S)
+    if answer is None or answer[0] != 200:
+        return None
+    data = json.loads(answer[1])
+    return data if isinstance(data, dict) else None
+
+
+async def _start_shim() -> dict[str, Any]:
+    t0 = time.monotonic()
+    done = await trio.run_process(["systemctl", "--user", "start", SHIM_UNIT], check=False,
+                                  capture_stdout=True, capture_stderr=True)
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip()
+        raise CommandError(f"vllm-gateway: cannot start {SHIM_UNIT}: {why} (see: vllm-gateway logs)")
+    deadline = t0 + SHIM_START_WAIT_S
+    while time.monotonic() < deadline:
+        st = await _shim_status()
+        if st is not None:
+            _say(f"gateway started in {time.monotonic() - t0:.1f} s (pid {st.get('gateway_pid')})")
+            return st
+        await trio.sleep(0.1)
+    raise CommandError(f"vllm-gateway: {SHIM_UNIT} started, but its control socket "
+                       f"{control.socket_path()} did not answer within {SHIM_START_WAIT_S:g} s")
+
+
+async def _stop_without_shim(engine: EngineConfig) -> str:
+    t0 = time.monotonic()
+    async with systemd.connect() as sd:
+        unit = await sd.unit_state(engine.unit)
+        if not unit.running and unit.active_state != "deactivating":
+            return f"engine was not running ({engine_state(unit)})"
+        async with sd.watch(engine.unit) as changes:
+            await sd.stop_unit(engine.unit)
+            with trio.move_on_after(engine.stop_timeout_s + 10):
+                async for change in changes:
+                    if change in ("inactive", "failed", systemd.GONE):
+                        break
+        final = await sd.unit_state(engine.unit)
+    if final.running or final.active_state == "deactivating":
+        raise CommandError(f"vllm-gateway: {engine.unit} is still {final.active_state} "
+                           f"after {time.monotonic() - t0:.1f} s")
+    return f"engine stopped in {time.monotonic() - t0:.1f} s (the gateway was not running)"
+
+
+_DONE = {"start": "ready", "stop": "stopped", "sleep": "asleep", "wake": "awake"}
+
+
+async def control_action(engine: EngineConfig, action: str) -> str:
+    """Do `action` (start, stop, sleep, wake) and say what happened."""
+    before = await _shim_status()
+    if before is None:
+        if action == "stop":
+            return await _stop_without_shim(engine)
+        if action != "start":
+            raise CommandError(f"vllm-gateway: the gateway is not running, so the engine is not "
+                               f"running either: nothing to {action}")
+        before = await _start_shim()
+    state = before.get("state")
+    if state == {"start": "ready", "stop": "stopped", "sleep": "sleeping", "wake": "ready"}[action]:
+        return f"engine already {_DONE[action]}"
+    timeout = {
+        "start": engine.start_timeout_s + 60,
+        "stop": engine.stop_timeout_s + 30,
+        "sleep": engine.stop_timeout_s + 330,
+        "wake": engine.start_timeout_s + 60,
+    }[action]
+    t0 = time.monotonic()
+    answer = await ask("POST", f"/gateway/{action}", timeout)
+    took = time.monotonic() - t0
+    if answer is None:
+        raise CommandError(f"vllm-gateway: the gateway did not answer {action} within {timeout:g} s")
+    code, body = answer
+    if code != 200:
+        raise CommandError(error_message(body))
+    after = json.loads(body)
+    pid = after.get("main_pid")
+    line = f"engine {_DONE[action]} in {took:.1f} s"
+    if action in ("start", "wake") and pid:
+        line += f" (pid {pid})"
+    if action == "start" and state == "sleeping":
+        line += " (woken from sleep)"
+    if action == "sleep":
+        line += f" (level {after.get('sleep_level')})"
+    return line
+
+
+def manual(engine: EngineConfig, action: str) -> int:
+    try:
+        _say(trio.run(control_action, engine, action))
+    except CommandError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    except (OSError, systemd.SystemdError) as e:
+        return _bus_error(e)
+    return 0
+
+
+def logs(engine: EngineConfig, follow: bool, lines: int | None) -> int:
+    """Exec journalctl on the shim's, the engine's and the idle check's units.
+
+    A user manager's units are filed as user units, except where it runs at
+    the root of its own cgroup namespace (containers, the test sandbox):
+    there journald files them as system units, so use those when the user
+    journal has nothing (as journal.tail does)."""
+    units = [SHIM_UNIT, engine.unit, IDLE_UNIT]
+    probe = [*journal_argv(units, user=True, follow=False, lines=1), "--quiet", "--no-pager", "-o", "cat"]
+    try:
+        found = subprocess.run(probe, capture_output=True, text=True, timeout=10, check=False)
+        user = bool(found.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        user = True
+    argv = journal_argv(units, user=user, follow=follow, lines=lines)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        print(f"vllm-gateway: cannot run journalctl: {e}", file=sys.stderr)
+    return 1
