@@ -152,6 +152,7 @@ def test_first_request_waits_through_the_real_cold_start(gw: Gateway) -> None:
     assert code == 200, body
     assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
     cold_ms = int(headers["x-vllm-gateway-cold-start-ms"])
+    print(f"\ncold start {cold_ms} ms; first answer after {took:.1f} s")
     assert 10_000 < cold_ms <= took * 1000 + 1000
     logged = re.findall(r"cold_start_ms=(\d+)", gw.journal("vllm-gateway"))
     assert logged and abs(int(logged[-1]) - cold_ms) <= 1, logged
@@ -311,6 +312,7 @@ def test_idle_timer_stops_real_vllm_and_every_process_of_its_cgroup(
     pids = cgroup_pids(gw, "vllm.service")
     # API server, resource tracker, engine core, worker
     assert len(pids) >= 3, pids
+    print(f"\nvllm.service runs {len(pids)} processes: {pids}")
     assert all(gw.alive_in_sandbox(p) for p in pids)
     # The idle check reads the configuration on every tick: a short stop_after
     # applies to the running engine without a restart.
