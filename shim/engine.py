@@ -51,6 +51,7 @@ class _Want:
 @dataclass(frozen=True)
 class _Stop:
     cause: str
+    only_if_idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,12 @@ class Failure:
 class Engine:
     """One engine behind the gateway, as a transient systemd unit."""
 
-    def __init__(self, cfg: EngineConfig, systemd: Systemd, on_change: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        systemd: Systemd,
+        on_change: Callable[[], None] = lambda: None,
+    ):
         self.cfg = cfg
         self.systemd = systemd
         self.upstream = Upstream(cfg.port)
@@ -119,6 +125,11 @@ class Engine:
         self.last_failure: Failure | None = None
         self.waiting = 0
         self._on_change = on_change
+        # ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ("start_failure"):
+        # set by whoever keeps metrics
+        self.on_event: Callable[[str, float, str], None] = lambda kind, value, label: None
+        self.state_seconds: dict[State, float] = {}
+        self._stop_cause = ""  # why the unit is going away, when we know it
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
         self._attempt = 0
@@ -214,8 +225,8 @@ class Engine:
     def request_start(self) -> None:
         self._inbox_send.send_nowait(_Want())
 
-    def request_stop(self, cause: str) -> None:
-        self._inbox_send.send_nowait(_Stop(cause))
+    def request_stop(self, cause: str, *, only_if_idle: bool = False) -> None:
+        self._inbox_send.send_nowait(_Stop(cause, only_if_idle))
 
     async def wait_for(self, *states: State, timeout_s: float) -> bool:
         with trio.move_on_after(timeout_s):
@@ -254,8 +265,8 @@ class Engine:
         match msg:
             case _Want():
                 await self._on_want()
-            case _Stop(cause):
-                await self._on_stop(cause)
+            case _Stop(cause, only_if_idle):
+                await self._on_stop(cause, only_if_idle)
             case _UnitChanged(active_state):
                 await self._on_unit(active_state)
             case _Healthy(attempt, asleep) if attempt == self._attempt and self.state is State.STARTING:
@@ -268,12 +279,14 @@ class Engine:
                     await self._on_want()
                     return
                 self.last_cold_start_s = took
+                self.on_event("cold_start", took, "")
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
             case _Healthy(attempt) if attempt == self._attempt and self.state is State.WAKING:
                 took = time.monotonic() - self._start_t0
                 self._cancel_attempt()
                 self.last_wake_s = took
+                self.on_event("wake", took, "")
                 log.info("engine %s awake after %.2f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
             case _Sleep(cause):
@@ -282,6 +295,7 @@ class Engine:
                 self._cancel_attempt()
                 log.info("engine %s asleep (level %d) after %.1f s", self.cfg.name,
                          self.cfg.sleep_level, time.monotonic() - self._start_t0)
+                self.on_event("sleep", 0.0, "")
                 self._set(Event.SLEPT)
                 await self._on_want()  # requests that arrived meanwhile wake it again
             case _SleepFailed(attempt, reason, unsupported) if attempt == self._attempt:
@@ -299,6 +313,7 @@ class Engine:
                 self._cancel_attempt()
                 log.error("engine %s failed to wake (%s): stopping it; the next request starts it cold",
                           self.cfg.name, reason)
+                self._stop_cause = "failure"
                 self._set(Event.WAKE_FAILED)
                 await self.systemd.stop_unit(self.cfg.unit)
             case _StartFailed(attempt, reason) if attempt == self._attempt:
@@ -474,6 +489,7 @@ class Engine:
         """A start failed: stop the unit, record why (with the engine's last
         words from the journal), and cool down before the next try."""
         self._cancel_attempt()
+        self._stop_cause = "failure"
         await self.systemd.stop_unit(self.cfg.unit)
         lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
         if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
@@ -489,6 +505,7 @@ class Engine:
                 await self._start()
             return
         self._failures_in_row += 1
+        self.on_event("start_failure", 0.0, "")
         cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
         self._retry_at = trio.current_time() + cooldown
         excerpt = ("; the engine's last output: " + " | ".join(lines)) if lines else ""
@@ -498,9 +515,15 @@ class Engine:
         log.error("%s (failure %d in a row; next try in %g s)", message, self._failures_in_row, cooldown)
         self._set(Event.START_FAILED)
 
-    async def _on_stop(self, cause: str) -> None:
+    async def _on_stop(self, cause: str, only_if_idle: bool = False) -> None:
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
+            if only_if_idle and (self.active or self.waiting):
+                # the idle check read a status that a new request has made stale
+                log.info("not stopping engine %s (%s): %d requests in flight",
+                         self.cfg.name, cause, self.active + self.waiting)
+                return
             log.info("stopping engine %s (%s)", self.cfg.name, cause)
+            self._stop_cause = cause
             self._cancel_attempt()
             self._set(Event.STOP)
             await self.systemd.stop_unit(self.cfg.unit)
@@ -539,6 +562,9 @@ class Engine:
         if st in (State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             log.warning("engine %s stopped unexpectedly (unit %s)", self.cfg.name, active_state)
         if st is not State.STOPPED:
+            if st is not State.FAILED:
+                self.on_event("stop", 0.0, self._stop_cause or "external")
+            self._stop_cause = ""
             self._set(Event.UNIT_GONE)
         self.upstream.reset()
         self.main_pid = 0
@@ -549,8 +575,10 @@ class Engine:
         new = next_state(self.state, event)
         if new is not self.state:
             log.info("engine %s: %s -> %s (%s)", self.cfg.name, self.state.value, new.value, event.value)
+            now = time.time()
+            self.state_seconds[self.state] = self.state_seconds.get(self.state, 0.0) + now - self.state_since
             self.state = new
-            self.state_since = time.time()
+            self.state_since = now
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         self._on_change()

@@ -74,7 +74,11 @@ async def run(engine: EngineConfig) -> int:
         verdict = decide(engine, unit, shim, time.time())
         if verdict.action is Action.STOP:
             log.info("stopping %s: %s", engine.unit, verdict.reason)
-            await sd.stop_unit(engine.unit)
+            # through the shim when it runs: it refuses if a request arrived
+            # since it wrote the status we read, and counts the stop as idle
+            answer = await control.request("POST", "/gateway/stop?cause=idle") if shim.running else None
+            if answer is None:
+                await sd.stop_unit(engine.unit)
         elif verdict.action is Action.SLEEP:
             log.info("asking the gateway to put %s to sleep: %s", engine.unit, verdict.reason)
             answer = await control.request("POST", "/gateway/sleep")

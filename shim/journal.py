@@ -72,3 +72,25 @@ async def _tail(selector: list[str], since_epoch_s: float, lines: int) -> list[s
     return [line for line in text.splitlines() if line.strip()]
 
 
+
+
+# vLLM's start-up, summarised from its log lines (the last match wins).
+_PHASES = (
+    (re.compile(r"Started engine process|Initializing a V1 LLM engine|non-default args"), "initialising"),
+    (re.compile(r"Loading weights|Loading model|Loading safetensors"), "loading weights"),
+    (re.compile(r"torch\.compile|Compiling a graph|Dynamo bytecode"), "compiling"),
+    (re.compile(r"Available KV cache memory|GPU KV cache size|profil", re.IGNORECASE), "profiling memory"),
+    (re.compile(r"Capturing CUDA graph|Graph capturing"), "capturing CUDA graphs"),
+    (re.compile(r"Starting vLLM API server|Application startup|Started server process"),
+     "starting API server"),
+)
+
+
+def start_phase(lines: list[str]) -> str | None:
+    """The phase of a start-up that these log lines show, if any."""
+    phase = None
+    for line in lines:
+        for pattern, name in _PHASES:
+            if pattern.search(line):
+                phase = name
+    return phase

@@ -40,6 +40,7 @@ class Exchange:
     bytes_out: int = 0
     waited_s: float = 0.0
     tool_calls: int = 0
+    model: str | None = None
 
 
 class ClientSide:

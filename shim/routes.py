@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 class Kind(enum.Enum):
     HEALTH = "health"
+    METRICS = "metrics"
     MODELS = "models"
     STATUS = "status"
     ADMIN_START = "admin_start"
@@ -36,6 +37,7 @@ DEV_ENDPOINTS = frozenset({
 
 OWN: dict[str, tuple[str, Kind]] = {
     "/health": ("GET", Kind.HEALTH),
+    "/metrics": ("GET", Kind.METRICS),
     "/v1/models": ("GET", Kind.MODELS),
     "/gateway/status": ("GET", Kind.STATUS),
     "/gateway/start": ("POST", Kind.ADMIN_START),
@@ -61,6 +63,11 @@ class Route:
     kind: Kind
     path: str  # canonical path
     query: str  # raw query string, without '?'
+
+    @property
+    def label(self) -> str:
+        """A bounded name for metrics: arbitrary paths must not make new series."""
+        return self.path if self.kind not in (Kind.NOT_FOUND, Kind.METHOD_NOT_ALLOWED) else "other"
 
     @property
     def target(self) -> str:

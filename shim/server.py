@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import h11
 import trio
 
+from . import journal
 from .config import GatewayConfig
 from .engine import Engine
 from .errors import (
@@ -29,10 +30,12 @@ from .errors import (
 )
 from .httpio import header, next_event
 from .lifecycle import State
+from .metrics import CONTENT_TYPE, Live, Metrics, accumulate
 from .notify import Notifier
 from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
 from .routes import JSON_BODY, Kind, Route, classify
 from .status import ShimStatus
+from .upstream import call
 
 log = logging.getLogger("vllm_gateway.server")
 
@@ -86,6 +89,13 @@ class Gateway:
         self.notifier = notifier
         self.activity = Activity()
         self.started = time.time()
+        self.metrics = Metrics(Live(
+            state=lambda: engine.state,
+            in_flight=lambda: self.activity.in_flight,
+            waiting=lambda: engine.waiting,
+            state_seconds=lambda: accumulate(engine.state_seconds, engine.state, engine.state_since),
+        ))
+        engine.on_event = self.metrics.engine_event
 
     # ---- status ----
 
@@ -249,11 +259,20 @@ class Gateway:
                     await self._send_error(client, e, request_id)
                 else:
                     raise _StreamBroken(e.message) from None
-        ms = (trio.current_time() - t0) * 1000
+        seconds = trio.current_time() - t0
+        ms = seconds * 1000
+        self.metrics.request(route.label, ex.status, seconds, ex.tool_calls)
         cold = f" cold_start_ms={ex.waited_s * 1000:.0f}" if ex.waited_s > 0 else ""
         tools = f" tool_calls={ex.tool_calls}" if ex.tool_calls else ""
+        # journal fields: `journalctl --user -u vllm-gateway REQUEST_ID=...` finds one request
+        fields = {
+            "REQUEST_ID": request_id, "MODEL": ex.model or "", "STATUS": ex.status,
+            "DURATION_MS": round(ms), "ROUTE": route.label,
+        }
+        if ex.waited_s > 0:
+            fields["COLD_START_MS"] = round(ex.waited_s * 1000)
         log.info("%s %s %d %dB %.1fms id=%s%s%s", method, route.path, ex.status, ex.bytes_out, ms,
-                 request_id, cold, tools)
+                 request_id, cold, tools, extra=fields)
 
     async def _dispatch(
         self, client: ClientSide, req: h11.Request, route: Route, body: bytes, request_id: str
@@ -266,7 +285,13 @@ class Gateway:
         if kind is Kind.HEALTH:
             return await self._json(client, 200, {"status": "ok", "engine": self.engine.state.value})
         if kind is Kind.STATUS:
-            return await self._json(client, 200, self.status_json())
+            status = self.status_json()
+            if self.engine.in_state(State.STARTING):
+                lines = await journal.tail(self.engine.cfg.unit, self.engine.state_since)
+                status["start_phase"] = journal.start_phase(lines)
+            return await self._json(client, 200, status)
+        if kind is Kind.METRICS:
+            return await self._metrics(client)
         if kind is Kind.ADMIN_START:
             self.engine.request_start()
             waited = await self.engine.acquire(self.cfg.max_waiting)
@@ -274,7 +299,9 @@ class Gateway:
             ex.waited_s = waited
             return ex
         if kind is Kind.ADMIN_STOP:
-            self.engine.request_stop("manual")
+            idle = route.query == "cause=idle"  # the idle check: only if nothing is in flight
+            self.engine.request_stop("idle" if idle else "manual", only_if_idle=idle)
+            await self.engine.wait_changed(1.0)
             await self.engine.wait_for(State.STOPPED, State.FAILED,
                                        timeout_s=self.engine.cfg.stop_timeout_s + 10)
             return await self._json(client, 200, self.status_json())
@@ -296,8 +323,29 @@ class Gateway:
                 raise checked
             parsed = checked
             self._check_model(parsed)
-        return await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting,
-                             parsed)
+            model = parsed.get("model")
+            model_name = model if isinstance(model, str) else None
+        else:
+            model_name = None
+        ex = await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting,
+                           parsed)
+        ex.model = model_name
+        return ex
+
+    async def _metrics(self, client: ClientSide) -> Exchange:
+        """Ours, then the engine's own `vllm:` metrics while it is up: a
+        scrape never starts or wakes it."""
+        body = self.metrics.render()
+        if self.engine.ready:
+            answer = await call("127.0.0.1", self.engine.cfg.port, "GET", "/metrics")
+            if answer is not None and answer[0] == 200:
+                body += answer[1]
+        await client.send(h11.Response(status_code=200, headers=[
+            (b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode()),
+        ]))
+        await client.send(h11.Data(data=b"" if _is_head(client) else body))
+        await client.send(h11.EndOfMessage())
+        return Exchange(status=200, bytes_out=len(body))
 
     async def _admin_sleep(self, client: ClientSide) -> Exchange:
         e = self.engine

@@ -56,6 +56,8 @@ class FakeEngine:
         self.last_wake_s: float | None = None
         self.last_sleep_error: str | None = None
         self.sleep_enabled = False
+        self.state_seconds: dict[State, float] = {}
+        self.on_event: Any = None
         self.calls: list[str] = []
         self.upstream = FakeUpstream(self.calls)
 
@@ -263,7 +265,7 @@ def assert_openai_error(reply: Reply, status: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("method", "target"),
-    [("GET", "/nope"), ("POST", "/v1/nothing"), ("GET", "/metrics"), ("POST", "/SLEEP/"),
+    [("GET", "/nope"), ("POST", "/v1/nothing"), ("POST", "/SLEEP/"),
      ("POST", "/%73leep"), ("POST", "/sleep"), ("POST", "/v1/../wake_up"), ("GET", "/%2569s_sleeping"),
      ("POST", "/collective_rpc?x=1"), ("POST", "//reset_prefix_cache//")],
 )

@@ -1,0 +1,75 @@
+"""/metrics after a scripted sequence: cold start, requests, sleep, wake, stop."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from tests.gatewaying import Gateway
+from tests.sandboxing import Sandbox
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture(scope="module")
+def gw(sandbox: Sandbox) -> Iterator[Gateway]:
+    g = Gateway(sandbox)
+    g.configure(["--startup-delay", "1", "--sleep-delay-s", "0.1", "--wake-delay-s", "0.1"],
+                sleep_after="10m", stop_after="10m")
+    yield g
+
+
+def scrape(gw: Gateway) -> str:
+    code, headers, body = gw.request("GET", "/metrics")
+    assert code == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    return body.decode()
+
+
+def value(text: str, series: str) -> float:
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    assert m, f"{series} not in the scrape"
+    return float(m.group(1))
+
+
+def test_scraping_never_starts_the_engine(gw: Gateway) -> None:
+    text = scrape(gw)
+    assert value(text, 'vllm_gateway_engine_state{state="stopped"}') == 1.0
+    assert "vllm:" not in text
+    assert gw.active("vllm.service") == "inactive"
+
+
+def test_metrics_follow_a_scripted_sequence(gw: Gateway) -> None:
+    assert gw.chat()[0] == 200  # cold start
+    assert gw.chat()[0] == 200
+    assert gw.request("POST", "/v1/chat/completions", b"{bad")[0] == 400
+    text = scrape(gw)
+    assert value(text, 'vllm_gateway_engine_state{state="ready"}') == 1.0
+    assert "vllm:num_requests_running" in text  # the engine's own metrics, appended
+    assert gw.request("POST", "/gateway/sleep")[0] == 200
+    assert gw.active("vllm.service") == "active"
+    text = scrape(gw)
+    assert value(text, 'vllm_gateway_engine_state{state="sleeping"}') == 1.0
+    assert "vllm:" not in text  # a sleeping engine is not even scraped
+    assert gw.chat()[0] == 200  # wakes it
+    assert gw.request("POST", "/gateway/stop")[0] == 200
+    text = scrape(gw)
+    assert value(text, "vllm_gateway_cold_start_seconds_count") == 1
+    assert value(text, "vllm_gateway_wake_seconds_count") == 1
+    assert value(text, "vllm_gateway_sleeps_total") == 1
+    assert value(text, 'vllm_gateway_stops_total{cause="manual"}') == 1
+    assert value(text, 'vllm_gateway_requests_total{route="/v1/chat/completions",status="200"}') == 3
+    assert value(text, 'vllm_gateway_requests_total{route="/v1/chat/completions",status="400"}') == 1
+    assert value(text, 'vllm_gateway_engine_state{state="stopped"}') == 1.0
+    assert value(text, 'vllm_gateway_engine_state_seconds_total{state="ready"}') > 0
+    assert value(text, "vllm_gateway_requests_in_flight") == 0
+
+
+def test_unknown_paths_share_one_series(gw: Gateway) -> None:
+    for i in range(5):
+        gw.request("GET", f"/no/such/{i}")
+    text = scrape(gw)
+    assert value(text, 'vllm_gateway_requests_total{route="other",status="404"}') >= 5
+    assert "/no/such" not in text
