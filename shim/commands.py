@@ -166,6 +166,7 @@ class Extras:
     memory_bytes: int | None
     vram: str
     shim_answered: bool  # the status came from the shim itself
+    engine_pid: int = 0  # the unit's MainPID as systemd reports it
 
 
 def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: bool = False) -> str:
@@ -208,7 +209,7 @@ def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: 
         ("gateway", gateway_value),
         ("engine", engine_value),
         ("unit", str(status.get("unit"))),
-        ("main pid", str(status.get("main_pid") or "-")),
+        ("main pid", str(status.get("main_pid") or extras.engine_pid or "-")),
         ("idle", "busy" if in_flight else duration(idle if isinstance(idle, int | float) else None)),
         ("next sleep", countdown(status.get("sleep_after_s"), idle, state, awake, "sleeping")),
         ("next stop", countdown(status.get("stop_after_s"), idle, state, running, "stopped")),
@@ -339,7 +340,8 @@ async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
     if status is None:
         status = status_from_systemd(engine, unit, shim, time.time())
     vram = vram_text(cgroup_pids(unit.control_group)) if unit.running else _vram_idle()
-    return status, Extras(shim=shim, memory_bytes=memory, vram=vram, shim_answered=answered)
+    return status, Extras(shim=shim, memory_bytes=memory, vram=vram, shim_answered=answered,
+                          engine_pid=unit.main_pid)
 
 
 def _vram_idle() -> str:
@@ -413,6 +415,14 @@ async def _stop_without_shim(engine: EngineConfig) -> str:
     return f"engine stopped in {time.monotonic() - t0:.1f} s (the gateway was not running)"
 
 
+async def _unit_pid(unit: str) -> int:
+    try:
+        async with systemd.connect() as sd:
+            return (await sd.unit_state(unit)).main_pid
+    except (OSError, systemd.SystemdError):
+        return 0
+
+
 _DONE = {"start": "ready", "stop": "stopped", "sleep": "asleep", "wake": "awake"}
 
 
@@ -444,7 +454,7 @@ async def control_action(engine: EngineConfig, action: str) -> str:
     if code != 200:
         raise CommandError(error_message(body))
     after = json.loads(body)
-    pid = after.get("main_pid")
+    pid = after.get("main_pid") or (await _unit_pid(engine.unit) if action in ("start", "wake") else None)
     line = f"engine {_DONE[action]} in {took:.1f} s"
     if action in ("start", "wake") and pid:
         line += f" (pid {pid})"
