@@ -25,6 +25,7 @@ DEFAULT_STOP_AFTER_S = 600.0
 # vLLM drains and frees VRAM within seconds; past this systemd sends SIGKILL.
 DEFAULT_STOP_TIMEOUT_S = 30.0
 DEFAULT_EXIT_AFTER_S = 300.0
+DEFAULT_STREAM_KEEPALIVE_S = 5.0
 TOOL_CALL_FORMATS = ("off", "nemotron", "hermes", "mistral")
 
 
@@ -75,6 +76,10 @@ class GatewayConfig:
     exit_after_s: float | None = DEFAULT_EXIT_AFTER_S
     # Requests waiting for a cold start; past this they get a 503 at once.
     max_waiting: int = 1024
+    # Streamed requests that wait through a cold start or a wake get an SSE
+    # comment this often, so that clients and proxies (nginx's default read
+    # timeout is 60 s) do not give up on a silent connection. None: off.
+    stream_keepalive_s: float | None = DEFAULT_STREAM_KEEPALIVE_S
     source: str = ""
 
     @property
@@ -108,12 +113,14 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
     c.only_keys(data, "", {"gateway", "engines"})
     gw = data.get("gateway", {})
     c.table(gw, "gateway")
-    c.only_keys(gw, "gateway", {"listen", "exit_after", "max_waiting"})
+    c.only_keys(gw, "gateway", {"listen", "exit_after", "max_waiting", "stream_keepalive"})
     host, port = "127.0.0.1", 8000
     if "listen" in gw:
         host, port = c.address(gw["listen"], "gateway.listen")
     exit_after = c.duration_or_off(gw.get("exit_after", DEFAULT_EXIT_AFTER_S), "gateway.exit_after")
     max_waiting = c.integer(gw.get("max_waiting", 1024), "gateway.max_waiting", 1, 1_000_000)
+    keepalive = c.duration_or_off(gw.get("stream_keepalive", DEFAULT_STREAM_KEEPALIVE_S),
+                                  "gateway.stream_keepalive")
 
     engines_raw = data.get("engines")
     if engines_raw is None:
@@ -130,6 +137,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
         listen_port=port,
         exit_after_s=exit_after,
         max_waiting=max_waiting,
+        stream_keepalive_s=keepalive,
         source=source,
     )
 

@@ -16,6 +16,7 @@ from . import toolcalls
 from .engine import Engine
 from .errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from .httpio import end_to_end_headers, header, next_event, send
+from .lifecycle import State
 from .routes import CHAT, Route
 from .upstream import UpstreamConn
 
@@ -30,6 +31,9 @@ UPSTREAM_READ_TIMEOUT_S = 600.0
 RETRY_SETTLE_S = 2.0
 # Whole chat completions are buffered to rewrite tool calls; bound it.
 MAX_REWRITE_BODY_BYTES = 64 * 1024 * 1024
+# A streamed request that waits longer than this for the engine gets its
+# 200 head and keep-alive comments; quicker waits (most wakes) look normal.
+KEEPALIVE_GRACE_S = 2.0
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Exchange:
     waited_s: float = 0.0
     tool_calls: int = 0
     model: str | None = None
+    head_sent: bool = False  # a 200 event-stream head went out while waiting
 
 
 class ClientSide:
@@ -62,6 +67,7 @@ async def forward(
     request_id: str,
     max_waiting: int,
     parsed: dict[str, object] | None = None,
+    keepalive_s: float | None = None,
 ) -> Exchange:
     ex = Exchange()
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
@@ -77,6 +83,16 @@ async def forward(
     if header(req.headers, b"x-request-id") is None:
         headers.append((b"x-request-id", request_id.encode()))
     up_req = h11.Request(method=req.method, target=route.target.encode(), headers=headers)
+
+    if keepalive_s and parsed is not None and parsed.get("stream") is True and not engine.ready:
+        try:
+            ex.waited_s += await _wait_with_keepalive(engine, client, max_waiting, keepalive_s, ex)
+        except GatewayError as e:
+            if not ex.head_sent:
+                raise
+            await _send_stream_error(client, e.body())
+            ex.status = e.status
+            return ex
 
     retried = False
     while True:
@@ -104,6 +120,48 @@ async def forward(
 def _client_allows_tool_calls(parsed: dict[str, object] | None) -> bool:
     """Rewrite only when the client offered tools and did not forbid calls."""
     return parsed is not None and bool(parsed.get("tools")) and parsed.get("tool_choice") != "none"
+
+
+async def _wait_with_keepalive(
+    engine: Engine, client: ClientSide, max_waiting: int, every_s: float, ex: Exchange
+) -> float:
+    """Wait for the engine; past the grace period, answer 200 with an event
+    stream and send an SSE comment every `every_s` until it is ready."""
+    t0 = trio.current_time()
+    failed: list[GatewayError] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait() -> None:
+            try:
+                await engine.acquire(max_waiting)
+            except GatewayError as e:
+                failed.append(e)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait)
+        await trio.sleep(min(KEEPALIVE_GRACE_S, every_s))
+        await client.send(h11.Response(status_code=200, headers=[
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+        ]))
+        ex.head_sent = True
+        ex.status = 200
+        while True:
+            verb = "starting" if engine.in_state(State.STOPPED, State.STARTING, State.FAILED) else "waking"
+            elapsed = trio.current_time() - t0
+            comment = f": vllm-gateway: {verb} engine, {elapsed:.0f} s\n\n".encode()
+            ex.bytes_out += len(comment)
+            await client.send(h11.Data(data=comment))
+            await trio.sleep(every_s)
+    if failed:
+        raise failed[0]
+    return trio.current_time() - t0
+
+
+async def _send_stream_error(client: ClientSide, error_json: bytes) -> None:
+    """End an event stream whose head went out with an error event (OpenAI's
+    clients raise it as an APIError)."""
+    await client.send(h11.Data(data=b"data: " + error_json + b"\n\n"))
+    await client.send(h11.EndOfMessage())
 
 
 class _BeforeResponse(Exception):
@@ -150,6 +208,9 @@ async def _relay(
     request_id: str,
     ex: Exchange,
 ) -> None:
+    if ex.head_sent:
+        await _relay_after_keepalive(client, up, resp, fmt, request_id, ex)
+        return
     ex.status = resp.status_code
     headers = end_to_end_headers(resp.headers)
     if ex.waited_s > 0:
@@ -190,6 +251,34 @@ async def _pump(
                 ex.tool_calls = rewriter.tool_calls
             await client.send(h11.EndOfMessage())
             return
+
+
+async def _relay_after_keepalive(
+    client: ClientSide, up: UpstreamConn, resp: h11.Response,
+    fmt: toolcalls.ToolCallFormat | None, request_id: str, ex: Exchange,
+) -> None:
+    """Our 200 head is out: relay the engine's event stream, or turn its
+    error answer into an error event."""
+    if resp.status_code == 200:
+        rewriter = toolcalls.StreamRewriter(fmt, request_id) if fmt is not None else None
+        await _pump(client, up, ex, rewriter)
+        return
+    ex.status = resp.status_code
+    chunks: list[bytes] = []
+    while True:
+        with trio.fail_after(UPSTREAM_READ_TIMEOUT_S):
+            event = await next_event(up.conn, up.stream)
+        if isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    body = b"".join(chunks)
+    try:
+        json.loads(body)
+    except ValueError:
+        body = error_body(f"the engine answered {resp.status_code}: {body[:500].decode(errors='replace')}",
+                          "upstream_error")
+    await _send_stream_error(client, body)
 
 
 class _StreamBroken(Exception):

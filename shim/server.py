@@ -328,7 +328,7 @@ class Gateway:
         else:
             model_name = None
         ex = await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting,
-                           parsed)
+                           parsed, self.cfg.stream_keepalive_s)
         ex.model = model_name
         return ex
 

@@ -23,7 +23,11 @@ UNITS = "~/.config/systemd/user"
 
 
 def toml_value(v: Any) -> str:
-    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, dict):  # an inline table: {KEY = "value", ...}
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)
 
 
 class Gateway:
@@ -80,7 +84,9 @@ class Gateway:
         c = self.connect(timeout_s)
         try:
             raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-            c.request(method, path, body=raw, headers=dict(headers or {}))
+            sent = {"Content-Type": "application/json"} if raw is not None else {}
+            sent.update(headers or {})  # real vLLM refuses bodies without it
+            c.request(method, path, body=raw, headers=sent)
             resp = c.getresponse()
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:

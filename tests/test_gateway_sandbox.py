@@ -147,3 +147,48 @@ def test_killed_shim_is_restarted_and_adopts_the_running_engine(gw: Gateway) -> 
     assert gw.unit_prop("vllm.service", "MainPID") == engine_pid  # adopted, not doubled
     assert gw.status()["state"] == "ready"
     assert re.search(r"adopting vllm\.service", gw.journal("vllm-gateway"))
+
+
+def test_streams_waiting_through_a_cold_start_get_keepalive_comments(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "5"], gateway={"stream_keepalive": "1s"})
+    c = gw.connect()
+    body = {"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+            "fake_reply": "after the wait"}
+    t0 = time.monotonic()
+    c.request("POST", "/v1/chat/completions", body=json.dumps(body))
+    resp = c.getresponse()
+    assert resp.status == 200
+    assert time.monotonic() - t0 < 4.5  # the head came before the engine was ready
+    data = resp.read().decode()
+    c.close()
+    comments = [line for line in data.split("\n") if line.startswith(": vllm-gateway: starting engine")]
+    assert len(comments) >= 2, data[:500]
+    events = [e for e in data.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert text == "after the wait"
+
+
+def test_a_start_failure_after_keepalives_ends_the_stream_with_an_error_event(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "3", "--fail-at-startup", "no such model"],
+                 gateway={"stream_keepalive": "1s"})
+    code, _, body = gw.request("POST", "/v1/chat/completions", {
+        "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert code == 200  # committed to a stream while waiting
+    text = body.decode()
+    assert ": vllm-gateway: starting engine" in text
+    last = [e for e in text.split("\n\n") if e.startswith("data: ")][-1]
+    error = json.loads(last[6:])["error"]
+    assert "failed to start" in error["message"] and "no such model" in error["message"]
+
+
+def test_the_openai_client_reads_a_stream_through_keepalives(gw: Gateway) -> None:
+    import openai
+
+    gw.configure(["--startup-delay", "3"], gateway={"stream_keepalive": "1s"})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="none", timeout=60)
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_body={"fake_reply": "through the comments"})
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == "through the comments"
