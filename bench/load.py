@@ -26,10 +26,16 @@ import time
 from urllib.parse import urlsplit
 
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+# Offered to the model with --tools: a gateway that rewrites tool calls only
+# looks at responses to requests that offer tools.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
-def request_bytes(host: str, port: int, stream: bool) -> bytes:
-    body = json.dumps({**CHAT, "stream": stream}, separators=(",", ":")).encode()
+def request_bytes(host: str, port: int, stream: bool, tools: bool = False) -> bytes:
+    body = json.dumps({**CHAT, **({"tools": TOOLS} if tools else {}), "stream": stream},
+                      separators=(",", ":")).encode()
     return (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -140,10 +146,11 @@ class StreamConn(Conn):
         super().finish()
 
 
-async def run(mode: str, url: str, conns: int, duration: float, warmup: float) -> dict[str, object]:
+async def run(mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False
+              ) -> dict[str, object]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
-    req = request_bytes(host, port, mode == "stream")
+    req = request_bytes(host, port, mode == "stream", tools)
     stats = Stats()
     loop = asyncio.get_running_loop()
     protos: list[Conn] = []
@@ -190,8 +197,9 @@ def main() -> int:
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=0.5)
+    p.add_argument("--tools", action="store_true", help="offer a tool in every request")
     a = p.parse_args()
-    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup))))
+    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup, a.tools))))
     return 0
 
 

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,9 @@ PY = sys.executable
 SHIM = Path(PY).parent / "vllm-gateway"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 EVENTS = 100  # SSE events per stream, [DONE] included
+
+sys.path.insert(0, str(BENCH))
+from load import TOOLS  # noqa: E402
 
 PEERS = ["direct", "socket-proxyd", "fastapi+httpx", "vllm-gateway", "vllm-gateway+rewrite"]
 
@@ -83,9 +85,11 @@ def call(port: int, method: str, path: str, body: Any = None, timeout_s: float =
         c.close()
 
 
-def check_peer(port: int) -> None:
+def check_peer(port: int, tools: bool = False) -> None:
     """One whole and one streamed completion: the peer works and passes the stream on intact."""
-    body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
+    body: dict[str, Any] = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
+    if tools:
+        body["tools"] = TOOLS
     status, data = call(port, "POST", "/v1/chat/completions", body)
     if status != 200 or b"chat.completion" not in data:
         raise RuntimeError(f"port {port}: chat completion answered {status}: {data[:200]!r}")
@@ -106,7 +110,7 @@ class Procs:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        out = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        out = open(self.logdir / f"{name}.log", "ab")
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env={**os.environ, **(env or {})}, start_new_session=True, cwd=REPO)
         out.close()
@@ -134,10 +138,10 @@ class Procs:
 # ---------------------------------------------------------------------------
 # Load
 
-def wrk(url: str, conns: int, seconds: float) -> dict[str, float]:
+def wrk(url: str, conns: int, seconds: float, tools: bool) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s",
-         str(BENCH / "chat.lua"), url + "/v1/chat/completions"],
+         str(BENCH / ("chat-tools.lua" if tools else "chat.lua")), url + "/v1/chat/completions"],
         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
     res: dict[str, float] = {"errors": 0.0}
@@ -156,29 +160,30 @@ def wrk(url: str, conns: int, seconds: float) -> dict[str, float]:
     return res
 
 
-def loadpy(mode: str, url: str, conns: int, seconds: float, warmup: float) -> dict[str, Any]:
+def loadpy(mode: str, url: str, conns: int, seconds: float, warmup: float, tools: bool = False
+           ) -> dict[str, Any]:
     out = subprocess.run(
         [PY, str(BENCH / "load.py"), mode, "--url", url, "--conns", str(conns),
-         "--duration", str(seconds), "--warmup", str(warmup)],
+         "--duration", str(seconds), "--warmup", str(warmup), *(["--tools"] if tools else [])],
         capture_output=True, text=True, timeout=seconds + warmup + 60, check=True).stdout
     result: dict[str, Any] = json.loads(out)
     return result
 
 
-def measure(port: int, d: Durations, use_wrk: bool) -> dict[str, float]:
+def measure(port: int, d: Durations, use_wrk: bool, tools: bool = False) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}"
-    check_peer(port)
+    check_peer(port, tools)
     r: dict[str, float] = {}
     if use_wrk:
-        c32 = wrk(url, 32, d.chat32)
-        c1 = wrk(url, 1, d.chat1)
+        c32 = wrk(url, 32, d.chat32, tools)
+        c1 = wrk(url, 1, d.chat1, tools)
     else:
-        c32 = loadpy("chat", url, 32, d.chat32, d.warmup)
-        c1 = loadpy("chat", url, 1, d.chat1, d.warmup)
+        c32 = loadpy("chat", url, 32, d.chat32, d.warmup, tools)
+        c1 = loadpy("chat", url, 1, d.chat1, d.warmup, tools)
     r.update(rps32=c32["rps"], p50_32=c32["p50_ms"], p99_32=c32["p99_ms"],
              p50_1=c1["p50_ms"], p99_1=c1["p99_ms"], errors=c32["errors"] + c1["errors"])
-    s64 = loadpy("stream", url, 64, d.stream64, d.warmup)
-    s1 = loadpy("stream", url, 1, d.stream1, d.warmup)
+    s64 = loadpy("stream", url, 64, d.stream64, d.warmup, tools)
+    s1 = loadpy("stream", url, 1, d.stream1, d.warmup, tools)
     r.update(eps64=s64["events_per_s"], ttfe_p50_64=s64["ttfe_p50_ms"], ttfe_p99_64=s64["ttfe_p99_ms"],
              ttfe_p50_1=s1["ttfe_p50_ms"], errors=r["errors"] + s64["errors"] + s1["errors"])
     return r
@@ -214,7 +219,7 @@ class Shim:
         wait_port(self.port)
 
     def status(self) -> dict[str, Any]:
-        code, body = call(self.port, "GET", "/gateway/status")
+        _code, body = call(self.port, "GET", "/gateway/status")
         result: dict[str, Any] = json.loads(body)
         return result
 
@@ -236,14 +241,17 @@ def engine_cmd() -> list[str]:
     return [PY, str(BENCH / "upstream.py"), "--events", str(EVENTS)]
 
 
-def task_switches(pid: int) -> int:
-    total = 0
+def task_switches(pid: int) -> dict[str, int]:
+    """Context switches (voluntary + not) of each thread of `pid`."""
+    counts: dict[str, int] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
+            n = 0
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    total += int(line.split()[1])
-    return total
+                    n += int(line.split()[1])
+            counts[task.name] = n
+    return counts
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -252,9 +260,13 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 def wakeups(pid: int, seconds: float) -> float:
+    """Wake-ups per second: the growth of every thread's switch count; a
+    thread that exited meanwhile counts one, one that appeared all of its."""
     a = task_switches(pid)
     time.sleep(seconds)
-    return (task_switches(pid) - a) / seconds
+    b = task_switches(pid)
+    n = sum(v - a.get(t, 0) for t, v in b.items()) + sum(1 for t in a if t not in b)
+    return n / seconds
 
 
 def processes_matching(*needles: str) -> list[str]:
@@ -489,10 +501,10 @@ def main() -> int:
         procs.start("upstream", [*engine_cmd(), "--port", str(up_port), "--procs", str(a.upstream_procs)])
         wait_port(up_port)
 
-        def peer(name: str, port: int) -> None:
+        def peer(name: str, port: int, tools: bool = False) -> None:
             log(f"measuring {name}")
             try:
-                res[name] = measure(port, d, use_wrk)
+                res[name] = measure(port, d, use_wrk, tools)
             except Exception as e:  # a peer that fails leaves a gap, not a crashed run
                 log(f"{name} failed: {e}")
                 notes.append(f"{name}: not measured: {e}")
@@ -521,13 +533,14 @@ def main() -> int:
         peer("vllm-gateway", g.port)
         pid = g.proc.pid if g.proc else 0
         profile_dir = out / "profiles"
-        if a.profile and shutil.which("py-spy"):
+        spy_bin = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if a.profile and Path(spy_bin).exists():
             profile_dir.mkdir(exist_ok=True)
             for mode, conns in (("chat", 32), ("stream", 64)):
-                spy = procs.start(f"py-spy-{mode}", ["py-spy", "record", "-p", str(pid), "-d", "6", "-r", "200",
-                                                     "-f", "speedscope", "-o",
-                                                     str(profile_dir / f"shim-{mode}.speedscope.json")])
-                loadpy(mode, f"http://127.0.0.1:{g.port}", conns, 6, 0.2)
+                spy = procs.start(f"py-spy-{mode}", [spy_bin, "record", "-p", str(pid), "-d", "6", "-r", "200",
+                                                     "-f", "raw", "-o",
+                                                     str(profile_dir / f"shim-{mode}.folded.txt")])
+                loadpy(mode, f"http://127.0.0.1:{g.port}", conns, 6, 0.2, tools=False)
                 spy.wait(30)
         extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
         time.sleep(0.5)
@@ -553,7 +566,7 @@ def main() -> int:
         gr = Shim(procs, work, "rewrite", engine_cmd(), fmt="nemotron")
         shims.append(gr)
         gr.start()
-        peer("vllm-gateway+rewrite", gr.port)
+        peer("vllm-gateway+rewrite", gr.port, tools=True)
         gr.stop()
 
         # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
@@ -662,8 +675,9 @@ def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt
         "... serve`, listening on `[gateway] listen`, log on a file) inside `scripts/sandbox`, whose "
         "systemd user manager runs the engine as a transient unit; warmed with one whole and one streamed "
         "completion (which also check that the stream arrives intact: all events, [DONE] last). "
-        "`+rewrite` is `tool_call_format = \"nemotron\"` on a stream without tool calls: the cost of "
-        "looking.",
+        "`+rewrite` is `tool_call_format = \"nemotron\"` with a tool offered in every request (the gateway "
+        "rewrites only responses to requests that offer tools) and answers without tool calls: the "
+        "cost of looking.",
         f"- **Non-streaming**: {chat_tool}, keep-alive; requests/s at 32 connections, latency percentiles "
         "at 1 and 32 connections (request sent to response complete).",
         "- **Streaming**: `bench/load.py stream`, 64 keep-alive connections each streaming one completion "
@@ -682,6 +696,11 @@ def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt
         "the idle window, first with the engine ready and no request, then after `POST /gateway/stop`. "
         "Processes left: after the shim exited by itself (`exit_after`), any process whose command "
         "line names its config or its engine's port.",
+        "- The FastAPI + httpx peer is slower at 32 connections than at 1 to 4 (about 550-650 req/s there "
+        "on this machine): httpx's connection pool costs more as concurrency grows. That is the design "
+        "as it was used, so it stays the yardstick.",
+        "- `scripts/bench --profile` also records py-spy profiles (folded stacks) of the shim under the "
+        "32-connection and 64-stream loads into OUT/profiles.",
         "- Everything runs on the same machine as the load client: on a small machine the client, the "
         "peer and the upstream share the CPUs, so absolute figures are low and ratios taken within one "
         "run are what to compare.",

@@ -29,6 +29,7 @@ import re
 import signal
 import socket
 import sys
+from typing import ClassVar
 
 MODEL = "bench"
 _STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
@@ -85,7 +86,7 @@ def render(events: int) -> dict[str, bytes]:
 
 
 class Upstream(asyncio.Protocol):
-    replies: dict[str, bytes] = {}
+    replies: ClassVar[dict[str, bytes]] = {}
 
     def __init__(self) -> None:
         self.buf = b""
