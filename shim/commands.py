@@ -145,7 +145,7 @@ def countdown(after_s: object, idle_s: object, state: str, applies: Sequence[str
     if after_s is None:
         return "off"
     if state == done:
-        return "now" if done == "sleeping" else "-"
+        return "asleep" if done == "sleeping" else "-"
     if state not in applies:
         return "-"
     if not isinstance(after_s, int | float):

@@ -150,7 +150,7 @@ def test_table_busy_and_waiting() -> None:
 def test_table_sleeping_and_due() -> None:
     st = shim_json(state="sleeping", idle_s=700.0, last_wake_s=1.5)
     r = rows(render_table(st, extras(shim_running()), NOW))
-    assert r["next sleep"] == "now"
+    assert r["next sleep"] == "asleep"
     assert r["next stop"] == "due (at the next idle check)"
     assert r["cold start"] == "41 s (last wake 1.5 s)"
 

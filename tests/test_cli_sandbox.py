@@ -102,7 +102,7 @@ def test_start_sleep_wake_stop_print_timings(gw: Gateway) -> None:
     assert re.search(r"engine asleep in \d+\.\d s \(level 1\)", done.stdout), done.stdout
     assert gw.status()["state"] == "sleeping"
     rows = table(gw)
-    assert rows["engine"].startswith("sleeping") and rows["next sleep"] == "now"
+    assert rows["engine"].startswith("sleeping") and rows["next sleep"] == "asleep"
 
     done = cli(gw, "wake")
     assert done.returncode == 0, done.stderr
