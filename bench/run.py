@@ -74,11 +74,29 @@ def wait_port(port: int, timeout_s: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
+# Admin calls (/gateway/stop) need this key where the gateway checks one.
+ADMIN_KEY = "bench-admin-key-0123456789"
+
+
+def admin_key_known() -> bool:
+    """Whether this version of the gateway takes `[gateway] admin_key`."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from shim import config as shim_config
+        shim_config.parse({"gateway": {"admin_key": ADMIN_KEY}, "engines": {"m": {"command": ["x"]}}})
+        return True
+    except Exception:
+        return False
+
+
 def call(port: int, method: str, path: str, body: Any = None, timeout_s: float = 30.0) -> tuple[int, bytes]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:
         raw = None if body is None else json.dumps(body).encode()
-        c.request(method, path, body=raw, headers={"Content-Type": "application/json"} if raw else {})
+        headers = {"Content-Type": "application/json"} if raw else {}
+        if path.startswith("/gateway/"):
+            headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+        c.request(method, path, body=raw, headers=headers)
         r = c.getresponse()
         return r.status, r.read()
     finally:
@@ -212,6 +230,8 @@ class Shim:
         cfg = self.workdir / f"{self.name}.toml"
         cfg.write_text(
             f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nexit_after = "{self.exit_after}"\n'
+            + (f'admin_key = "{ADMIN_KEY}"\n' if admin_key_known() else "")
+            +
             f"[engines.main]\ncommand = {json.dumps(self.engine_cmd)}\nport = {self.engine_port}\n"
             f'models = ["bench"]\nunit = "{self.unit}"\nstop_after = "off"\n'
             f'tool_call_format = "{self.fmt}"\nstart_timeout = "60s"\n')
@@ -592,6 +612,9 @@ def main() -> int:
             extra.update(cold_runs=len(lags), cold_lags_hi_ms=hi, cold_p50_hi_ms=pct(hi, 0.5),
                          cold_p99_hi_ms=pct(hi, 0.99), cold_p50_lo_ms=pct(lo, 0.5), cold_p99_lo_ms=pct(lo, 0.99),
                          cold_total_p50_s=sorted(x["total_s"] for x in lags)[len(lags) // 2])
+    except Exception as e:  # print and record what was measured; figures never fail the run
+        log(f"run stopped early: {type(e).__name__}: {e}")
+        notes.append(f"run stopped early: {type(e).__name__}: {e}")
     finally:
         for s in shims:
             s.stop()
