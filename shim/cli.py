@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, commands, config, control, idle_check, listen, systemd
+from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd
 from .engine import Engine
 from .notify import Notifier
 from .server import Gateway
@@ -100,11 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(args.verbose)
     try:
         cfg = config.load(Path(args.config) if args.config else None)
     except config.ConfigError as e:

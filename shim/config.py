@@ -50,6 +50,11 @@ class EngineConfig:
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
     unit: str = DEFAULT_UNIT
     tool_call_format: str = "off"
+    # A guardrail the engine cannot be talked out of: requests asking for more
+    # are refused ("reject") or lowered to it ("cap"); requests without a
+    # limit get this one. None: no limit.
+    max_tokens: int | None = None
+    max_tokens_policy: str = "reject"
     # Sleep tier: put the engine to sleep (level 1: weights to CPU RAM; level
     # 2: weights dropped) after this idle time; None keeps it awake.
     sleep_after_s: float | None = None
@@ -80,6 +85,13 @@ class GatewayConfig:
     # comment this often, so that clients and proxies (nginx's default read
     # timeout is 60 s) do not give up on a silent connection. None: off.
     stream_keepalive_s: float | None = DEFAULT_STREAM_KEEPALIVE_S
+    # Bearer keys that clients must send; empty: no check (the default on
+    # loopback). The admin key opens /gateway/start|stop|sleep|wake on the
+    # public port; without one they answer only on the local control socket.
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    # Open client connections; past this new ones get a 503 and are closed.
+    max_connections: int = 2048
     source: str = ""
 
     @property
@@ -113,7 +125,18 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
     c.only_keys(data, "", {"gateway", "engines"})
     gw = data.get("gateway", {})
     c.table(gw, "gateway")
-    c.only_keys(gw, "gateway", {"listen", "exit_after", "max_waiting", "stream_keepalive"})
+    c.only_keys(gw, "gateway", {
+        "listen", "exit_after", "max_waiting", "stream_keepalive", "api_keys", "admin_key",
+        "max_connections",
+    })
+    api_keys = tuple(c.string_list(gw.get("api_keys", []), "gateway.api_keys"))
+    if any(len(key) < 8 for key in api_keys):
+        raise ConfigError(source, "gateway.api_keys", "every key must have at least 8 characters")
+    admin_key = gw.get("admin_key")
+    if admin_key is not None and (not isinstance(admin_key, str) or len(admin_key) < 8):
+        raise ConfigError(source, "gateway.admin_key", "must be a string of at least 8 characters")
+    if admin_key is not None and admin_key in api_keys:
+        raise ConfigError(source, "gateway.admin_key", "must differ from every API key")
     host, port = "127.0.0.1", 8000
     if "listen" in gw:
         host, port = c.address(gw["listen"], "gateway.listen")
@@ -138,6 +161,9 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
         exit_after_s=exit_after,
         max_waiting=max_waiting,
         stream_keepalive_s=keepalive,
+        api_keys=api_keys,
+        admin_key=admin_key,
+        max_connections=c.integer(gw.get("max_connections", 2048), "gateway.max_connections", 1, 1_000_000),
         source=source,
     )
 
@@ -145,6 +171,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
 _ENGINE_KEYS = {
     "command", "port", "environment", "models", "health_path", "start_timeout",
     "stop_after", "stop_timeout", "unit", "tool_call_format", "sleep_after", "sleep_level",
+    "max_tokens", "max_tokens_policy",
 }
 
 
@@ -196,6 +223,10 @@ def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
         tool_call_format=fmt,
         sleep_after_s=c.duration_or_off(t.get("sleep_after", "off"), f"{k}.sleep_after"),
         sleep_level=c.integer(t.get("sleep_level", 1), f"{k}.sleep_level", 1, 2),
+        max_tokens=None if t.get("max_tokens") is None
+        else c.integer(t["max_tokens"], f"{k}.max_tokens", 1, 10_000_000),
+        max_tokens_policy=c.choice(t.get("max_tokens_policy", "reject"), f"{k}.max_tokens_policy",
+                                   ("reject", "cap")),
     )
 
 
@@ -232,6 +263,11 @@ class _Checker:
             return None
         seconds = self.duration(value, key)
         return None if seconds == 0 else seconds
+
+    def choice(self, value: Any, key: str, options: tuple[str, ...]) -> str:
+        if value not in options:
+            raise self.fail(key, f"must be one of {', '.join(options)}")
+        return str(value)
 
     def string_list(self, value: Any, key: str) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -280,6 +280,7 @@ class Engine:
                     return
                 self.last_cold_start_s = took
                 self.on_event("cold_start", took, "")
+                self.main_pid = (await self.systemd.unit_state(self.cfg.unit)).main_pid
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
             case _Healthy(attempt) if attempt == self._attempt and self.state is State.WAKING:

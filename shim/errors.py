@@ -32,6 +32,21 @@ class BadRequest(GatewayError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(GatewayError):
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b'Bearer realm="vllm-gateway"'), *super().headers()]
+
+
+class Forbidden(GatewayError):
+    status = 403
+    error_type = "invalid_request_error"
+    code = "forbidden"
+
+
 class NotFound(GatewayError):
     status = 404
     error_type = "invalid_request_error"
@@ -58,6 +73,11 @@ class Conflict(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status = 413
+    error_type = "invalid_request_error"
+
+
+class URITooLong(GatewayError):
+    status = 414
     error_type = "invalid_request_error"
 
 

@@ -53,6 +53,8 @@ class ClientSide:
         self.stream = stream
         self.conn = conn
         self.method = b""  # of the request being served
+        self.control = False  # on the local control socket
+        self.linger = False  # drain the client's input before closing
 
     async def send(self, event: h11.Event) -> None:
         await send(self.conn, self.stream, event)

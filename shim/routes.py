@@ -55,6 +55,8 @@ ENGINE_POST = frozenset({
 })
 ENGINE_GET = frozenset({"/version"})
 JSON_BODY = ENGINE_POST - {"/v1/audio/transcriptions", "/v1/audio/translations"}
+# Endpoints that generate tokens: the max_tokens guardrail applies to them.
+GENERATION = frozenset({"/v1/chat/completions", "/v1/completions"})
 CHAT = "/v1/chat/completions"
 
 

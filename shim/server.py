@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,13 +28,16 @@ from .errors import (
     PayloadTooLarge,
     RequestTimeout,
     UpstreamError,
+    URITooLong,
+    error_body,
 )
 from .httpio import header, next_event
 from .lifecycle import State
 from .metrics import CONTENT_TYPE, Live, Metrics, accumulate
 from .notify import Notifier
 from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
-from .routes import JSON_BODY, Kind, Route, classify
+from .routes import GENERATION, JSON_BODY, Kind, Route, classify
+from .security import apply_max_tokens, check_admin, check_client
 from .status import ShimStatus
 from .upstream import call
 
@@ -43,9 +47,24 @@ log = logging.getLogger("vllm_gateway.server")
 # bodies carry prompts and base64 images, so tens of MiB.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# Longer request targets are refused (414); OpenAI API paths are short.
+MAX_TARGET_BYTES = 8 * 1024
+ADMIN_KINDS = frozenset({Kind.ADMIN_START, Kind.ADMIN_STOP, Kind.ADMIN_SLEEP, Kind.ADMIN_WAKE})
+_OVERLOADED_BODY = error_body("vllm-gateway: too many open connections; try again", "engine_unavailable",
+                              "too_many_connections")
+OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: " + str(len(_OVERLOADED_BODY)).encode() + b"\r\n\r\n"
+    + _OVERLOADED_BODY
+)
 # A client must send its request head and body within this (slow clients
 # would otherwise hold connections forever).
 REQUEST_READ_TIMEOUT_S = 60.0
+# After an error answer that closes the connection, read (and drop) what the
+# client still sends for a moment: closing with unread input makes the kernel
+# send a reset, which can destroy the answer before the client reads it.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 64 * 1024 * 1024
 # An idle keep-alive connection is closed after this.
 KEEPALIVE_IDLE_S = 75.0
 # sd_notify STATUS is refreshed at least this often, so idle_s stays current
@@ -173,7 +192,14 @@ class Gateway:
         self.activity.last_connection = trio.current_time()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         client = ClientSide(stream, conn)
+        # the control socket is the only Unix socket we listen on
+        client.control = getattr(getattr(stream, "socket", None), "family", None) == socket.AF_UNIX
         try:
+            if self.activity.connections > self.cfg.max_connections and not client.control:
+                log.warning("refusing a connection: %d open (max_connections)", self.activity.connections)
+                client.linger = True
+                await stream.send_all(OVERLOADED)
+                return
             while True:
                 if not await self._one_request(client):
                     break
@@ -193,6 +219,8 @@ class Gateway:
             self.activity.connections -= 1
             self.activity.last_connection = trio.current_time()
             with trio.CancelScope(shield=True):
+                if client.linger:
+                    await _linger(stream)
                 await stream.aclose()
 
     async def _one_request(self, client: ClientSide) -> bool:
@@ -205,6 +233,11 @@ class Gateway:
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return False
             assert isinstance(event, h11.Request)
+            client.method = event.method
+            route = classify(event.method.decode("ascii", "replace"), event.target.decode("latin-1"))
+            # before the body is read: an unauthenticated or misdirected
+            # request costs nothing, and never starts or wakes the engine
+            self._check_access(client, event, route)
             with trio.fail_after(REQUEST_READ_TIMEOUT_S):
                 body = await self._read_body(client)
         except trio.TooSlowError:
@@ -218,11 +251,22 @@ class Gateway:
             err.status = e.error_status_hint if e.error_status_hint >= 400 else 400
             await self._send_error(client, err)
             return False
-        except PayloadTooLarge as e:
-            await self._send_error(client, e)
+        except GatewayError as e:  # access refused, target or body too large
+            log.info("refused %s: %d %s", _peer(client), e.status, e.message)
+            await self._send_error(client, e, close=True)
             return False
-        await self._serve(client, event, body)
+        await self._serve(client, event, route, body)
         return True
+
+    def _check_access(self, client: ClientSide, req: h11.Request, route: Route) -> None:
+        if len(req.target) > MAX_TARGET_BYTES:
+            raise URITooLong(f"vllm-gateway: the request target is longer than {MAX_TARGET_BYTES} bytes")
+        if route.kind is Kind.HEALTH:
+            return  # liveness probes need no key
+        if route.kind in ADMIN_KINDS:
+            check_admin(req.headers, self.cfg.admin_key, client.control)
+        elif not client.control:
+            check_client(req.headers, self.cfg.api_keys)
 
     async def _read_body(self, client: ClientSide) -> bytes:
         chunks: list[bytes] = []
@@ -241,14 +285,11 @@ class Gateway:
             else:
                 raise h11.RemoteProtocolError("unexpected event in the request body")
 
-    async def _serve(self, client: ClientSide, req: h11.Request, body: bytes) -> None:
+    async def _serve(self, client: ClientSide, req: h11.Request, route: Route, body: bytes) -> None:
         t0 = trio.current_time()
-        client.method = req.method
         request_id = (header(req.headers, b"x-request-id") or b"").decode("latin-1")[:64] \
             or f"req-{secrets.token_hex(8)}"
         method = req.method.decode("ascii", "replace")
-        target = req.target.decode("latin-1")
-        route = classify(method, target)
         ex = Exchange()
         with self.activity.request() if route.kind is Kind.ENGINE else _nothing():
             try:
@@ -323,6 +364,9 @@ class Gateway:
                 raise checked
             parsed = checked
             self._check_model(parsed)
+            if route.path in GENERATION:
+                cfg = self.engine.cfg
+                body = apply_max_tokens(parsed, body, cfg.max_tokens, cfg.max_tokens_policy)
             model = parsed.get("model")
             model_name = model if isinstance(model, str) else None
         else:
@@ -394,15 +438,18 @@ class Gateway:
         await client.send(h11.EndOfMessage())
         return Exchange(status=status, bytes_out=len(body))
 
-    async def _send_error(self, client: ClientSide, e: GatewayError, request_id: str = "-") -> None:
+    async def _send_error(
+        self, client: ClientSide, e: GatewayError, request_id: str = "-", close: bool = False
+    ) -> None:
         # IDLE too: after a malformed request head h11 still lets us answer it
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = e.body()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += e.headers()
-        if isinstance(e, UpstreamError | RequestTimeout) or e.status in (400, 408, 413, 431):
+        if close or isinstance(e, UpstreamError | RequestTimeout) or e.status in (400, 408, 413, 414, 431):
             headers.append((b"connection", b"close"))
+            client.linger = True
         try:
             await client.send(h11.Response(status_code=e.status, headers=headers))
             await client.send(h11.Data(data=b"" if _is_head(client) else body))
@@ -411,6 +458,30 @@ class Gateway:
             pass
         if e.status >= 500:
             log.warning("request %s: %d %s", request_id, e.status, e.message)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    with trio.move_on_after(LINGER_S):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < LINGER_MAX_BYTES:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
+            pass
+
+
+def _peer(client: ClientSide) -> str:
+    if client.control:
+        return "the control socket"
+    try:
+        host, port = client.stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError, ValueError):
+        return "a client"
 
 
 def _is_head(client: ClientSide) -> bool:

@@ -19,6 +19,8 @@ VENV = Path(sys.executable).parent.parent
 # Cold starts through systemd on a loaded 2-core machine: generous bounds.
 HTTP_TIMEOUT_S = 60.0
 CONFIG = "~/.config/vllm-gateway/config.toml"
+# Admin endpoints on the public port need this key; tests use it by default.
+ADMIN_KEY = "test-admin-key"
 UNITS = "~/.config/systemd/user"
 
 
@@ -65,7 +67,8 @@ class Gateway:
         """Like `configure`, with any engine command (e.g. real vLLM)."""
         table: dict[str, Any] = {"command": command, "port": self.engine_port, "models": ["tiny"]}
         table.update(engine)
-        lines = ["[gateway]"] + [f"{k} = {toml_value(v)}" for k, v in (gateway or {}).items()]
+        gateway = {"admin_key": ADMIN_KEY, **(gateway or {})}
+        lines = ["[gateway]"] + [f"{k} = {toml_value(v)}" for k, v in gateway.items() if v is not None]
         lines += ["[engines.main]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
         self.sb.write_file(f"{self.home}/.config/vllm-gateway/config.toml", "\n".join(lines) + "\n")
         self.sb.systemctl("stop", "vllm-gateway.service", "vllm.service", check=False)
@@ -85,6 +88,8 @@ class Gateway:
         try:
             raw = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
             sent = {"Content-Type": "application/json"} if raw is not None else {}
+            if headers is None and path.startswith("/gateway/") and method == "POST":
+                sent["Authorization"] = f"Bearer {ADMIN_KEY}"
             sent.update(headers or {})  # real vLLM refuses bodies without it
             c.request(method, path, body=raw, headers=sent)
             resp = c.getresponse()

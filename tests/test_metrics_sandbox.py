@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
 import pytest
 
-from tests.gatewaying import Gateway
+from tests.gatewaying import Gateway, wait_until
 from tests.sandboxing import Sandbox
 
 pytestmark = pytest.mark.sandbox
@@ -73,3 +74,25 @@ def test_unknown_paths_share_one_series(gw: Gateway) -> None:
     text = scrape(gw)
     assert value(text, 'vllm_gateway_requests_total{route="other",status="404"}') >= 5
     assert "/no/such" not in text
+
+
+def test_request_lines_carry_journal_fields(gw: Gateway) -> None:
+    gw.request("POST", "/gateway/stop")
+    code, _, _ = gw.request("POST", "/v1/chat/completions",
+                            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+                            headers={"X-Request-Id": "find-me-42"})
+    assert code == 200
+    entries: list[dict[str, str]] = []
+
+    def found() -> bool:
+        out = gw.sb.run(["journalctl", "--no-pager", "-o", "json", "REQUEST_ID=find-me-42"]).stdout
+        entries[:] = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return bool(entries)
+
+    wait_until(found, 10, "the request's journal entry")
+    (entry,) = entries
+    assert entry["MODEL"] == "tiny"
+    assert entry["STATUS"] == "200"
+    assert int(entry["DURATION_MS"]) >= 0
+    assert int(entry["COLD_START_MS"]) > 0  # it waited for the start
+    assert "POST /v1/chat/completions 200" in entry["MESSAGE"]
