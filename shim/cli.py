@@ -24,7 +24,7 @@ async def serve(cfg: config.GatewayConfig) -> None:
 
         def on_change() -> None:
             if gateway is not None:
-                gateway.publish_status()
+                gateway.engine_changed()  # the status loop publishes it
 
         engine = Engine(cfg.engine, sd, on_change)
         gateway = Gateway(cfg, engine, notifier)

@@ -13,9 +13,10 @@ import h11
 import trio
 
 from . import toolcalls
+from .chunked import ChunkedError, ChunkedPassthrough
 from .engine import Engine
 from .errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
-from .httpio import end_to_end_headers, header, next_event, send
+from .httpio import READ_BYTES, end_to_end_headers, header, next_event, send
 from .lifecycle import State
 from .routes import CHAT, Route
 from .upstream import UpstreamConn
@@ -179,13 +180,15 @@ async def _send_request(
         up: UpstreamConn | None = None
         try:
             up = await engine.upstream.connect()
-            await send(up.conn, up.stream, up_req)
-            await send(up.conn, up.stream, h11.Data(data=body))
-            await send(up.conn, up.stream, h11.EndOfMessage())
+            # one write for head and body: the engine wakes once per request
+            c = up.conn
+            wire = (c.send(up_req) or b"") + (c.send(h11.Data(data=body)) or b"")
+            await up.stream.send_all(wire + (c.send(h11.EndOfMessage()) or b""))
             with trio.fail_after(UPSTREAM_READ_TIMEOUT_S):
                 event = await next_event(up.conn, up.stream)
             if not isinstance(event, h11.Response):
                 raise UpstreamError(f"vllm-gateway: the engine answered with {type(event).__name__}")
+            up.conn_response_headers = list(event.headers)
             return up, event
         except trio.TooSlowError:
             assert up is not None
@@ -224,35 +227,128 @@ async def _relay(
     elif rewrite and ctype.startswith(b"application/json"):
         await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)  # type: ignore[arg-type]
     else:
-        await client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
-        await _pump(client, up, ex, None)
+        await _pump(client, up, ex, None,
+                    h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
 
 
 async def _pump(
-    client: ClientSide, up: UpstreamConn, ex: Exchange, rewriter: toolcalls.StreamRewriter | None
+    client: ClientSide,
+    up: UpstreamConn,
+    ex: Exchange,
+    rewriter: toolcalls.StreamRewriter | None,
+    head: h11.Response | None = None,
 ) -> None:
-    """Move body bytes from the engine to the client until the end."""
-    while True:
-        try:
-            with trio.fail_after(UPSTREAM_READ_TIMEOUT_S):
-                event = await next_event(up.conn, up.stream)
-        except (trio.TooSlowError, OSError, trio.BrokenResourceError, h11.ProtocolError) as e:
-            await _abort_stream(client, ex, e)
-            raise _StreamBroken(str(e)) from None
-        if isinstance(event, h11.Data):
-            data = rewriter.feed(bytes(event.data)) if rewriter else event.data
+    """Move the response (its head, if given, then the body) from the engine
+    to the client until the end.
+
+    Everything the engine sent in one read goes out in one write, however
+    many events or chunks it holds: a stream of small SSE events costs one
+    system call per burst, not one per event.
+    """
+    if rewriter is None and head is not None and _both_chunked(client, up, head):
+        await _pump_raw(client, up, ex, head)
+        return
+    conn = up.conn
+    out: list[bytes] = [] if head is None else [client.conn.send(head)]
+    pending: list[bytes] = []  # body bytes read but not yet framed for the client
+    scope = trio.CancelScope()
+    with scope:
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.ProtocolError as e:
+                await _abort_stream(client, ex, e)
+                raise _StreamBroken(str(e)) from None
+            if type(event) is h11.Data:
+                pending.append(event.data)
+                continue
+            if pending:
+                raw = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                data = rewriter.feed(bytes(raw)) if rewriter else raw
+                if data:
+                    ex.bytes_out += len(data)
+                    out.append(client.conn.send(h11.Data(data=data)))
+            if type(event) is h11.EndOfMessage:
+                if rewriter:
+                    tail = rewriter.end()
+                    if tail:
+                        ex.bytes_out += len(tail)
+                        out.append(client.conn.send(h11.Data(data=tail)))
+                    ex.tool_calls = rewriter.tool_calls
+                out.append(client.conn.send(h11.EndOfMessage()))
+                await client.stream.send_all(b"".join(out))
+                return
+            if event is not h11.NEED_DATA:
+                continue  # trailers' end (EndOfMessage covers them) or nothing
+            if out:
+                await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+            # one scope for the whole body; its deadline moves with each read
+            scope.deadline = trio.current_time() + UPSTREAM_READ_TIMEOUT_S
+            try:
+                chunk = await up.stream.receive_some(READ_BYTES)
+            except (OSError, trio.BrokenResourceError) as e:
+                await _abort_stream(client, ex, e)
+                raise _StreamBroken(str(e)) from None
+            conn.receive_data(chunk)  # b"" marks the end
+    # the deadline passed: the engine went silent mid-response
+    scope_error = trio.TooSlowError()
+    if out:
+        await client.stream.send_all(b"".join(out))
+    await _abort_stream(client, ex, scope_error)
+    raise _StreamBroken("timeout")
+
+
+def _both_chunked(client: ClientSide, up: UpstreamConn, head: h11.Response) -> bool:
+    """Whether the engine's body is chunked and h11 will frame ours chunked too."""
+    return (
+        header(up.conn_response_headers, b"transfer-encoding") == b"chunked"
+        and client.conn.their_http_version == b"1.1"
+        and client.method != b"HEAD"
+        and header(head.headers, b"content-length") is None
+        and head.status_code not in (204, 304)
+    )
+
+
+async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: h11.Response) -> None:
+    """Relay a chunked body byte for byte: no decoding, no re-framing. Only
+    the last chunk is ours (h11's), so both connections stay reusable."""
+    passthrough = ChunkedPassthrough()
+    out = [client.conn.send(head) or b""]
+    data, _closed = up.conn.trailing_data  # body bytes h11 read with the head
+    scope = trio.CancelScope()
+    with scope:
+        while True:
             if data:
-                ex.bytes_out += len(data)
-                await client.send(h11.Data(data=data))
-        elif isinstance(event, h11.EndOfMessage):
-            if rewriter:
-                tail = rewriter.end()
-                if tail:
-                    ex.bytes_out += len(tail)
-                    await client.send(h11.Data(data=tail))
-                ex.tool_calls = rewriter.tool_calls
-            await client.send(h11.EndOfMessage())
-            return
+                try:
+                    forward_now = passthrough.feed(bytes(data))
+                except ChunkedError as e:
+                    await client.stream.send_all(b"".join(out))
+                    await _abort_stream(client, ex, e)
+                    raise _StreamBroken(str(e)) from None
+                if forward_now:
+                    ex.bytes_out += len(forward_now)
+                    out.append(forward_now)
+                if passthrough.done:
+                    out.append(client.conn.send(h11.EndOfMessage()) or b"")
+                    await client.stream.send_all(b"".join(out))
+                    up.raw_done = not passthrough.leftover
+                    return
+            if out:
+                await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+            scope.deadline = trio.current_time() + UPSTREAM_READ_TIMEOUT_S
+            try:
+                data = await up.stream.receive_some(READ_BYTES)
+            except (OSError, trio.BrokenResourceError) as e:
+                await _abort_stream(client, ex, e)
+                raise _StreamBroken(str(e)) from None
+            if not data:
+                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"))
+                raise _StreamBroken("the engine closed mid-response")
+    await _abort_stream(client, ex, trio.TooSlowError())
+    raise _StreamBroken("timeout")
 
 
 async def _relay_after_keepalive(
@@ -306,8 +402,8 @@ async def _relay_stream_rewritten(
     fmt: toolcalls.ToolCallFormat, request_id: str, ex: Exchange,
 ) -> None:
     headers = [(n, v) for n, v in headers if n != b"content-length"]
-    await client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
-    await _pump(client, up, ex, toolcalls.StreamRewriter(fmt, request_id))
+    await _pump(client, up, ex, toolcalls.StreamRewriter(fmt, request_id),
+                h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
 
 
 async def _relay_whole_rewritten(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -67,9 +68,6 @@ LINGER_S = 2.0
 LINGER_MAX_BYTES = 64 * 1024 * 1024
 # An idle keep-alive connection is closed after this.
 KEEPALIVE_IDLE_S = 75.0
-# sd_notify STATUS is refreshed at least this often, so idle_s stays current
-# for `systemctl status`; the idle check itself uses idle_since.
-STATUS_REFRESH_S = 5.0
 
 
 class Activity:
@@ -87,16 +85,17 @@ class Activity:
         self.in_flight += 1
         if self.in_flight == 1:
             self.idle_since = None
-            self._bump()
+            self.bump()
         try:
             yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle_since = time.time()
-                self._bump()
+                self.bump()
 
-    def _bump(self) -> None:
+    def bump(self) -> None:
+        """Wake whoever waits for a change (status, idle exit)."""
         changed, self.changed = self.changed, trio.Event()
         changed.set()
 
@@ -108,6 +107,9 @@ class Gateway:
         self.notifier = notifier
         self.activity = Activity()
         self.started = time.time()
+        # request ids: a random prefix per shim and a counter (cheap, unique)
+        self._id_prefix = f"req-{secrets.token_hex(4)}-"
+        self._id_count = 0
         self.metrics = Metrics(Live(
             state=lambda: engine.state,
             in_flight=lambda: self.activity.in_flight,
@@ -118,6 +120,10 @@ class Gateway:
 
     # ---- status ----
 
+    def _next_request_id(self) -> str:
+        self._id_count += 1
+        return f"{self._id_prefix}{self._id_count:x}"
+
     def shim_status(self) -> ShimStatus:
         return ShimStatus(
             state=self.engine.state.value,
@@ -127,7 +133,11 @@ class Gateway:
         )
 
     def publish_status(self) -> None:
+        """Called on every engine state change, and by the status loop."""
         self.notifier.status(self.shim_status().format(time.time()))
+
+    def engine_changed(self) -> None:
+        self.activity.bump()
 
     def status_json(self) -> dict[str, object]:
         e = self.engine
@@ -156,40 +166,48 @@ class Gateway:
         }
 
     async def status_loop(self) -> None:
-        """Keep systemd's STATUS and watchdog current; no timer runs while
-        nothing changes beyond the refresh interval."""
+        """Keep systemd's STATUS current: sent on every change (engine state,
+        in flight 0 <-> 1) and with each watchdog ping. The status carries
+        the absolute idle_since, so it never needs a timer to stay true;
+        when nothing happens the shim wakes only for the watchdog."""
         watchdog = Notifier.watchdog_interval_s()
-        period = min(STATUS_REFRESH_S, watchdog) if watchdog else STATUS_REFRESH_S
         while True:
             self.publish_status()
             self.notifier.watchdog()
-            with trio.move_on_after(period):
+            with trio.move_on_after(watchdog if watchdog else math.inf):
                 await self.activity.changed.wait()
 
     async def exit_when_idle(self, cancel: trio.CancelScope) -> None:
         """With the engine stopped and no connection for exit_after, stop
-        serving: the socket unit keeps the port and starts us again."""
+        serving: the socket unit keeps the port and starts us again. Waits on
+        changes and one deadline, not a polling timer."""
         limit = self.cfg.exit_after_s
         if limit is None:
             return
         while True:
-            await trio.sleep(max(1.0, limit / 4))
-            quiet = trio.current_time() - self.activity.last_connection
+            changed = self.activity.changed
             if (
                 self.engine.state is State.STOPPED
                 and self.activity.connections == 0
                 and self.engine.waiting == 0
-                and quiet >= limit
             ):
-                log.info("engine stopped and no client for %g s: exiting until the next connection", quiet)
-                cancel.cancel()
-                return
+                with trio.move_on_at(self.activity.last_connection + limit) as deadline:
+                    await changed.wait()
+                if deadline.cancelled_caught:
+                    log.info("engine stopped and no client for %g s: exiting until the next connection",
+                             limit)
+                    cancel.cancel()
+                    return
+            else:
+                await changed.wait()
 
     # ---- connections ----
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.activity.connections += 1
         self.activity.last_connection = trio.current_time()
+        if self.activity.connections == 1:
+            self.activity.bump()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         client = ClientSide(stream, conn)
         # the control socket is the only Unix socket we listen on
@@ -218,6 +236,8 @@ class Gateway:
         finally:
             self.activity.connections -= 1
             self.activity.last_connection = trio.current_time()
+            if self.activity.connections == 0:
+                self.activity.bump()
             with trio.CancelScope(shield=True):
                 if client.linger:
                     await _linger(stream)
@@ -288,7 +308,7 @@ class Gateway:
     async def _serve(self, client: ClientSide, req: h11.Request, route: Route, body: bytes) -> None:
         t0 = trio.current_time()
         request_id = (header(req.headers, b"x-request-id") or b"").decode("latin-1")[:64] \
-            or f"req-{secrets.token_hex(8)}"
+            or self._next_request_id()
         method = req.method.decode("ascii", "replace")
         ex = Exchange()
         with self.activity.request() if route.kind is Kind.ENGINE else _nothing():

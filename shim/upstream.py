@@ -25,6 +25,10 @@ class UpstreamConn:
     generation: int = 0
     idle_since: float = 0.0
     reused: bool = False
+    # the response's headers, and whether its body was relayed raw (past h11)
+    # and ended cleanly: then the connection is reusable with a fresh h11 state
+    conn_response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    raw_done: bool = False
 
     def close(self) -> None:
         self.stream.socket.close()
@@ -54,6 +58,13 @@ class Upstream:
 
     def release(self, c: UpstreamConn) -> None:
         """Put a connection back after a complete exchange, or close it."""
+        if c.raw_done and c.generation == self.generation and len(self._idle) < POOL_MAX:
+            c.conn = h11.Connection(h11.CLIENT)
+            c.raw_done = False
+            c.idle_since = trio.current_time()
+            c.reused = False
+            self._idle.append(c)
+            return
         if (
             c.generation == self.generation
             and c.conn.our_state is h11.DONE

@@ -1,0 +1,112 @@
+"""Passing a chunked body through, byte for byte, without decoding it.
+
+The proxy relays an engine's chunked response to a client that also reads
+chunked. It only needs to know where the body's last chunk begins, so that
+it can end the client's body itself (and reuse both connections). Pure
+logic: bytes in, bytes to forward out; no I/O, and in the common case (whole
+chunks per read) no copy of the data.
+"""
+
+from __future__ import annotations
+
+# A chunk-size line is a hex size and optional extensions; vLLM's are ~6 bytes.
+MAX_SIZE_LINE_BYTES = 1024
+MAX_TRAILER_BYTES = 16 * 1024
+_HEX = b"0123456789abcdefABCDEF"
+
+
+class ChunkedError(Exception):
+    """The bytes are not valid chunked encoding."""
+
+
+class ChunkedPassthrough:
+    """Feed the raw body bytes as they arrive; `feed` returns the bytes to
+    forward now. A size line split across reads is held back until it is
+    whole. Once `done`, the last chunk and trailers were consumed (not
+    returned) and `leftover` holds whatever followed them."""
+
+    def __init__(self) -> None:
+        self._data_left = 0  # chunk data still to pass
+        self._crlf_left = 0  # bytes of the CRLF after the chunk data still due
+        self._held = b""  # an incomplete size or trailer line
+        self._in_trailers = False
+        self.done = False
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            raise ChunkedError("data after the end of the body")
+        buf = self._held + data if self._held else data
+        self._held = b""
+        if self._in_trailers:
+            self._trailers(buf, 0)
+            return b""
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            if self._data_left:
+                step = min(self._data_left, n - pos)
+                self._data_left -= step
+                pos += step
+                continue
+            if self._crlf_left:
+                k = min(self._crlf_left, n - pos)
+                want = b"\r\n"[2 - self._crlf_left:2 - self._crlf_left + k]
+                if buf[pos:pos + k] != want:
+                    raise ChunkedError("a chunk's data does not end with CRLF")
+                self._crlf_left -= k
+                pos += k
+                continue
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if n - pos > MAX_SIZE_LINE_BYTES:
+                    raise ChunkedError("a chunk-size line is too long")
+                self._held = buf[pos:]
+                return buf[:pos]
+            line = buf[pos:end + 1]
+            # the common line is plain hex and CRLF ("1a3\r\n"): C-speed checks
+            if 2 < len(line) <= 18 and line.endswith(b"\r\n") and not line[:-2].strip(_HEX):
+                size = int(line[:-2], 16)
+            else:
+                size = _chunk_size(line)
+            if size == 0:
+                self._in_trailers = True
+                self._trailers(buf, end + 1)
+                return buf[:pos]
+            nxt = end + 1 + size
+            if nxt + 2 <= n:  # the whole chunk is here: skip it in one step
+                if buf[nxt:nxt + 2] != b"\r\n":
+                    raise ChunkedError("a chunk's data does not end with CRLF")
+                pos = nxt + 2
+                continue
+            self._data_left = size
+            self._crlf_left = 2
+            pos = end + 1
+        return buf
+
+    def _trailers(self, buf: bytes, pos: int) -> None:
+        """After the last chunk: trailer lines until an empty one."""
+        n = len(buf)
+        while pos < n:
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if n - pos > MAX_TRAILER_BYTES:
+                    raise ChunkedError("trailers are too long")
+                self._held = buf[pos:]
+                return
+            line = buf[pos:end + 1]
+            pos = end + 1
+            if line in (b"\r\n", b"\n"):
+                self.done = True
+                self.leftover = buf[pos:]
+                return
+
+
+def _chunk_size(line: bytes) -> int:
+    text = line.split(b";", 1)[0].strip()
+    if not text or len(text) > 16 or text.startswith((b"+", b"-")) or b"_" in text:
+        raise ChunkedError(f"bad chunk-size line {line[:40]!r}")
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise ChunkedError(f"bad chunk-size line {line[:40]!r}") from None

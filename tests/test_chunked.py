@@ -1,0 +1,117 @@
+"""The chunked pass-through: whole, byte by byte, any split, with trailing
+data; any input either passes or raises ChunkedError."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shim.chunked import ChunkedError, ChunkedPassthrough
+
+
+def encode(chunks: list[bytes], trailers: bytes = b"") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks if c) + b"0\r\n" + trailers + b"\r\n"
+
+
+def run(pieces: list[bytes]) -> tuple[bytes, ChunkedPassthrough]:
+    p = ChunkedPassthrough()
+    out = b""
+    for piece in pieces:
+        if p.done:
+            break
+        out += p.feed(piece)
+    return out, p
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def decode_like_h11(body_without_last_chunk: bytes) -> bytes:
+    """What a client decodes from the forwarded bytes plus our own last chunk."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                      + body_without_last_chunk + b"0\r\n\r\n")
+    out = b""
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, h11.Data):
+            out += ev.data
+        elif isinstance(ev, h11.EndOfMessage):
+            return out
+        elif ev is h11.NEED_DATA:
+            raise AssertionError("incomplete")
+
+
+CHUNKS = [b"data: {\"a\": 1}\n\n", b"x" * 300, b"\r\n\r\n", b"data: [DONE]\n\n"]
+
+
+def test_whole_input_at_once() -> None:
+    data = encode(CHUNKS)
+    out, p = run([data])
+    assert p.done and p.leftover == b""
+    assert out == data[: data.rindex(b"0\r\n\r\n")]
+    assert out is not None and decode_like_h11(out) == b"".join(CHUNKS)
+
+
+def test_whole_chunks_are_passed_without_a_copy() -> None:
+    p = ChunkedPassthrough()
+    piece = encode([b"hello"])[:-5]  # without the last chunk
+    assert p.feed(piece) is piece
+
+
+def test_byte_by_byte() -> None:
+    data = encode(CHUNKS, b"x-trailer: 1\r\n")
+    out, p = run([data[i:i + 1] for i in range(len(data))])
+    assert p.done
+    assert decode_like_h11(out) == b"".join(CHUNKS)
+
+
+def test_trailing_data_after_the_body_is_left_over() -> None:
+    data = encode(CHUNKS) + b"HTTP/1.1 200 OK\r\n"
+    out, p = run([data])
+    assert p.done and p.leftover == b"HTTP/1.1 200 OK\r\n"
+    assert decode_like_h11(out) == b"".join(CHUNKS)
+
+
+def test_extensions_and_trailers() -> None:
+    data = b"5;name=value\r\nhello\r\n0;x=y\r\nTrailer: a\r\n\r\n"
+    out, p = run([data])
+    assert p.done and decode_like_h11(out) == b"hello"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=70), max_size=8), st.lists(st.integers(0, 10_000), max_size=12),
+       st.booleans())
+def test_any_split_gives_the_same_body(chunks: list[bytes], cuts: list[int], trailers: bool) -> None:
+    data = encode(chunks, b"t: v\r\n" if trailers else b"")
+    out, p = run(split(data, cuts))
+    assert p.done
+    assert decode_like_h11(out) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("bad", [
+    b"zz\r\nhello\r\n", b"5\r\nhelloXX", b"-5\r\n", b"5\r\nhello\r\n0\r\n\r\nmore",
+    b"+5\r\nhello\r\n", b"1_0\r\n", b"\r\n",
+])
+def test_malformed_raises_our_error(bad: bytes) -> None:
+    p = ChunkedPassthrough()
+    with pytest.raises(ChunkedError):
+        p.feed(bad)
+        p.feed(b"more")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=6))
+def test_any_input_passes_or_raises_chunked_error(pieces: list[bytes]) -> None:
+    p = ChunkedPassthrough()
+    try:
+        for piece in pieces:
+            p.feed(piece)
+    except ChunkedError:
+        pass
