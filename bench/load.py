@@ -28,14 +28,26 @@ from urllib.parse import urlsplit
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
 # Offered to the model with --tools: a gateway that rewrites tool calls only
 # looks at responses to requests that offer tools.
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 
 def request_bytes(host: str, port: int, stream: bool, tools: bool = False) -> bytes:
-    body = json.dumps({**CHAT, **({"tools": TOOLS} if tools else {}), "stream": stream},
-                      separators=(",", ":")).encode()
+    body = json.dumps(
+        {**CHAT, **({"tools": TOOLS} if tools else {}), "stream": stream}, separators=(",", ":")
+    ).encode()
     return (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -93,13 +105,13 @@ class Conn(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            head, data = self.head[:end], self.head[end + 4:]
+            head, data = self.head[:end], self.head[end + 4 :]
             self.in_body = True
             self.ok = head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200")
             low = head.lower()
             i = low.find(b"\r\ncontent-length:")
             if i >= 0:
-                self.length = int(low[i + 17:].split(b"\r\n", 1)[0])
+                self.length = int(low[i + 17 :].split(b"\r\n", 1)[0])
         seen = self.tail + data
         n = seen.count(b"data:")
         if n:
@@ -146,8 +158,9 @@ class StreamConn(Conn):
         super().finish()
 
 
-async def run(mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False
-              ) -> dict[str, object]:
+async def run(
+    mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False
+) -> dict[str, object]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     req = request_bytes(host, port, mode == "stream", tools)
@@ -175,18 +188,25 @@ async def run(mode: str, url: str, conns: int, duration: float, warmup: float, t
             p.transport.close()
     ms = 1000.0
     result: dict[str, object] = {
-        "mode": mode, "conns": conns, "duration_s": round(elapsed, 3),
-        "requests": stats.done, "errors": stats.errors, "closed_by_server": dropped,
+        "mode": mode,
+        "conns": conns,
+        "duration_s": round(elapsed, 3),
+        "requests": stats.done,
+        "errors": stats.errors,
+        "closed_by_server": dropped,
         "rps": stats.done / elapsed,
         "p50_ms": (percentile(stats.latencies, 50) or 0) * ms,
         "p99_ms": (percentile(stats.latencies, 99) or 0) * ms,
     }
     if mode == "stream":
-        result.update({
-            "events": stats.events, "events_per_s": stats.events / elapsed,
-            "ttfe_p50_ms": (percentile(stats.ttfe, 50) or 0) * ms,
-            "ttfe_p99_ms": (percentile(stats.ttfe, 99) or 0) * ms,
-        })
+        result.update(
+            {
+                "events": stats.events,
+                "events_per_s": stats.events / elapsed,
+                "ttfe_p50_ms": (percentile(stats.ttfe, 50) or 0) * ms,
+                "ttfe_p99_ms": (percentile(stats.ttfe, 99) or 0) * ms,
+            }
+        )
     return result
 
 

@@ -83,6 +83,7 @@ def admin_key_known() -> bool:
     sys.path.insert(0, str(REPO))
     try:
         from shim import config as shim_config
+
         shim_config.parse({"gateway": {"admin_key": ADMIN_KEY}, "engines": {"m": {"command": ["x"]}}})
         return True
     except Exception:
@@ -120,6 +121,7 @@ def check_peer(port: int, tools: bool = False) -> None:
 # ---------------------------------------------------------------------------
 # Processes
 
+
 class Procs:
     """Every process started here, each in its own process group, ended in reverse."""
 
@@ -129,8 +131,15 @@ class Procs:
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.logdir / f"{name}.log", "ab")
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env={**os.environ, **(env or {})}, start_new_session=True, cwd=REPO)
+        p = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=REPO,
+        )
         out.close()
         self.procs.append((name, p))
         return p
@@ -156,11 +165,24 @@ class Procs:
 # ---------------------------------------------------------------------------
 # Load
 
+
 def wrk(url: str, conns: int, seconds: float, tools: bool) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-s",
-         str(BENCH / ("chat-tools.lua" if tools else "chat.lua")), url + "/v1/chat/completions"],
-        capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+        [
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(BENCH / ("chat-tools.lua" if tools else "chat.lua")),
+            url + "/v1/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
     units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
     res: dict[str, float] = {"errors": 0.0}
     for line in out.splitlines():
@@ -178,12 +200,29 @@ def wrk(url: str, conns: int, seconds: float, tools: bool) -> dict[str, float]:
     return res
 
 
-def loadpy(mode: str, url: str, conns: int, seconds: float, warmup: float, tools: bool = False
-           ) -> dict[str, Any]:
+def loadpy(
+    mode: str, url: str, conns: int, seconds: float, warmup: float, tools: bool = False
+) -> dict[str, Any]:
     out = subprocess.run(
-        [PY, str(BENCH / "load.py"), mode, "--url", url, "--conns", str(conns),
-         "--duration", str(seconds), "--warmup", str(warmup), *(["--tools"] if tools else [])],
-        capture_output=True, text=True, timeout=seconds + warmup + 60, check=True).stdout
+        [
+            PY,
+            str(BENCH / "load.py"),
+            mode,
+            "--url",
+            url,
+            "--conns",
+            str(conns),
+            "--duration",
+            str(seconds),
+            "--warmup",
+            str(warmup),
+            *(["--tools"] if tools else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + warmup + 60,
+        check=True,
+    ).stdout
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -198,17 +237,29 @@ def measure(port: int, d: Durations, use_wrk: bool, tools: bool = False) -> dict
     else:
         c32 = loadpy("chat", url, 32, d.chat32, d.warmup, tools)
         c1 = loadpy("chat", url, 1, d.chat1, d.warmup, tools)
-    r.update(rps32=c32["rps"], p50_32=c32["p50_ms"], p99_32=c32["p99_ms"],
-             p50_1=c1["p50_ms"], p99_1=c1["p99_ms"], errors=c32["errors"] + c1["errors"])
+    r.update(
+        rps32=c32["rps"],
+        p50_32=c32["p50_ms"],
+        p99_32=c32["p99_ms"],
+        p50_1=c1["p50_ms"],
+        p99_1=c1["p99_ms"],
+        errors=c32["errors"] + c1["errors"],
+    )
     s64 = loadpy("stream", url, 64, d.stream64, d.warmup, tools)
     s1 = loadpy("stream", url, 1, d.stream1, d.warmup, tools)
-    r.update(eps64=s64["events_per_s"], ttfe_p50_64=s64["ttfe_p50_ms"], ttfe_p99_64=s64["ttfe_p99_ms"],
-             ttfe_p50_1=s1["ttfe_p50_ms"], errors=r["errors"] + s64["errors"] + s1["errors"])
+    r.update(
+        eps64=s64["events_per_s"],
+        ttfe_p50_64=s64["ttfe_p50_ms"],
+        ttfe_p99_64=s64["ttfe_p99_ms"],
+        ttfe_p50_1=s1["ttfe_p50_ms"],
+        errors=r["errors"] + s64["errors"] + s1["errors"],
+    )
     return r
 
 
 # ---------------------------------------------------------------------------
 # The gateway
+
 
 @dataclass
 class Shim:
@@ -231,10 +282,10 @@ class Shim:
         cfg.write_text(
             f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nexit_after = "{self.exit_after}"\n'
             + (f'admin_key = "{ADMIN_KEY}"\n' if admin_key_known() else "")
-            +
-            f"[engines.main]\ncommand = {json.dumps(self.engine_cmd)}\nport = {self.engine_port}\n"
+            + f"[engines.main]\ncommand = {json.dumps(self.engine_cmd)}\nport = {self.engine_port}\n"
             f'models = ["bench"]\nunit = "{self.unit}"\nstop_after = "off"\n'
-            f'tool_call_format = "{self.fmt}"\nstart_timeout = "60s"\n')
+            f'tool_call_format = "{self.fmt}"\nstart_timeout = "60s"\n'
+        )
         self.proc = self.procs.start(f"shim-{self.name}", [str(SHIM), "--config", str(cfg), "serve"])
         wait_port(self.port)
 
@@ -275,7 +326,9 @@ def task_switches(pid: int) -> dict[str, int]:
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
-    f = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    f = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
     return int(f["VmRSS"].split()[0]) / 1024, int(f["VmHWM"].split()[0]) / 1024
 
 
@@ -304,6 +357,7 @@ def processes_matching(*needles: str) -> list[str]:
 # ---------------------------------------------------------------------------
 # Cold start
 
+
 async def _health_poller(port: int, interval_s: float) -> tuple[float, float]:
     """Poll the engine's /health until 200: (last time it was not ready, time of the 200)."""
     last_not_ready = time.perf_counter()
@@ -327,8 +381,10 @@ async def _first_byte(port: int) -> tuple[float, float, bytes]:
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).encode()
     t0 = time.perf_counter()
     r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    w.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     first = await r.read(1)
     t1 = time.perf_counter()
     rest = await r.read()
@@ -342,12 +398,12 @@ async def cold_once(shim: Shim, interval_s: float) -> dict[str, float]:
     not_ready, ready = await asyncio.wait_for(poller, 10)
     if not resp.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"cold request answered {resp[:200]!r}")
-    return {"lag_hi_ms": (t_fb - not_ready) * 1000, "lag_lo_ms": (t_fb - ready) * 1000,
-            "total_s": t_fb - t0}
+    return {"lag_hi_ms": (t_fb - not_ready) * 1000, "lag_lo_ms": (t_fb - ready) * 1000, "total_s": t_fb - t0}
 
 
 # ---------------------------------------------------------------------------
 # Report
+
 
 def machine() -> dict[str, str]:
     cpu = "unknown"
@@ -356,10 +412,15 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
-            "python": platform.python_version(),
-            "systemd": subprocess.run(["systemctl", "--version"], capture_output=True,
-                                      text=True).stdout.split("\n")[0]}
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "systemd": subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout.split(
+            "\n"
+        )[0],
+    }
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -378,7 +439,8 @@ def peer_table(res: dict[str, dict[str, float]]) -> list[str]:
     d, p = res.get("direct", {}), res.get("socket-proxyd", {})
     rows = [
         "| peer | req/s @32 | vs direct | vs proxyd | p50 @1 ms | p99 @1 ms | p50 @32 ms | p99 @32 ms "
-        "| events/s @64 | vs direct | vs proxyd | first event p50 @1 ms | first event p50/p99 @64 ms | errors |",
+        "| events/s @64 | vs direct | vs proxyd | first event p50 @1 ms "
+        "| first event p50/p99 @64 ms | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in PEERS:
@@ -392,21 +454,29 @@ def peer_table(res: dict[str, dict[str, float]]) -> list[str]:
             f"| {fmt(r['p50_32'], 2)} | {fmt(r['p99_32'], 2)} | {fmt(r['eps64'])} "
             f"| {ratio(r['eps64'], d.get('eps64'))} | {ratio(r['eps64'], p.get('eps64'))} "
             f"| {fmt(r['ttfe_p50_1'], 3)} | {fmt(r['ttfe_p50_64'], 1)} / {fmt(r['ttfe_p99_64'], 1)} "
-            f"| {fmt(r['errors'])} |")
+            f"| {fmt(r['errors'])} |"
+        )
     return rows
 
 
-def targets(res: dict[str, dict[str, float]], extra: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+def targets(
+    res: dict[str, dict[str, float]], extra: dict[str, Any]
+) -> list[tuple[str, str, str, bool | None]]:
     g, gr = res.get("vllm-gateway", {}), res.get("vllm-gateway+rewrite", {})
     f, p, d = res.get("fastapi+httpx", {}), res.get("socket-proxyd", {}), res.get("direct", {})
 
-    def rel(a: dict[str, float], b: dict[str, float], key: str, want: float, what: str
-            ) -> tuple[str, str, str, bool | None]:
+    def rel(
+        a: dict[str, float], b: dict[str, float], key: str, want: float, what: str
+    ) -> tuple[str, str, str, bool | None]:
         if key not in a or key not in b or not b[key]:
             return (what, f">= {want:g}x", "-", None)
         x = a[key] / b[key]
-        return (what, f">= {want:g}x" if want >= 1 else f">= {want:.0%}",
-                f"{x:.2f}x" if want >= 1 else f"{x:.0%}", x >= want)
+        return (
+            what,
+            f">= {want:g}x" if want >= 1 else f">= {want:.0%}",
+            f"{x:.2f}x" if want >= 1 else f"{x:.0%}",
+            x >= want,
+        )
 
     out = [
         rel(g, f, "rps32", 10, "req/s vs fastapi+httpx (rewrite off)"),
@@ -421,18 +491,38 @@ def targets(res: dict[str, dict[str, float]], extra: dict[str, Any]) -> list[tup
         added = g["p50_1"] - d["p50_1"]
         out.append(("added p50 latency @1 conn over direct", "< 0.300 ms", f"{added:.3f} ms", added < 0.3))
     cold = extra.get("cold_p99_hi_ms")
-    out.append(("cold-start lag p99 (upper bound)", "< 100 ms", f"{cold:.1f} ms" if cold is not None else "-",
-                None if cold is None else cold < 100))
+    out.append(
+        (
+            "cold-start lag p99 (upper bound)",
+            "< 100 ms",
+            f"{cold:.1f} ms" if cold is not None else "-",
+            None if cold is None else cold < 100,
+        )
+    )
     rss = extra.get("rss_mb")
-    out.append(("shim RSS after load", "< 30 MB", f"{rss:.1f} MB" if rss is not None else "-",
-                None if rss is None else rss < 30))
-    for key, what in (("wake_ready", "idle wake-ups/s, engine ready"),
-                      ("wake_stopped", "idle wake-ups/s, engine stopped")):
+    out.append(
+        (
+            "shim RSS after load",
+            "< 30 MB",
+            f"{rss:.1f} MB" if rss is not None else "-",
+            None if rss is None else rss < 30,
+        )
+    )
+    for key, what in (
+        ("wake_ready", "idle wake-ups/s, engine ready"),
+        ("wake_stopped", "idle wake-ups/s, engine stopped"),
+    ):
         w = extra.get(key)
         out.append((what, "0 /s", f"{w:.2f} /s" if w is not None else "-", None if w is None else w == 0))
     left = extra.get("left")
-    out.append(("processes left when fully idle", "0", str(len(left)) if left is not None else "-",
-                None if left is None else not left))
+    out.append(
+        (
+            "processes left when fully idle",
+            "0",
+            str(len(left)) if left is not None else "-",
+            None if left is None else not left,
+        )
+    )
     return out
 
 
@@ -446,6 +536,7 @@ def target_rows(ts: list[tuple[str, str, str, bool | None]]) -> list[str]:
 def plots(res: dict[str, dict[str, float]], extra: dict[str, Any], out: Path) -> list[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -454,8 +545,10 @@ def plots(res: dict[str, dict[str, float]], extra: dict[str, Any], out: Path) ->
     names = [n for n in PEERS if n in res]
     colors = ["#777777", "#4c72b0", "#dd8452", "#55a868", "#8fbc8f"][: len(names)]
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
-    for a, key, title in ((ax[0], "rps32", "non-streaming requests/s, 32 connections"),
-                          (ax[1], "eps64", "SSE events/s, 64 streams")):
+    for a, key, title in (
+        (ax[0], "rps32", "non-streaming requests/s, 32 connections"),
+        (ax[1], "eps64", "SSE events/s, 64 streams"),
+    ):
         vals = [res[n][key] for n in names]
         a.bar(names, vals, color=colors)
         a.set_title(title)
@@ -490,6 +583,7 @@ def plots(res: dict[str, dict[str, float]], extra: dict[str, Any], out: Path) ->
 
 # ---------------------------------------------------------------------------
 
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -497,8 +591,11 @@ def main() -> int:
     ap.add_argument("--command", default="scripts/bench", help="the command line to record")
     ap.add_argument("--upstream-procs", type=int, default=1)
     ap.add_argument("--no-wrk", action="store_true", help="use bench/load.py for non-streaming too")
-    ap.add_argument("--profile", action="store_true",
-                    help="record py-spy profiles of the shim under load into OUT/profiles")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="record py-spy profiles of the shim under load into OUT/profiles",
+    )
     a = ap.parse_args()
     d = QUICK if a.quick else FULL
     out = Path(a.out)
@@ -532,15 +629,25 @@ def main() -> int:
         peer("direct", up_port)
 
         pp = free_port()
-        proxyd = procs.start("proxyd", ["systemd-socket-activate", "-l", f"127.0.0.1:{pp}", PROXYD,
-                                        f"127.0.0.1:{up_port}"])
+        proxyd = procs.start(
+            "proxyd", ["systemd-socket-activate", "-l", f"127.0.0.1:{pp}", PROXYD, f"127.0.0.1:{up_port}"]
+        )
         wait_port(pp)
         peer("socket-proxyd", pp)
         procs.stop(proxyd)
 
         fp = free_port()
-        fa = procs.start("fastapi", [PY, str(BENCH / "peers" / "fastapi_gateway.py"), "--port", str(fp),
-                                     "--upstream", f"http://127.0.0.1:{up_port}"])
+        fa = procs.start(
+            "fastapi",
+            [
+                PY,
+                str(BENCH / "peers" / "fastapi_gateway.py"),
+                "--port",
+                str(fp),
+                "--upstream",
+                f"http://127.0.0.1:{up_port}",
+            ],
+        )
         wait_port(fp)
         peer("fastapi+httpx", fp)
         procs.stop(fa)
@@ -557,9 +664,23 @@ def main() -> int:
         if a.profile and Path(spy_bin).exists():
             profile_dir.mkdir(exist_ok=True)
             for mode, conns in (("chat", 32), ("stream", 64)):
-                spy = procs.start(f"py-spy-{mode}", [spy_bin, "record", "-p", str(pid), "-d", "6", "-r", "200",
-                                                     "-f", "raw", "-o",
-                                                     str(profile_dir / f"shim-{mode}.folded.txt")])
+                spy = procs.start(
+                    f"py-spy-{mode}",
+                    [
+                        spy_bin,
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-d",
+                        "6",
+                        "-r",
+                        "200",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(profile_dir / f"shim-{mode}.folded.txt"),
+                    ],
+                )
                 loadpy(mode, f"http://127.0.0.1:{g.port}", conns, 6, 0.2, tools=False)
                 spy.wait(30)
         extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
@@ -574,13 +695,16 @@ def main() -> int:
         assert g.proc is not None
         try:
             g.proc.wait(exit_after + 10)
-            extra["shim_exit"] = f"exited by itself (exit_after = {exit_after:g}s), status {g.proc.returncode}"
+            extra["shim_exit"] = (
+                f"exited by itself (exit_after = {exit_after:g}s), status {g.proc.returncode}"
+            )
         except subprocess.TimeoutExpired:
             extra["shim_exit"] = "did not exit by itself"
         time.sleep(0.5)
         extra["left"] = processes_matching(f"{g.name}.toml", f"--port {g.engine_port}")
-        unit_state = subprocess.run(["systemctl", "--user", "is-active", g.unit], capture_output=True,
-                                    text=True).stdout.strip()
+        unit_state = subprocess.run(
+            ["systemctl", "--user", "is-active", g.unit], capture_output=True, text=True
+        ).stdout.strip()
         extra["unit_state"] = unit_state
 
         gr = Shim(procs, work, "rewrite", engine_cmd(), fmt="nemotron")
@@ -591,8 +715,12 @@ def main() -> int:
 
         # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
         log(f"cold starts: {d.cold_runs}")
-        cold = Shim(procs, work, "cold", [PY, str(REPO / "scripts" / "fake-vllm"), "--startup-delay", "2",
-                                          "--served-model-name", "bench"])
+        cold = Shim(
+            procs,
+            work,
+            "cold",
+            [PY, str(REPO / "scripts" / "fake-vllm"), "--startup-delay", "2", "--served-model-name", "bench"],
+        )
         shims.append(cold)
         cold.start()
         lags: list[dict[str, float]] = []
@@ -609,9 +737,16 @@ def main() -> int:
 
             def pct(xs: list[float], q: float) -> float:
                 return xs[min(len(xs) - 1, max(0, round(q * len(xs) + 0.5) - 1))]
-            extra.update(cold_runs=len(lags), cold_lags_hi_ms=hi, cold_p50_hi_ms=pct(hi, 0.5),
-                         cold_p99_hi_ms=pct(hi, 0.99), cold_p50_lo_ms=pct(lo, 0.5), cold_p99_lo_ms=pct(lo, 0.99),
-                         cold_total_p50_s=sorted(x["total_s"] for x in lags)[len(lags) // 2])
+
+            extra.update(
+                cold_runs=len(lags),
+                cold_lags_hi_ms=hi,
+                cold_p50_hi_ms=pct(hi, 0.5),
+                cold_p99_hi_ms=pct(hi, 0.99),
+                cold_p50_lo_ms=pct(lo, 0.5),
+                cold_p99_lo_ms=pct(lo, 0.99),
+                cold_total_p50_s=sorted(x["total_s"] for x in lags)[len(lags) // 2],
+            )
     except Exception as e:  # print and record what was measured; figures never fail the run
         log(f"run stopped early: {type(e).__name__}: {e}")
         notes.append(f"run stopped early: {type(e).__name__}: {e}")
@@ -636,17 +771,29 @@ def main() -> int:
     return 0
 
 
-def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt: list[str], tt: list[str],
-              extra: dict[str, Any], notes: list[str], images: list[str], elapsed: float) -> None:
+def write_doc(
+    path: Path,
+    a: argparse.Namespace,
+    d: Durations,
+    use_wrk: bool,
+    pt: list[str],
+    tt: list[str],
+    extra: dict[str, Any],
+    notes: list[str],
+    images: list[str],
+    elapsed: float,
+) -> None:
     m = machine()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     chat_tool = "wrk -t1 (bench/chat.lua)" if use_wrk else "bench/load.py chat"
     cold = ""
     if extra.get("cold_runs"):
-        cold = (f"- cold-start lag over {extra['cold_runs']} starts: p50 {extra['cold_p50_hi_ms']:.1f} ms, "
-                f"p99 {extra['cold_p99_hi_ms']:.1f} ms (upper bounds; lower bounds p50 "
-                f"{extra['cold_p50_lo_ms']:.1f} ms, p99 {extra['cold_p99_lo_ms']:.1f} ms); whole cold request "
-                f"p50 {extra['cold_total_p50_s']:.2f} s\n")
+        cold = (
+            f"- cold-start lag over {extra['cold_runs']} starts: p50 {extra['cold_p50_hi_ms']:.1f} ms, "
+            f"p99 {extra['cold_p99_hi_ms']:.1f} ms (upper bounds; lower bounds p50 "
+            f"{extra['cold_p50_lo_ms']:.1f} ms, p99 {extra['cold_p99_lo_ms']:.1f} ms); whole cold request "
+            f"p50 {extra['cold_total_p50_s']:.2f} s\n"
+        )
     left = extra.get("left")
     lines = [
         "# Benchmarks",
@@ -673,7 +820,8 @@ def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt
         "",
         "## Footprint and cold start",
         "",
-        f"- shim RSS: {extra.get('rss_mb', 0):.1f} MB after load (peak {extra.get('rss_peak_mb', 0):.1f} MB), "
+        f"- shim RSS: {extra.get('rss_mb', 0):.1f} MB after load "
+        f"(peak {extra.get('rss_peak_mb', 0):.1f} MB), "
         f"{extra.get('rss_idle_mb', 0):.1f} MB idle with the engine stopped",
         f"- shim wake-ups (context switches of all its threads) while idle: "
         f"{extra.get('wake_ready', float('nan')):.2f}/s with the engine ready, "
@@ -687,7 +835,8 @@ def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt
         "",
         "## How it was measured",
         "",
-        "- **Upstream** (`bench/upstream.py`): one asyncio process answering from bytes rendered at start-up: "
+        "- **Upstream** (`bench/upstream.py`): one asyncio process answering from bytes rendered "
+        "at start-up: "
         f"a ~480-byte chat.completion, or a stream of {EVENTS} SSE events (vLLM's chat.completion.chunk "
         "shape, each its own HTTP chunk, `data: [DONE]` last) written at once, no pacing. `direct`, "
         "`socket-proxyd` and `fastapi+httpx` share one instance; each vllm-gateway starts its own instance "
@@ -698,7 +847,7 @@ def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt
         "... serve`, listening on `[gateway] listen`, log on a file) inside `scripts/sandbox`, whose "
         "systemd user manager runs the engine as a transient unit; warmed with one whole and one streamed "
         "completion (which also check that the stream arrives intact: all events, [DONE] last). "
-        "`+rewrite` is `tool_call_format = \"nemotron\"` with a tool offered in every request (the gateway "
+        '`+rewrite` is `tool_call_format = "nemotron"` with a tool offered in every request (the gateway '
         "rewrites only responses to requests that offer tools) and answers without tool calls: the "
         "cost of looking.",
         f"- **Non-streaming**: {chat_tool}, keep-alive; requests/s at 32 connections, latency percentiles "
@@ -730,6 +879,10 @@ def write_doc(path: Path, a: argparse.Namespace, d: Durations, use_wrk: bool, pt
     ]
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    # the record of what was tried to make the relay faster, kept by hand
+    tried = Path(__file__).with_name("tried.md")
+    if tried.exists():
+        lines += ["", tried.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 

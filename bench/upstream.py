@@ -39,8 +39,7 @@ _CONN_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 
 def _response(status: str, ctype: str, body: bytes) -> bytes:
     return (
-        f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
-        + body
+        f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
     )
 
 
@@ -50,19 +49,28 @@ def render(events: int) -> dict[str, bytes]:
         "object": "chat.completion",
         "created": 1700000000,
         "model": MODEL,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": "Hello! This is the benchmark's fixed reply.",
-                        "tool_calls": []},
-            "logprobs": None, "finish_reason": "stop", "stop_reason": None,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Hello! This is the benchmark's fixed reply.",
+                    "tool_calls": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+                "stop_reason": None,
+            }
+        ],
         "usage": {"prompt_tokens": 12, "total_tokens": 22, "completion_tokens": 10},
     }
 
     def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
         obj = {
-            "id": "chatcmpl-bench0123456789", "object": "chat.completion.chunk",
-            "created": 1700000000, "model": MODEL,
+            "id": "chatcmpl-bench0123456789",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": MODEL,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
@@ -74,13 +82,19 @@ def render(events: int) -> dict[str, bytes]:
     stream = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in sse) + b"0\r\n\r\n"
     return {
         "health": b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-        "models": _response("200 OK", "application/json", json.dumps({
-            "object": "list",
-            "data": [{"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "vllm"}],
-        }).encode()),
+        "models": _response(
+            "200 OK",
+            "application/json",
+            json.dumps(
+                {
+                    "object": "list",
+                    "data": [{"id": MODEL, "object": "model", "created": 1700000000, "owned_by": "vllm"}],
+                }
+            ).encode(),
+        ),
         "chat": _response("200 OK", "application/json", json.dumps(completion).encode()),
         "stream": b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-                  b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n" + stream,
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n" + stream,
         "not_found": _response("404 Not Found", "application/json", b'{"detail":"Not Found"}'),
     }
 
@@ -107,14 +121,14 @@ class Upstream(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 break
-            head = buf[:end + 2]
+            head = buf[: end + 2]
             m = _CONTENT_LENGTH.search(head)
             size = int(m.group(1)) if m else 0
             if len(buf) < end + 4 + size:
                 break
-            body = buf[end + 4:end + 4 + size]
-            buf = buf[end + 4 + size:]
-            line = head[:head.find(b"\r\n")]
+            body = buf[end + 4 : end + 4 + size]
+            buf = buf[end + 4 + size :]
+            line = head[: head.find(b"\r\n")]
             method, _, rest = line.partition(b" ")
             path = rest.partition(b" ")[0].partition(b"?")[0]
             r = self.replies
@@ -177,8 +191,9 @@ def main() -> int:
             os._exit(0)
         children.append(pid)
     try:
-        print(f"upstream listening on {args.host}:{args.port} ({args.procs} procs)", file=sys.stderr,
-              flush=True)
+        print(
+            f"upstream listening on {args.host}:{args.port} ({args.procs} procs)", file=sys.stderr, flush=True
+        )
         serve(listener())
     finally:
         for pid in children:

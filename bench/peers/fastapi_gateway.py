@@ -22,8 +22,17 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 # Headers that describe one hop, not the message; the server sets its own.
-HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade",
-       "proxy-connection", "host"}
+HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "host",
+}
 
 
 def make_app(upstream: str) -> FastAPI:
@@ -33,18 +42,30 @@ def make_app(upstream: str) -> FastAPI:
         await client.aclose()
 
     app = FastAPI(lifespan=lifespan)
-    client = httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(None),
-                               limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+    client = httpx.AsyncClient(
+        base_url=upstream,
+        timeout=httpx.Timeout(None),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+    )
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
     async def forward(path: str, request: Request) -> StreamingResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        req = client.build_request(request.method, "/" + path, params=request.query_params,
-                                   headers=headers, content=await request.body())
+        req = client.build_request(
+            request.method,
+            "/" + path,
+            params=request.query_params,
+            headers=headers,
+            content=await request.body(),
+        )
         resp = await client.send(req, stream=True)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
-        return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code, headers=out_headers,
-                                 background=BackgroundTask(resp.aclose))
+        return StreamingResponse(
+            resp.aiter_raw(),
+            status_code=resp.status_code,
+            headers=out_headers,
+            background=BackgroundTask(resp.aclose),
+        )
 
     return app
 
