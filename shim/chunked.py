@@ -33,6 +33,12 @@ class ChunkedPassthrough:
         self.done = False
         self.leftover = b""
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether everything forwarded so far ends between chunks (so that
+        more chunks of our own may follow)."""
+        return not (self._data_left or self._crlf_left)
+
     def feed(self, data: bytes) -> bytes:
         if self.done:
             raise ChunkedError("data after the end of the body")

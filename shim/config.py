@@ -25,6 +25,7 @@ DEFAULT_STOP_AFTER_S = 600.0
 # vLLM drains and frees VRAM within seconds; past this systemd sends SIGKILL.
 DEFAULT_STOP_TIMEOUT_S = 30.0
 DEFAULT_EXIT_AFTER_S = 300.0
+DEFAULT_READ_TIMEOUT_S = 600.0
 DEFAULT_STREAM_KEEPALIVE_S = 5.0
 TOOL_CALL_FORMATS = ("off", "nemotron", "hermes", "mistral")
 
@@ -55,6 +56,10 @@ class EngineConfig:
     # limit get this one. None: no limit.
     max_tokens: int | None = None
     max_tokens_policy: str = "reject"
+    # Once the engine took a request it may think long before the first byte
+    # (a long prompt's prefill); between streamed bytes it is quick. Silence
+    # past this means it hangs: the client gets an error, the unit is stopped.
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     # Sleep tier: put the engine to sleep (level 1: weights to CPU RAM; level
     # 2: weights dropped) after this idle time; None keeps it awake.
     sleep_after_s: float | None = None
@@ -171,7 +176,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
 _ENGINE_KEYS = {
     "command", "port", "environment", "models", "health_path", "start_timeout",
     "stop_after", "stop_timeout", "unit", "tool_call_format", "sleep_after", "sleep_level",
-    "max_tokens", "max_tokens_policy",
+    "max_tokens", "max_tokens_policy", "read_timeout",
 }
 
 
@@ -225,6 +230,8 @@ def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
         sleep_level=c.integer(t.get("sleep_level", 1), f"{k}.sleep_level", 1, 2),
         max_tokens=None if t.get("max_tokens") is None
         else c.integer(t["max_tokens"], f"{k}.max_tokens", 1, 10_000_000),
+        read_timeout_s=c.positive_duration(t.get("read_timeout", DEFAULT_READ_TIMEOUT_S),
+                                           f"{k}.read_timeout"),
         max_tokens_policy=c.choice(t.get("max_tokens_policy", "reject"), f"{k}.max_tokens_policy",
                                    ("reject", "cap")),
     )
@@ -263,6 +270,12 @@ class _Checker:
             return None
         seconds = self.duration(value, key)
         return None if seconds == 0 else seconds
+
+    def positive_duration(self, value: Any, key: str) -> float:
+        seconds = self.duration(value, key)
+        if seconds <= 0:
+            raise self.fail(key, "must be greater than zero")
+        return seconds
 
     def choice(self, value: Any, key: str, options: tuple[str, ...]) -> str:
         if value not in options:

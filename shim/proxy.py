@@ -23,10 +23,6 @@ from .upstream import UpstreamConn
 
 log = logging.getLogger("vllm_gateway.proxy")
 
-# Once the engine took the request, it may think long before the first byte
-# (a long prompt's prefill); between streamed bytes it is quick. A silent
-# engine past this is treated as hung.
-UPSTREAM_READ_TIMEOUT_S = 600.0
 # When the engine connection fails before any response byte, wait this long
 # for systemd to report what happened before retrying.
 RETRY_SETTLE_S = 2.0
@@ -47,6 +43,9 @@ class Exchange:
     tool_calls: int = 0
     model: str | None = None
     head_sent: bool = False  # a 200 event-stream head went out while waiting
+    # the engine's read_timeout: silence past it means it hangs
+    read_timeout_s: float = 600.0
+    event_stream: bool = False  # the response is SSE: errors can go in-band
 
 
 class ClientSide:
@@ -72,7 +71,7 @@ async def forward(
     parsed: dict[str, object] | None = None,
     keepalive_s: float | None = None,
 ) -> Exchange:
-    ex = Exchange()
+    ex = Exchange(read_timeout_s=engine.cfg.read_timeout_s)
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
         body = toolcalls.adapt_request(body, fmt)
@@ -103,7 +102,10 @@ async def forward(
         async with engine.lease(max_waiting) as waited:
             ex.waited_s += waited
             try:
-                up, resp = await _send_request(engine, up_req, body)
+                up, resp = await _send_request(engine, up_req, body, ex.read_timeout_s)
+            except UpstreamTimeout:
+                _restart_hung(engine, ex)
+                raise
             except _BeforeResponse as e:
                 if retried:
                     raise UpstreamError(f"vllm-gateway: cannot reach the engine: {e}") from None
@@ -111,6 +113,11 @@ async def forward(
             else:
                 try:
                     await _relay(engine, client, up, resp, fmt, request_id, ex)
+                except _StreamBroken as e:
+                    up.close()
+                    if e.hung:
+                        _restart_hung(engine, ex)
+                    raise
                 except BaseException:
                     up.close()
                     raise
@@ -118,6 +125,12 @@ async def forward(
                 return ex
         retried = True
         await engine.wait_changed(RETRY_SETTLE_S)
+
+
+def _restart_hung(engine: Engine, ex: Exchange) -> None:
+    """A silent engine is stopped; the next request starts a fresh one."""
+    log.error("the engine sent nothing for %g s: stopping it as hung", ex.read_timeout_s)
+    engine.request_stop("hung")
 
 
 def _client_allows_tool_calls(parsed: dict[str, object] | None) -> bool:
@@ -147,6 +160,7 @@ async def _wait_with_keepalive(
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
         ]))
         ex.head_sent = True
+        ex.event_stream = True
         ex.status = 200
         while True:
             verb = "starting" if engine.in_state(State.STOPPED, State.STARTING, State.FAILED) else "waking"
@@ -172,7 +186,7 @@ class _BeforeResponse(Exception):
 
 
 async def _send_request(
-    engine: Engine, up_req: h11.Request, body: bytes
+    engine: Engine, up_req: h11.Request, body: bytes, read_timeout_s: float
 ) -> tuple[UpstreamConn, h11.Response]:
     """Send the request and read the response head. A reused keep-alive
     connection that the engine had closed is replaced at once."""
@@ -184,7 +198,7 @@ async def _send_request(
             c = up.conn
             wire = (c.send(up_req) or b"") + (c.send(h11.Data(data=body)) or b"")
             await up.stream.send_all(wire + (c.send(h11.EndOfMessage()) or b""))
-            with trio.fail_after(UPSTREAM_READ_TIMEOUT_S):
+            with trio.fail_after(read_timeout_s):
                 event = await next_event(up.conn, up.stream)
             if not isinstance(event, h11.Response):
                 raise UpstreamError(f"vllm-gateway: the engine answered with {type(event).__name__}")
@@ -194,7 +208,7 @@ async def _send_request(
             assert up is not None
             up.close()
             raise UpstreamTimeout(
-                f"vllm-gateway: the engine sent nothing for {UPSTREAM_READ_TIMEOUT_S:g} s"
+                f"vllm-gateway: the engine sent nothing for {read_timeout_s:g} s; it is restarted"
             ) from None
         except (OSError, trio.BrokenResourceError, h11.ProtocolError) as e:
             if up is not None:
@@ -221,6 +235,7 @@ async def _relay(
     if ex.waited_s > 0:
         headers.append((b"x-vllm-gateway-cold-start-ms", str(round(ex.waited_s * 1000)).encode()))
     ctype = header(resp.headers, b"content-type") or b""
+    ex.event_stream = ctype.startswith(b"text/event-stream")
     rewrite = fmt is not None and resp.status_code == 200
     if rewrite and ctype.startswith(b"text/event-stream"):
         await _relay_stream_rewritten(client, up, resp, headers, fmt, request_id, ex)  # type: ignore[arg-type]
@@ -285,7 +300,7 @@ async def _pump(
                 await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
             # one scope for the whole body; its deadline moves with each read
-            scope.deadline = trio.current_time() + UPSTREAM_READ_TIMEOUT_S
+            scope.deadline = trio.current_time() + ex.read_timeout_s
             try:
                 chunk = await up.stream.receive_some(READ_BYTES)
             except (OSError, trio.BrokenResourceError) as e:
@@ -297,7 +312,7 @@ async def _pump(
     if out:
         await client.stream.send_all(b"".join(out))
     await _abort_stream(client, ex, scope_error)
-    raise _StreamBroken("timeout")
+    raise _StreamBroken("timeout", hung=True)
 
 
 def _both_chunked(client: ClientSide, up: UpstreamConn, head: h11.Response) -> bool:
@@ -338,17 +353,18 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: h1
             if out:
                 await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
                 out.clear()
-            scope.deadline = trio.current_time() + UPSTREAM_READ_TIMEOUT_S
+            scope.deadline = trio.current_time() + ex.read_timeout_s
             try:
                 data = await up.stream.receive_some(READ_BYTES)
             except (OSError, trio.BrokenResourceError) as e:
-                await _abort_stream(client, ex, e)
+                await _abort_stream(client, ex, e, passthrough.at_boundary)
                 raise _StreamBroken(str(e)) from None
             if not data:
-                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"))
+                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
+                                    passthrough.at_boundary)
                 raise _StreamBroken("the engine closed mid-response")
-    await _abort_stream(client, ex, trio.TooSlowError())
-    raise _StreamBroken("timeout")
+    await _abort_stream(client, ex, trio.TooSlowError(), passthrough.at_boundary)
+    raise _StreamBroken("timeout", hung=True)
 
 
 async def _relay_after_keepalive(
@@ -364,7 +380,7 @@ async def _relay_after_keepalive(
     ex.status = resp.status_code
     chunks: list[bytes] = []
     while True:
-        with trio.fail_after(UPSTREAM_READ_TIMEOUT_S):
+        with trio.fail_after(ex.read_timeout_s):
             event = await next_event(up.conn, up.stream)
         if isinstance(event, h11.Data):
             chunks.append(bytes(event.data))
@@ -382,17 +398,29 @@ async def _relay_after_keepalive(
 class _StreamBroken(Exception):
     """The engine's response broke off after the client got its head."""
 
+    def __init__(self, message: str, *, hung: bool = False) -> None:
+        super().__init__(message)
+        self.hung = hung
 
-async def _abort_stream(client: ClientSide, ex: Exchange, cause: BaseException) -> None:
-    """The engine broke off mid-response. For an event stream, tell the client
-    in-band (an SSE error event) before the connection closes."""
+
+async def _abort_stream(
+    client: ClientSide, ex: Exchange, cause: BaseException, at_boundary: bool = True
+) -> None:
+    """The engine broke off mid-response. End the client's response cleanly:
+    for an event stream an SSE error event first, then the body's proper end
+    (the connection closes after it). Where a chunk was cut in the middle,
+    only closing is left."""
     log.warning("engine response broke off after %d bytes: %s", ex.bytes_out, cause or "timeout")
+    if not at_boundary:
+        return
     message = "vllm-gateway: the engine stopped responding mid-stream"
     if isinstance(cause, trio.TooSlowError):
-        message = f"vllm-gateway: the engine sent nothing for {UPSTREAM_READ_TIMEOUT_S:g} s"
-    event = b"data: " + error_body(message, "upstream_error") + b"\n\n"
+        message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
     try:
-        await client.send(h11.Data(data=event))
+        if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
+            event = b"data: " + error_body(message, "upstream_error") + b"\n\n"
+            await client.send(h11.Data(data=event))
+            await client.send(h11.EndOfMessage())
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
 
@@ -413,7 +441,7 @@ async def _relay_whole_rewritten(
     chunks: list[bytes] = []
     size = 0
     while True:
-        with trio.fail_after(UPSTREAM_READ_TIMEOUT_S):
+        with trio.fail_after(ex.read_timeout_s):
             event = await next_event(up.conn, up.stream)
         if isinstance(event, h11.Data):
             size += len(event.data)
