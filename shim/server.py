@@ -261,7 +261,7 @@ class Gateway:
             with trio.fail_after(REQUEST_READ_TIMEOUT_S):
                 body = await self._read_body(client)
         except trio.TooSlowError:
-            if conn.their_state is h11.IDLE:
+            if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 return False  # an idle keep-alive connection, closed quietly
             await self._send_error(client, RequestTimeout("vllm-gateway: the request was not sent in time"))
             return False

@@ -437,3 +437,15 @@ async def test_head_on_own_get_endpoints(target: str) -> None:
         again = await client.request("GET", target)
         assert again.status == 200
     assert engine.calls == []
+
+
+async def test_a_stalled_request_head_gets_408(monkeypatch: pytest.MonkeyPatch,
+                                                autojump_clock: object) -> None:
+    import shim.server
+
+    monkeypatch.setattr(shim.server, "KEEPALIVE_IDLE_S", 1.0)
+    async with connected() as (client, engine, _gw):
+        reply = await client.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        assert reply is not None, "the connection closed without a response"
+        assert_openai_error(reply, 408)
+    assert engine.calls == []
