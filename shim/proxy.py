@@ -296,23 +296,27 @@ async def _pump(
                 return
             if event is not h11.NEED_DATA:
                 continue  # trailers' end (EndOfMessage covers them) or nothing
-            if out:
-                await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
-                out.clear()
-            # one scope for the whole body; its deadline moves with each read
-            scope.deadline = trio.current_time() + ex.read_timeout_s
-            try:
-                chunk = await up.stream.receive_some(READ_BYTES)
-            except (OSError, trio.BrokenResourceError) as e:
-                await _abort_stream(client, ex, e)
-                raise _StreamBroken(str(e)) from None
-            conn.receive_data(chunk)  # b"" marks the end
-    # the deadline passed: the engine went silent mid-response
-    scope_error = trio.TooSlowError()
-    if out:
-        await client.stream.send_all(b"".join(out))
-    await _abort_stream(client, ex, scope_error)
+            conn.receive_data(await _flush_and_read(client, up, ex, out, scope))  # b"": the end
+    await _abort_stream(client, ex, trio.TooSlowError())
     raise _StreamBroken("timeout", hung=True)
+
+
+async def _flush_and_read(
+    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], scope: trio.CancelScope,
+    at_boundary: bool = True,
+) -> bytes:
+    """Write what is pending to the client in one go, then read the engine's
+    next bytes. One scope serves the whole body: its deadline moves with each
+    read, and passing it means the engine went silent."""
+    if out:
+        await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+    scope.deadline = trio.current_time() + ex.read_timeout_s
+    try:
+        return await up.stream.receive_some(READ_BYTES)
+    except (OSError, trio.BrokenResourceError) as e:
+        await _abort_stream(client, ex, e, at_boundary)
+        raise _StreamBroken(str(e)) from None
 
 
 def _both_chunked(client: ClientSide, up: UpstreamConn, head: h11.Response) -> bool:
@@ -350,15 +354,7 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: h1
                     await client.stream.send_all(b"".join(out))
                     up.raw_done = not passthrough.leftover
                     return
-            if out:
-                await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
-                out.clear()
-            scope.deadline = trio.current_time() + ex.read_timeout_s
-            try:
-                data = await up.stream.receive_some(READ_BYTES)
-            except (OSError, trio.BrokenResourceError) as e:
-                await _abort_stream(client, ex, e, passthrough.at_boundary)
-                raise _StreamBroken(str(e)) from None
+            data = await _flush_and_read(client, up, ex, out, scope, passthrough.at_boundary)
             if not data:
                 await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
                                     passthrough.at_boundary)
