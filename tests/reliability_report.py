@@ -18,14 +18,15 @@ def report_path(factory: pytest.TempPathFactory) -> Path:
     return factory.getbasetemp() / "reliability.jsonl"
 
 
-def record(factory: pytest.TempPathFactory, name: str, **figures: Any) -> None:
-    """Print `name: k=v ...` to the real stdout and append it as JSON."""
+def record(request: pytest.FixtureRequest, name: str, **figures: Any) -> None:
+    """Print `name: k=v ...` past pytest's capture and append it as JSON."""
     line = f"reliability: {name}: " + " ".join(f"{k}={v}" for k, v in figures.items())
-    # sys.__stdout__ bypasses pytest's capture, so the line shows without -s
-    out = sys.__stdout__ or sys.stdout
-    out.write("\n" + line + "\n")
-    out.flush()
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():  # shows without -s
+            sys.stdout.write("\n" + line + "\n")
+            sys.stdout.flush()
     print(line)  # also in the captured output of a failing test
-    path = report_path(factory)
+    path = report_path(request.getfixturevalue("tmp_path_factory"))
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"t": time.time(), "test": name, **figures}) + "\n")

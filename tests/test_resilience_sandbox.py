@@ -82,7 +82,7 @@ def cgroup_procs(gw: Gateway, path: str) -> list[int]:
 
 
 def test_shim_killed_under_load_is_restarted_refuses_nobody_and_adopts_the_engine(
-    gw: Gateway, tmp_path_factory: pytest.TempPathFactory,
+    gw: Gateway, request: pytest.FixtureRequest,
 ) -> None:
     gw.configure(["--startup-delay", "1", "--token-interval-ms", "5"], stop_timeout="2s")
     assert gw.request("POST", "/v1/chat/completions", CHAT)[0] == 200
@@ -115,7 +115,7 @@ def test_shim_killed_under_load_is_restarted_refuses_nobody_and_adopts_the_engin
     around = [a for a in attempts if a.started < kill_to and a.ended > kill_from]
     after = [a for a in attempts if a.started >= kill_to]
     failed_around = [a.outcome for a in around if a.outcome != "ok"]
-    record(tmp_path_factory, "shim SIGKILL under load", clients=8, requests=len(attempts),
+    record(request, "shim SIGKILL under load", clients=8, requests=len(attempts),
            before=len(before), in_flight_at_kill=len(around),
            in_flight_failed=len(failed_around), after=len(after),
            after_failed=sum(a.outcome != "ok" for a in after))
@@ -133,7 +133,7 @@ def test_shim_killed_under_load_is_restarted_refuses_nobody_and_adopts_the_engin
 
 
 def test_requests_around_the_idle_threshold_are_all_answered(
-    gw: Gateway, tmp_path_factory: pytest.TempPathFactory,
+    gw: Gateway, request: pytest.FixtureRequest,
 ) -> None:
     gw.configure(["--startup-delay", "1"], stop_after="2s", stop_timeout="2s")
     starts_before = gw.journal(ENGINE).count("Application startup complete")
@@ -161,7 +161,7 @@ def test_requests_around_the_idle_threshold_are_all_answered(
     starts = gw.journal(ENGINE).count("Application startup complete") - starts_before
     idle_lines = gw.journal("vllm-gateway-idle", SHIM).count("idle") - stops_before
     outcomes = Counter(a.outcome for a in attempts)
-    record(tmp_path_factory, "idle threshold hammered", clients=3, requests=len(attempts),
+    record(request, "idle threshold hammered", clients=3, requests=len(attempts),
            ok=outcomes["ok"], lost=len(attempts) - outcomes["ok"], engine_starts=starts,
            idle_journal_lines=idle_lines, seconds=30)
     assert attempts and outcomes == Counter(ok=len(attempts)), outcomes
@@ -221,7 +221,7 @@ def vanish(gw: Gateway, n: int) -> int:
 
 
 def test_thousands_of_vanishing_clients_leak_neither_memory_nor_fds(
-    gw: Gateway, tmp_path_factory: pytest.TempPathFactory,
+    gw: Gateway, request: pytest.FixtureRequest,
 ) -> None:
     gw.configure(["--startup-delay", "1", "--token-interval-ms", "5"], stop_timeout="2s")
     assert gw.request("POST", "/v1/chat/completions", CHAT)[0] == 200
@@ -238,7 +238,7 @@ def test_thousands_of_vanishing_clients_leak_neither_memory_nor_fds(
     wait_until(settled, 30, "in_flight to come back to 0")
     time.sleep(1)
     rss1, fds1 = shim_footprint(gw)
-    record(tmp_path_factory, "vanishing clients", connections=2200, streams_cut=streamed,
+    record(request, "vanishing clients", connections=2200, streams_cut=streamed,
            seconds=round(took, 1), rss_kb_before=rss0, rss_kb_after=rss1, fds_before=fds0,
            fds_after=fds1)
     assert streamed >= 1000, "too few streams got their first event"
