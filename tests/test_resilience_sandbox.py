@@ -137,12 +137,13 @@ def test_requests_around_the_idle_threshold_are_all_answered(
 ) -> None:
     gw.configure(["--startup-delay", "1"], stop_after="2s", stop_timeout="2s")
     starts_before = gw.journal(ENGINE).count("Application startup complete")
-    stops_before = gw.journal("vllm-gateway-idle", SHIM).count("idle")
     attempts: list[Attempt] = []
     lock = threading.Lock()
     deadline = time.monotonic() + 30
     rng = random.Random(1234)
-    pauses = [[rng.uniform(1.5, 3.0) for _ in range(40)] for _ in range(3)]
+    # the same pauses for every client: requests come in bursts, and the gaps
+    # between bursts straddle stop_after plus a timer period
+    pauses = [[rng.uniform(1.5, 3.0) for _ in range(40)]] * 3
 
     def client(mine: list[float]) -> None:
         for pause in mine:
@@ -159,11 +160,10 @@ def test_requests_around_the_idle_threshold_are_all_answered(
     for t in threads:
         t.join(200)
     starts = gw.journal(ENGINE).count("Application startup complete") - starts_before
-    idle_lines = gw.journal("vllm-gateway-idle", SHIM).count("idle") - stops_before
     outcomes = Counter(a.outcome for a in attempts)
     record(request, "idle threshold hammered", clients=3, requests=len(attempts),
            ok=outcomes["ok"], lost=len(attempts) - outcomes["ok"], engine_starts=starts,
-           idle_journal_lines=idle_lines, seconds=30)
+           seconds=30)
     assert attempts and outcomes == Counter(ok=len(attempts)), outcomes
     assert starts >= 1
 
