@@ -379,7 +379,7 @@ class Gateway:
             return await self._json(client, 200, self._models_from_config())
         parsed: dict[str, object] | None = None
         if route.path in JSON_BODY:
-            checked = json_object_or_error(body)
+            checked = json_object_or_error(body, route.path)
             if isinstance(checked, GatewayError):
                 raise checked
             parsed = checked

@@ -341,7 +341,7 @@ async def test_body_over_the_limit_is_413(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 async def test_body_at_the_limit_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    body = b'{"model": "nobody"}'
+    body = b'{"model": "nobody", "prompt": "x"}'
     monkeypatch.setattr(server, "MAX_BODY_BYTES", len(body))
     async with connected() as (client, _engine, _gw):
         reply = await client.request("POST", "/v1/completions", body)

@@ -116,3 +116,12 @@ def test_max_tokens_guardrail_rejects_or_caps(gw: Gateway, tmp_path: Path) -> No
     seen = [json.loads(line) for line in log.read_text().splitlines()]
     bodies = [r["body"] for r in seen if r["path"] in ("/v1/chat/completions", "/v1/completions")]
     assert [b["max_tokens"] for b in bodies] == [64, 64]
+
+
+def test_requests_missing_what_the_engine_needs_are_refused_before_a_cold_start(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1"])
+    for path, body in [("/v1/chat/completions", {}), ("/v1/chat/completions", {"messages": "hi"}),
+                       ("/v1/completions", {"model": "tiny"}), ("/v1/embeddings", {"model": "tiny"})]:
+        code, _, answer = gw.request("POST", path, body)
+        assert code == 400 and b"needs a" in answer, (path, answer)
+    assert gw.active("vllm.service") == "inactive"
