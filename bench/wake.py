@@ -44,32 +44,17 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SHIM = Path(PY).parent / "vllm-gateway"
 FAKE = REPO / "scripts" / "fake-vllm"
-ADMIN_KEY = "bench-wake-admin-key-0123456789"
 UNIT = "bench-wake.service"
 TARGET_MS = 50.0
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Procs, free_port, wait_port  # noqa: E402
+from run import ADMIN_KEY, Procs, call, free_port, wait_port  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"bench-wake: {msg}", file=sys.stderr, flush=True)
 
 
-def call(port: int, method: str, path: str, body: Any = None, timeout_s: float = 60.0) -> tuple[int, bytes]:
-    import http.client
-
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        raw = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if raw else {}
-        if path.startswith("/gateway/"):
-            headers["Authorization"] = f"Bearer {ADMIN_KEY}"
-        c.request(method, path, body=raw, headers=headers)
-        r = c.getresponse()
-        return r.status, r.read()
-    finally:
-        c.close()
 
 
 CHAT = json.dumps(

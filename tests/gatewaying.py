@@ -24,6 +24,21 @@ ADMIN_KEY = "test-admin-key"
 UNITS = "~/.config/systemd/user"
 
 
+# The tool that tests offer to models (and that the fake engine "calls").
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
 def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return str(v).lower()

@@ -11,15 +11,11 @@ import openai
 import pytest
 
 from tests.fakevllm_util import free_port
-from tests.gatewaying import REPO, VENV
+from tests.gatewaying import REPO, VENV, WEATHER_TOOL
 from tests.sandboxing import Sandbox
 
 pytestmark = pytest.mark.sandbox
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}}
 
 
 def test_demo_install_shows_the_whole_cycle(sandbox: Sandbox) -> None:
@@ -43,7 +39,7 @@ def test_demo_install_shows_the_whole_cycle(sandbox: Sandbox) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     call = client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "Weather in Tokyo?"}], tools=[WEATHER])
+        model="demo", messages=[{"role": "user", "content": "Weather in Tokyo?"}], tools=[WEATHER_TOOL])
     choice = call.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls[0].function.name == "get_weather"

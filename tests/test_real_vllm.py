@@ -23,7 +23,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.gatewaying import CONFIG, Gateway, toml_value, wait_until
+from tests.gatewaying import CONFIG, WEATHER_TOOL, Gateway, toml_value, wait_until
 from tests.real_vllm_env import REQUIRED, real_vllm_paths
 from tests.sandboxing import Sandbox
 
@@ -34,18 +34,6 @@ COLD_START_TIMEOUT_S = 300.0
 # Requests after the start: ms per token, but the machine may be loaded.
 REQUEST_TIMEOUT_S = 60.0
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 # typed loosely: the client's TypedDicts add nothing to a literal schema
 TOOLS: Any = [WEATHER_TOOL]
 TOOL_CALL_TEXT = '<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "Tokyo"}}]</TOOLCALL>'

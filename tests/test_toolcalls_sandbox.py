@@ -12,23 +12,11 @@ from typing import Any
 import openai
 import pytest
 
-from tests.gatewaying import HTTP_TIMEOUT_S, Gateway, wait_until
+from tests.gatewaying import HTTP_TIMEOUT_S, WEATHER_TOOL, Gateway, wait_until
 from tests.sandboxing import Sandbox
 
 pytestmark = pytest.mark.sandbox
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 ARGS = {"city": "東京 🌸"}
 ONE_CALL = '<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "東京 🌸"}}]</TOOLCALL>'
 TWO_CALLS = (
