@@ -25,7 +25,7 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     assert f"ExecStart={venv}/bin/vllm-gateway serve" in unit
     assert sandbox.systemctl("is-active", "vllm-gateway.socket").stdout.strip() == "active"
     assert sandbox.systemctl("is-enabled", "vllm-gateway-idle.timer").stdout.strip() == "enabled"
-    check = sandbox.run([f"{venv}/bin/vllm-gateway", "config", "check"]).stdout
+    check = sandbox.run([f"{home}/.local/bin/vllm-gateway", "config", "check"]).stdout
     assert "[engines.main]" in check
     # a second run upgrades in place and keeps the configuration
     sandbox.run(["sh", "-c", f"echo '# mine' >> {home}/.config/vllm-gateway/config.toml"])
@@ -36,6 +36,7 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     assert sandbox.run(["test", "-e", f"{home}/.config/systemd/user/vllm-gateway.socket"],
                        check=False).returncode == 1
     assert sandbox.run(["test", "-e", venv], check=False).returncode == 1
+    assert sandbox.run(["test", "-L", f"{home}/.local/bin/vllm-gateway"], check=False).returncode == 1
     assert sandbox.run(["test", "-e", f"{home}/.config/vllm-gateway/config.toml"]).returncode == 0
     state = sandbox.systemctl("is-active", "vllm-gateway.socket", check=False).stdout.strip()
     assert state == "inactive"
