@@ -113,13 +113,10 @@ async def forward(
             else:
                 try:
                     await _relay(engine, client, up, resp, fmt, request_id, ex)
-                except _StreamBroken as e:
+                except BaseException as e:
                     up.close()
-                    if e.hung:
+                    if isinstance(e, _StreamBroken) and e.hung:
                         _restart_hung(engine, ex)
-                    raise
-                except BaseException:
-                    up.close()
                     raise
                 engine.upstream.release(up)
                 return ex
@@ -236,11 +233,10 @@ async def _relay(
         headers.append((b"x-vllm-gateway-cold-start-ms", str(round(ex.waited_s * 1000)).encode()))
     ctype = header(resp.headers, b"content-type") or b""
     ex.event_stream = ctype.startswith(b"text/event-stream")
-    rewrite = fmt is not None and resp.status_code == 200
-    if rewrite and ctype.startswith(b"text/event-stream"):
-        await _relay_stream_rewritten(client, up, resp, headers, fmt, request_id, ex)  # type: ignore[arg-type]
-    elif rewrite and ctype.startswith(b"application/json"):
-        await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)  # type: ignore[arg-type]
+    if fmt is not None and resp.status_code == 200 and ex.event_stream:
+        await _relay_stream_rewritten(client, up, resp, headers, fmt, request_id, ex)
+    elif fmt is not None and resp.status_code == 200 and ctype.startswith(b"application/json"):
+        await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)
     else:
         await _pump(client, up, ex, None,
                     h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
@@ -374,15 +370,7 @@ async def _relay_after_keepalive(
         await _pump(client, up, ex, rewriter)
         return
     ex.status = resp.status_code
-    chunks: list[bytes] = []
-    while True:
-        with trio.fail_after(ex.read_timeout_s):
-            event = await next_event(up.conn, up.stream)
-        if isinstance(event, h11.Data):
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            break
-    body = b"".join(chunks)
+    body = await _read_whole(up, ex)
     try:
         json.loads(body)
     except ValueError:
@@ -414,11 +402,25 @@ async def _abort_stream(
         message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
     try:
         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
-            event = b"data: " + error_body(message, "upstream_error") + b"\n\n"
-            await client.send(h11.Data(data=event))
-            await client.send(h11.EndOfMessage())
+            await _send_stream_error(client, error_body(message, "upstream_error"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
+
+
+async def _read_whole(up: UpstreamConn, ex: Exchange) -> bytes:
+    """The engine's whole response body (to rewrite it or quote it), bounded."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        with trio.fail_after(ex.read_timeout_s):
+            event = await next_event(up.conn, up.stream)
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > MAX_REWRITE_BODY_BYTES:
+                raise UpstreamError("vllm-gateway: the engine's response is too large to rewrite")
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(chunks)
 
 
 async def _relay_stream_rewritten(
@@ -434,19 +436,7 @@ async def _relay_whole_rewritten(
     client: ClientSide, up: UpstreamConn, resp: h11.Response, headers: list[tuple[bytes, bytes]],
     fmt: toolcalls.ToolCallFormat, request_id: str, ex: Exchange,
 ) -> None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        with trio.fail_after(ex.read_timeout_s):
-            event = await next_event(up.conn, up.stream)
-        if isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > MAX_REWRITE_BODY_BYTES:
-                raise UpstreamError("vllm-gateway: the engine's response is too large to rewrite")
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            break
-    body, ex.tool_calls = toolcalls.rewrite_body(b"".join(chunks), fmt, request_id)
+    body, ex.tool_calls = toolcalls.rewrite_body(await _read_whole(up, ex), fmt, request_id)
     headers = [(n, v) for n, v in headers if n != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
     await client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
