@@ -431,24 +431,21 @@ class Engine:
         )
         self._start_epoch = time.time()
         self._start_job = ""
-        try:
-            self._start_job = await self.systemd.start_transient(svc)
-        except SystemdError as e:
-            if "UnitExists" not in e.name:
-                self._begin_start(adopted=False)
-                await self._fail(f"systemd refused to start {self.cfg.unit}: {e}")
-                return
-            unit = await self.systemd.unit_state(self.cfg.unit)
-            if unit.running:
-                await self._adopt(unit)
-                return
-            # a failed or stopping leftover: clear it and try once more
-            await self.systemd.reset_failed(self.cfg.unit)
+        for first_try in (True, False):
             try:
                 self._start_job = await self.systemd.start_transient(svc)
-            except SystemdError as e2:
+                break
+            except SystemdError as e:
+                if first_try and "UnitExists" in e.name:
+                    unit = await self.systemd.unit_state(self.cfg.unit)
+                    if unit.running:
+                        await self._adopt(unit)
+                        return
+                    # a failed or stopping leftover: clear it and try once more
+                    await self.systemd.reset_failed(self.cfg.unit)
+                    continue
                 self._begin_start(adopted=False)
-                await self._fail(f"systemd refused to start {self.cfg.unit}: {e2}")
+                await self._fail(f"systemd refused to start {self.cfg.unit}: {e}")
                 return
         log.info("starting engine %s as %s: %s", self.cfg.name, self.cfg.unit, " ".join(svc.argv))
         self._begin_start(adopted=False)
@@ -499,7 +496,7 @@ class Engine:
             self.sleep_refused = True
             self.last_sleep_error = " | ".join(lines)
             log.warning("engine %s refused sleep mode (%s); starting it without sleep mode",
-                        self.cfg.name, " | ".join(lines))
+                        self.cfg.name, self.last_sleep_error)
             self._set(Event.START_FAILED)
             self._set(Event.RESET)
             if self.waiting > 0:

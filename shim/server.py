@@ -11,7 +11,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import h11
 import trio
@@ -58,8 +58,9 @@ OVERLOADED = (
     b"connection: close\r\ncontent-length: " + str(len(_OVERLOADED_BODY)).encode() + b"\r\n\r\n"
     + _OVERLOADED_BODY
 )
-# A client must send its request head and body within this (slow clients
-# would otherwise hold connections forever).
+# Once its request head is in, a client must send the body within this
+# (slow clients would otherwise hold connections forever). The head itself
+# must come within KEEPALIVE_IDLE_S of the connection or the last answer.
 REQUEST_READ_TIMEOUT_S = 60.0
 # After an error answer that closes the connection, read (and drop) what the
 # client still sends for a moment: closing with unread input makes the kernel
@@ -133,10 +134,11 @@ class Gateway:
         )
 
     def publish_status(self) -> None:
-        """Called on every engine state change, and by the status loop."""
+        """Send the STATUS text (the status loop calls it on every change)."""
         self.notifier.status(self.shim_status().format(time.time()))
 
     def engine_changed(self) -> None:
+        """The engine's state changed: wake the status loop and the idle exit."""
         self.activity.bump()
 
     def status_json(self) -> dict[str, object]:
@@ -246,9 +248,9 @@ class Gateway:
     async def _one_request(self, client: ClientSide) -> bool:
         """Serve one request on the connection; False when it should close."""
         conn = client.conn
-        first_timeout = KEEPALIVE_IDLE_S if conn.their_state is h11.IDLE else REQUEST_READ_TIMEOUT_S
         try:
-            with trio.fail_after(first_timeout):
+            # a new cycle: the client may stay idle this long before its next request
+            with trio.fail_after(KEEPALIVE_IDLE_S):
                 event = await next_event(conn, client.stream)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return False
@@ -311,7 +313,7 @@ class Gateway:
             or self._next_request_id()
         method = req.method.decode("ascii", "replace")
         ex = Exchange()
-        with self.activity.request() if route.kind is Kind.ENGINE else _nothing():
+        with self.activity.request() if route.kind is Kind.ENGINE else nullcontext():
             try:
                 ex = await self._dispatch(client, req, route, body, request_id)
             except GatewayError as e:
@@ -511,8 +513,4 @@ def _is_head(client: ClientSide) -> bool:
 def _bad_request(e: h11.RemoteProtocolError) -> GatewayError:
     return BadRequest(f"vllm-gateway: malformed HTTP request: {e}")
 
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
