@@ -25,8 +25,8 @@ from jeepney.wrappers import Properties, unwrap_msg
 
 from . import control, systemd
 from .config import EngineConfig
+from .idle_check import idle_since_without_shim_us
 from .status import parse_status
-from .upstream import call
 
 SHIM_UNIT = "vllm-gateway.service"
 IDLE_UNIT = "vllm-gateway-idle.service"
@@ -80,8 +80,7 @@ def status_from_systemd(
         in_flight = reported.in_flight
         idle = reported.idle_s(now)
     elif unit.running:
-        # as the idle check counts it: from the engine's start or the shim's exit
-        since_us = max(unit.active_enter_us, shim.inactive_enter_us)
+        since_us = idle_since_without_shim_us(unit, shim)
         idle = max(0.0, now - since_us / 1e6) if since_us else None
     since_us = unit.active_enter_us if unit.running else unit.inactive_enter_us
     status: dict[str, object] = {
@@ -304,11 +303,6 @@ def journal_argv(units: Sequence[str], *, user: bool, follow: bool, lines: int |
 # ---- I/O ----
 
 
-async def ask(method: str, path: str, timeout_s: float) -> tuple[int, bytes] | None:
-    """One request to the shim's control socket; None when no shim listens."""
-    return await call("localhost", 0, method, path, None, timeout_s, unix_path=str(control.socket_path()))
-
-
 async def memory_current(sd: systemd.Systemd, unit: str) -> int | None:
     path = await sd.get_unit(unit)
     if path is None:
@@ -328,7 +322,7 @@ async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
         unit = await sd.unit_state(engine.unit)
         shim = await sd.unit_state(SHIM_UNIT)
         memory = await memory_current(sd, engine.unit) if unit.running else None
-    answer = await ask("GET", "/gateway/status", PROBE_TIMEOUT_S) if shim.running else None
+    answer = await control.request("GET", "/gateway/status", PROBE_TIMEOUT_S) if shim.running else None
     status: dict[str, object] | None = None
     if answer is not None and answer[0] == 200:
         try:
@@ -371,7 +365,7 @@ def _say(line: str) -> None:
 
 
 async def _shim_status() -> dict[str, Any] | None:
-    answer = await ask("GET", "/gateway/status", PROBE_TIMEOUT_S)
+    answer = await control.request("GET", "/gateway/status", PROBE_TIMEOUT_S)
     if answer is None or answer[0] != 200:
         return None
     data = json.loads(answer[1])
@@ -446,7 +440,7 @@ async def control_action(engine: EngineConfig, action: str) -> str:
         "wake": engine.start_timeout_s + 60,
     }[action]
     t0 = time.monotonic()
-    answer = await ask("POST", f"/gateway/{action}", timeout)
+    answer = await control.request("POST", f"/gateway/{action}", timeout)
     took = time.monotonic() - t0
     if answer is None:
         raise CommandError(f"vllm-gateway: the gateway did not answer {action} within {timeout:g} s")

@@ -31,6 +31,8 @@ async def listener() -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def request(method: str, path: str) -> tuple[int, bytes] | None:
+async def request(
+    method: str, path: str, timeout_s: float = CONTROL_TIMEOUT_S
+) -> tuple[int, bytes] | None:
     """Ask the running shim; None when no shim listens."""
-    return await call("localhost", 0, method, path, None, CONTROL_TIMEOUT_S, unix_path=str(socket_path()))
+    return await call("localhost", 0, method, path, None, timeout_s, unix_path=str(socket_path()))

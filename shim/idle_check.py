@@ -41,6 +41,12 @@ class Verdict:
         return self.action is Action.STOP
 
 
+def idle_since_without_shim_us(unit: systemd.UnitState, shim: systemd.UnitState) -> int:
+    """With no shim to report it, idle time counts from the later of the
+    engine's start and the shim's exit (realtime microseconds; 0 if neither)."""
+    return max(unit.active_enter_us, shim.inactive_enter_us)
+
+
 def decide(
     engine: EngineConfig, unit: systemd.UnitState, shim: systemd.UnitState, now: float
 ) -> Verdict:
@@ -58,8 +64,7 @@ def decide(
         idle = st.idle_s(now)
         state = st.state
     else:
-        since_us = max(unit.active_enter_us, shim.inactive_enter_us)
-        idle = now - since_us / 1e6
+        idle = now - idle_since_without_shim_us(unit, shim) / 1e6
     if engine.stop_after_s is not None and idle >= engine.stop_after_s:
         return Verdict(Action.STOP, f"idle {idle:.0f} s, past stop_after {engine.stop_after_s:g} s")
     if engine.sleep_after_s is not None and idle >= engine.sleep_after_s and state == "ready":
