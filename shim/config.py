@@ -7,6 +7,7 @@ Every error names the file and the key, e.g.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ from .durations import parse_duration
 DEFAULT_PATH = Path("~/.config/vllm-gateway/config.toml")
 DEFAULT_ENGINE_PORT = 8100
 DEFAULT_UNIT = "vllm.service"
+# Several engines: engine NAME runs as vllm-NAME.service on 8100, 8101, ...
+UNIT_TEMPLATE = "vllm-{}.service"
+# An engine swapped in serves at least this long before another may evict
+# it while it is in use: a swap costs seconds to a minute, so alternating
+# requests must not swap at every request.
+DEFAULT_MIN_RESIDENCY_S = 10.0
 # vLLM's cold start is ~60 s for a 9B model and can take many minutes for
 # large ones (torch.compile, CUDA graphs): five minutes covers most.
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -60,6 +67,11 @@ class EngineConfig:
     # (a long prompt's prefill); between streamed bytes it is quick. Silence
     # past this means it hangs: the client gets an error, the unit is stopped.
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    # GPU memory (bytes) the engine holds when awake; None: vLLM's
+    # --gpu-memory-utilization (default 0.9) of the GPU, or all of it.
+    memory: int | None = None
+    # Never evicted to make room for another engine (yield still applies).
+    pinned: bool = False
     # Sleep tier: put the engine to sleep (level 1: weights to CPU RAM; level
     # 2: weights dropped) after this idle time; None keeps it awake.
     sleep_after_s: float | None = None
@@ -70,6 +82,31 @@ class EngineConfig:
         and adds the flag that sleep mode needs."""
         extra = ["--enable-sleep-mode"] if sleep and "--enable-sleep-mode" not in self.command else []
         return [*self.command, *extra, "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def memory_needed(self, gpu_total: int | None) -> int | None:
+        """The GPU memory the engine needs awake: its `memory`, else vLLM's
+        own rule (free memory >= gpu_memory_utilization x total); None when
+        neither is known (the engine then runs alone)."""
+        if self.memory is not None:
+            return self.memory
+        if gpu_total is None:
+            return None
+        return int(gpu_total * self.gpu_memory_utilization())
+
+    def gpu_memory_utilization(self) -> float:
+        args = list(self.command)
+        for i, arg in enumerate(args):
+            value = None
+            if arg == "--gpu-memory-utilization" and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith("--gpu-memory-utilization="):
+                value = arg.partition("=")[2]
+            if value is not None:
+                try:
+                    return min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    break
+        return 0.9
 
     def env(self, *, sleep: bool) -> dict[str, str]:
         """The engine's environment; sleep mode's endpoints need vLLM's dev mode."""
@@ -97,12 +134,33 @@ class GatewayConfig:
     admin_key: str | None = None
     # Open client connections; past this new ones get a 503 and are closed.
     max_connections: int = 2048
+    # The GPU memory the gateway may plan with (bytes); None: the GPU's total
+    # as NVML reports it, or no limit without NVML.
+    gpu_memory: int | None = None
+    min_residency_s: float = DEFAULT_MIN_RESIDENCY_S
+    # A stand-in GPU for trying several engines without one, and for tests:
+    # the memory of every process in this slice counts as used GPU memory.
+    fake_gpu_slice: str | None = None
+    fake_gpu_memory: int = 0
     source: str = ""
 
     @property
     def engine(self) -> EngineConfig:
-        """The engine (one per gateway until routing by model exists)."""
+        """The first (with one engine, the only) engine."""
         return next(iter(self.engines.values()))
+
+    @property
+    def several(self) -> bool:
+        return len(self.engines) > 1
+
+    def engine_for_model(self, model: str) -> EngineConfig | None:
+        for engine in self.engines.values():
+            if model in engine.models:
+                return engine
+        return None
+
+    def all_models(self) -> list[str]:
+        return [m for engine in self.engines.values() for m in engine.models]
 
 
 def config_path() -> Path:
@@ -132,7 +190,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
     c.table(gw, "gateway")
     c.only_keys(gw, "gateway", {
         "listen", "exit_after", "max_waiting", "stream_keepalive", "api_keys", "admin_key",
-        "max_connections",
+        "max_connections", "gpu_memory", "min_residency", "fake_gpu",
     })
     api_keys = tuple(c.string_list(gw.get("api_keys", []), "gateway.api_keys"))
     if any(len(key) < 8 for key in api_keys):
@@ -156,9 +214,23 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
     c.table(engines_raw, "engines")
     if not engines_raw:
         raise ConfigError(source, "engines", "must define at least one [engines.NAME] table")
-    if len(engines_raw) > 1:
-        raise ConfigError(source, "engines", "only one engine is supported for now")
-    engines = {name: _engine(c, name, table) for name, table in engines_raw.items()}
+    several = len(engines_raw) > 1
+    engines = {
+        name: _engine(c, name, table, index if several else None)
+        for index, (name, table) in enumerate(engines_raw.items())
+    }
+    _check_distinct(c, engines)
+    fake_slice, fake_memory = None, 0
+    if "fake_gpu" in gw:
+        fake = gw["fake_gpu"]
+        c.table(fake, "gateway.fake_gpu")
+        c.only_keys(fake, "gateway.fake_gpu", {"slice", "memory"})
+        fake_slice = fake.get("slice", "vllm-gateway-gpu.slice")
+        if not isinstance(fake_slice, str) or not fake_slice.endswith(".slice") or "/" in fake_slice:
+            raise ConfigError(source, "gateway.fake_gpu.slice", "must be a unit name ending in .slice")
+        if "memory" not in fake:
+            raise c.fail("gateway.fake_gpu.memory", "missing: the stand-in GPU's size, e.g. \"2GiB\"")
+        fake_memory = c.size(fake["memory"], "gateway.fake_gpu.memory")
     return GatewayConfig(
         engines=engines,
         listen_host=host,
@@ -169,6 +241,10 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
         api_keys=api_keys,
         admin_key=admin_key,
         max_connections=c.integer(gw.get("max_connections", 2048), "gateway.max_connections", 1, 1_000_000),
+        gpu_memory=None if gw.get("gpu_memory") is None else c.size(gw["gpu_memory"], "gateway.gpu_memory"),
+        min_residency_s=c.duration(gw.get("min_residency", DEFAULT_MIN_RESIDENCY_S), "gateway.min_residency"),
+        fake_gpu_slice=fake_slice,
+        fake_gpu_memory=fake_memory,
         source=source,
     )
 
@@ -176,12 +252,34 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
 _ENGINE_KEYS = {
     "command", "port", "environment", "models", "health_path", "start_timeout",
     "stop_after", "stop_timeout", "unit", "tool_call_format", "sleep_after", "sleep_level",
-    "max_tokens", "max_tokens_policy", "read_timeout",
+    "max_tokens", "max_tokens_policy", "read_timeout", "memory", "pinned",
 }
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
+def _check_distinct(c: _Checker, engines: Mapping[str, EngineConfig]) -> None:
+    """Two engines must not share a port, a unit or a model name."""
+    ports: dict[int, str] = {}
+    units: dict[str, str] = {}
+    models: dict[str, str] = {}
+    for name, e in engines.items():
+        k = f"engines.{name}"
+        if e.port in ports:
+            raise c.fail(f"{k}.port", f"{e.port} is also the port of engines.{ports[e.port]}")
+        if e.unit in units:
+            raise c.fail(f"{k}.unit", f"{e.unit} is also the unit of engines.{units[e.unit]}")
+        for model in e.models:
+            if model in models:
+                raise c.fail(f"{k}.models", f"{model!r} is also served by engines.{models[model]}")
+            models[model] = name
+        ports[e.port] = units[e.unit] = name
+
+
+def _engine(c: _Checker, name: str, t: Any, index: int | None) -> EngineConfig:
+    """One [engines.NAME] table; `index` is its place when there are several."""
     k = f"engines.{name}"
+    if not _NAME.fullmatch(name):
+        raise c.fail(k, "an engine's name may only hold letters, digits, '-' and '_' (it names its unit)")
     c.table(t, k)
     c.only_keys(t, k, _ENGINE_KEYS)
     if "command" not in t:
@@ -200,7 +298,11 @@ def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
     for key, value in env.items():
         if not isinstance(value, str):
             raise ConfigError(c.source, f"{k}.environment.{key}", "must be a string")
-    unit = t.get("unit", DEFAULT_UNIT)
+    models = c.string_list(t.get("models", []), f"{k}.models")
+    if index is not None and not models:
+        raise c.fail(f"{k}.models", "missing: with several engines, requests are routed by their model, "
+                     "so each engine lists the model names it serves")
+    unit = t.get("unit", DEFAULT_UNIT if index is None else UNIT_TEMPLATE.format(name))
     if not isinstance(unit, str) or not unit.endswith(".service") or "/" in unit:
         raise ConfigError(c.source, f"{k}.unit", "must be a unit name ending in .service")
     health = t.get("health_path", "/health")
@@ -217,9 +319,9 @@ def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
     return EngineConfig(
         name=name,
         command=tuple(command),
-        port=c.integer(t.get("port", DEFAULT_ENGINE_PORT), f"{k}.port", 1, 65535),
+        port=c.integer(t.get("port", DEFAULT_ENGINE_PORT + (index or 0)), f"{k}.port", 1, 65535),
         environment=dict(env),
-        models=tuple(c.string_list(t.get("models", []), f"{k}.models")),
+        models=tuple(models),
         health_path=health,
         start_timeout_s=start_timeout,
         stop_after_s=c.duration_or_off(t.get("stop_after", DEFAULT_STOP_AFTER_S), f"{k}.stop_after"),
@@ -234,6 +336,8 @@ def _engine(c: _Checker, name: str, t: Any) -> EngineConfig:
                                            f"{k}.read_timeout"),
         max_tokens_policy=c.choice(t.get("max_tokens_policy", "reject"), f"{k}.max_tokens_policy",
                                    ("reject", "cap")),
+        memory=None if t.get("memory") is None else c.size(t["memory"], f"{k}.memory"),
+        pinned=c.boolean(t.get("pinned", False), f"{k}.pinned"),
     )
 
 
@@ -277,6 +381,17 @@ class _Checker:
             raise self.fail(key, "must be greater than zero")
         return seconds
 
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "must be true or false")
+        return value
+
+    def size(self, value: Any, key: str) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+
     def choice(self, value: Any, key: str, options: tuple[str, ...]) -> str:
         if value not in options:
             raise self.fail(key, f"must be one of {', '.join(options)}")
@@ -294,3 +409,25 @@ class _Checker:
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             raise self.fail(key, "port must be 1..65535")
         return host.strip("[]"), int(port)
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or "24GiB", "24G", "512MiB", "1.5 GiB" (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as \"24GiB\" or a number of bytes")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError("must be a size such as \"24GiB\", \"512MiB\" or a number of bytes")
+    unit = (m.group(2) or "").upper()[:1]
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ValueError("must be greater than zero")
+    return n

@@ -150,7 +150,24 @@ def test_argv_appends_host_and_port() -> None:
         ({"engines": []}, "config.toml: engines: must be a table"),
         ({"engines": {"main": "vllm"}}, "config.toml: engines.main: must be a table"),
         ({"engines": {"a": {"command": CMD}, "b": {"command": CMD}}},
-         "config.toml: engines: only one engine is supported"),
+         "config.toml: engines.a.models: missing: with several engines"),
+        ({"engines": {"a": {"command": CMD, "models": ["x"]}, "b": {"command": CMD, "models": ["x"]}}},
+         "config.toml: engines.b.models: 'x' is also served by engines.a"),
+        ({"engines": {"a": {"command": CMD, "models": ["x"]}, "b": {"command": CMD, "models": ["y"],
+                                                                    "port": 8100}}},
+         "config.toml: engines.b.port: 8100 is also the port of engines.a"),
+        ({"engines": {"a b": {"command": CMD}}}, "config.toml: engines.a b: an engine's name may only"),
+        ({"engines": {"main": {"command": CMD, "memory": "lots"}}},
+         "config.toml: engines.main.memory: must be a size"),
+        ({"engines": {"main": {"command": CMD, "memory": 0}}},
+         "config.toml: engines.main.memory: must be greater than zero"),
+        ({"engines": {"main": {"command": CMD, "pinned": "yes"}}},
+         "config.toml: engines.main.pinned: must be true or false"),
+        ({**minimal(), "gateway": {"fake_gpu": {"slice": "x.slice"}}},
+         "config.toml: gateway.fake_gpu.memory: missing"),
+        ({**minimal(), "gateway": {"fake_gpu": {"slice": "x.service", "memory": "1GiB"}}},
+         "config.toml: gateway.fake_gpu.slice: must be a unit name ending in .slice"),
+        ({**minimal(), "gateway": {"gpu_memory": -1}}, "config.toml: gateway.gpu_memory: must be greater"),
     ],
 )
 def test_errors_name_file_and_key(data: dict[str, Any], expected: str) -> None:
@@ -211,3 +228,44 @@ def test_config_path_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert config.config_path() == tmp_path / "x.toml"
     monkeypatch.delenv("VLLM_GATEWAY_CONFIG")
     assert config.config_path().name == "config.toml"
+
+
+def test_several_engines_get_their_own_units_and_ports() -> None:
+    cfg = config.parse({
+        "gateway": {"gpu_memory": "24GiB", "min_residency": "3s",
+                    "fake_gpu": {"slice": "gpu.slice", "memory": "1.5GiB"}},
+        "engines": {
+            "chat": {"command": CMD, "models": ["small"], "memory": "6GiB", "pinned": True},
+            "coder": {"command": CMD, "models": ["coder", "coder-fast"]},
+        },
+    })
+    chat, coder = cfg.engines["chat"], cfg.engines["coder"]
+    assert (chat.unit, chat.port, chat.memory, chat.pinned) == ("vllm-chat.service", 8100, 6 * 2**30, True)
+    assert (coder.unit, coder.port, coder.memory, coder.pinned) == ("vllm-coder.service", 8101, None, False)
+    assert cfg.several and cfg.gpu_memory == 24 * 2**30 and cfg.min_residency_s == 3.0
+    assert (cfg.fake_gpu_slice, cfg.fake_gpu_memory) == ("gpu.slice", 3 * 2**29)
+    assert cfg.engine_for_model("coder-fast") is coder and cfg.engine_for_model("nope") is None
+    assert cfg.all_models() == ["small", "coder", "coder-fast"]
+
+
+def test_one_engine_keeps_the_plain_unit_and_port() -> None:
+    cfg = config.parse(minimal())
+    assert (cfg.engine.unit, cfg.engine.port, cfg.several) == ("vllm.service", 8100, False)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("24GiB", 24 * 2**30), ("24G", 24 * 2**30), ("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29),
+    (4096, 4096), ("100", 100), ("2tib", 2 * 2**40),
+])
+def test_sizes(text: object, expected: int) -> None:
+    assert config.parse_size(text) == expected
+
+
+def test_memory_needed_follows_vllms_utilization_rule() -> None:
+    e = config.EngineConfig(name="e", command=("vllm", "serve", "m", "--gpu-memory-utilization", "0.5"))
+    assert e.memory_needed(80 * 2**30) == 40 * 2**30
+    assert e.memory_needed(None) is None
+    assert config.EngineConfig(name="e", command=("vllm",)).memory_needed(100) == 90
+    quarter = config.EngineConfig(name="e", command=("x", "--gpu-memory-utilization=0.25"))
+    assert quarter.memory_needed(100) == 25
+    assert config.EngineConfig(name="e", command=("x",), memory=7).memory_needed(100) == 7
