@@ -1,7 +1,8 @@
 """systemd's user manager over D-Bus, from trio, with jeepney.
 
-Only what the gateway needs: start a transient unit, stop it, read its state
-and follow its changes through signals (no polling).
+Only what the gateway needs: start a transient unit (optionally in a slice),
+stop it, read its state and memory, and follow its changes through signals
+(no polling).
 """
 
 from __future__ import annotations
@@ -34,7 +35,20 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+SLICE_IFACE = "org.freedesktop.systemd1.Slice"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
+# The interface that holds ControlGroup and MemoryCurrent, by unit type: each
+# unit type that can have a cgroup has its own (not org.freedesktop.systemd1.Unit).
+CGROUP_IFACES = {
+    ".service": SERVICE_IFACE,
+    ".slice": SLICE_IFACE,
+    ".scope": "org.freedesktop.systemd1.Scope",
+    ".socket": "org.freedesktop.systemd1.Socket",
+    ".mount": "org.freedesktop.systemd1.Mount",
+    ".swap": "org.freedesktop.systemd1.Swap",
+}
+# systemd's "no value" for a uint64 property such as MemoryCurrent (no memory accounting).
+NOT_SET = 2**64 - 1
 MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
 GONE = "gone"  # our name for "no such unit loaded"
@@ -94,12 +108,15 @@ class TransientService:
     description: str
     stop_timeout_s: float
     syslog_identifier: str
+    # e.g. "vllm.slice": the engines in one slice can be measured together.
+    # systemd makes the slice on demand; a dash nests it ("a-b.slice" in "a.slice").
+    slice: str | None = None
 
     def properties(self) -> list[tuple[str, tuple[str, Any]]]:
         exe = self.argv[0]
         if "/" not in exe:
             exe = shutil.which(exe) or exe
-        return [
+        props: list[tuple[str, tuple[str, Any]]] = [
             ("Description", ("s", self.description)),
             ("ExecStart", ("a(sasb)", [(exe, list(self.argv), False)])),
             ("Environment", ("as", [f"{k}={v}" for k, v in self.environment.items()])),
@@ -114,6 +131,9 @@ class TransientService:
             ("StandardOutput", ("s", "journal")),
             ("StandardError", ("s", "journal")),
         ]
+        if self.slice:
+            props.append(("Slice", ("s", self.slice)))
+        return props
 
 
 class Systemd:
@@ -172,6 +192,38 @@ class Systemd:
                 return {}
             raise
         return {k: v[1] for k, v in props.items()}
+
+    async def _cgroup_property(self, unit: str, name: str) -> Any | None:
+        """A property of the unit's cgroup interface; None when the unit is not
+        loaded, its type has no cgroup, or it went away between the two calls."""
+        iface = CGROUP_IFACES.get(unit[unit.rfind("."):]) if "." in unit else None
+        if iface is None:
+            return None
+        path = await self.get_unit(unit)
+        if path is None:
+            return None
+        addr = DBusAddress(path, bus_name=SYSTEMD, interface=iface)
+        try:
+            ((_sig, value),) = await self._call(Properties(addr).get(name), f"Get {unit} {name}")
+        except SystemdError as e:
+            if e.name.endswith(("UnknownObject", "NoSuchUnit", "UnknownProperty", "UnknownInterface")):
+                return None
+            raise
+        return value
+
+    async def memory_current(self, unit: str) -> int | None:
+        """The bytes the unit's cgroup holds now (a service, or a slice with all
+        below it); None when it is not loaded or memory accounting gives nothing."""
+        value = await self._cgroup_property(unit, "MemoryCurrent")
+        if value is None or int(value) == NOT_SET:
+            return None
+        return int(value)
+
+    async def control_group(self, unit: str) -> str:
+        """The unit's cgroup path as the manager sees it ("/app.slice/x.service");
+        "" when it is not loaded or has no cgroup (yet)."""
+        value = await self._cgroup_property(unit, "ControlGroup")
+        return str(value) if value else ""
 
     async def start_transient(self, svc: TransientService) -> str:
         (job,) = await self._call(
