@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from jeepney import DBusAddress, DBusErrorResponse
-from jeepney.wrappers import Properties, unwrap_msg
 
 from . import control, systemd
 from .config import EngineConfig
@@ -304,17 +302,7 @@ def journal_argv(units: Sequence[str], *, user: bool, follow: bool, lines: int |
 
 
 async def memory_current(sd: systemd.Systemd, unit: str) -> int | None:
-    path = await sd.get_unit(unit)
-    if path is None:
-        return None
-    addr = DBusAddress(path, bus_name=systemd.SYSTEMD, interface=systemd.SERVICE_IFACE)
-    try:
-        reply = await sd.router.send_and_get_reply(Properties(addr).get("MemoryCurrent"))
-        ((_sig, value),) = unwrap_msg(reply)
-    except (DBusErrorResponse, ValueError, TypeError):
-        return None
-    value = int(value)
-    return None if value == NOT_SET else value
+    return await sd.memory_current(unit)
 
 
 async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
