@@ -1,0 +1,96 @@
+"""The swap plan: who must make room, in which order, and when to refuse."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from shim.placement import GIB, EngineView, Evict, Fits, Refuse, Wait, plan
+
+T = EngineView("new", need=8 * GIB)
+
+
+def awake(name: str, need: int | None = 8 * GIB, **kw: object) -> EngineView:
+    return replace(EngineView(name, need, awake=True, can_sleep=True), **kw)  # type: ignore[arg-type]
+
+
+def decide(target: EngineView, *others: EngineView, total: int | None = 24 * GIB,
+           free: int | None = None, now: float = 100.0) -> object:
+    return plan(target, others, total=total, free=free, now=now, min_residency_s=10.0)
+
+
+def test_fits_beside_the_others() -> None:
+    assert decide(T, awake("a"), awake("b")) == Fits()
+
+
+def test_evicts_the_least_recently_used_first_and_only_as_many_as_needed() -> None:
+    d = decide(T, awake("a", last_used=50), awake("b", last_used=10), awake("c", last_used=30))
+    assert isinstance(d, Evict) and d.victims == (("b", "sleep"),)
+    big = replace(T, need=16 * GIB)
+    d = decide(big, awake("a", last_used=50), awake("b", last_used=10), awake("c", last_used=30))
+    assert isinstance(d, Evict) and [v for v, _ in d.victims] == ["b", "c"]
+
+
+def test_engines_that_cannot_sleep_are_stopped() -> None:
+    d = decide(T, awake("a", can_sleep=False), awake("b"), awake("c", last_used=99))
+    assert isinstance(d, Evict) and d.victims == (("a", "stop"),)
+
+
+def test_pinned_engines_are_never_evicted() -> None:
+    d = decide(T, awake("a", pinned=True), awake("b", last_used=90), awake("c", pinned=True))
+    assert isinstance(d, Evict) and d.victims == (("b", "sleep"),)
+    d = decide(replace(T, need=16 * GIB), awake("a", pinned=True), awake("b", pinned=True))
+    assert isinstance(d, Refuse)
+    assert "pinned engines (a, b) hold 16.0 GiB" in d.message and "needs 16.0 GiB" in d.message
+
+
+def test_a_busy_gpu_is_refused_at_once_naming_free_and_needed() -> None:
+    d = decide(T, total=24 * GIB, free=3 * GIB)
+    assert isinstance(d, Refuse)
+    assert "needs 8.0 GiB" in d.message and "3.0 GiB of 24.0 GiB is free" in d.message
+    assert "other programs hold about 21.0 GiB" in d.message
+
+
+def test_live_free_memory_bounds_the_plan() -> None:
+    # the budget says it fits, but another program holds memory: evict ours
+    d = decide(T, awake("a"), total=24 * GIB, free=4 * GIB)
+    assert isinstance(d, Evict) and d.victims == (("a", "sleep"),)
+
+
+def test_engines_still_loading_count_as_holding_their_memory() -> None:
+    d = decide(T, awake("a", loading=True), total=24 * GIB, free=12 * GIB)
+    assert isinstance(d, Evict)
+    assert decide(T, awake("a", loading=False), total=24 * GIB, free=12 * GIB) == Fits()
+
+
+def test_sleepers_are_stopped_when_only_the_live_reading_is_short() -> None:
+    sleeper = EngineView("s", 8 * GIB, asleep=True, can_sleep=True)
+    d = decide(T, sleeper, total=24 * GIB, free=7 * GIB)
+    assert isinstance(d, Evict) and d.victims == (("s", "stop"),)
+    # without a live reading nothing says a sleeper is in the way
+    assert decide(T, sleeper, total=24 * GIB) == Fits()
+
+
+def test_a_victim_swapped_in_moments_ago_and_in_use_is_kept_for_min_residency() -> None:
+    d = decide(replace(T, need=20 * GIB), awake("a", awake_since=95.0, in_use=True), now=100.0)
+    assert isinstance(d, Wait) and d.until == 105.0
+    # idle, or resident long enough: it goes
+    d = decide(replace(T, need=20 * GIB), awake("a", awake_since=95.0, in_use=False), now=100.0)
+    assert isinstance(d, Evict)
+    d = decide(replace(T, need=20 * GIB), awake("a", awake_since=80.0, in_use=True), now=100.0)
+    assert isinstance(d, Evict)
+
+
+def test_unknown_sizes_run_alone() -> None:
+    alone = EngineView("new", need=None)
+    d = decide(alone, awake("a", None), awake("b", None, can_sleep=False), total=None)
+    assert isinstance(d, Evict) and d.victims == (("a", "sleep"), ("b", "stop"))
+    assert decide(alone, total=None) == Fits()
+    # a sized engine beside an unsized one: the unsized one goes
+    d = decide(T, awake("a", None), awake("b"), total=None)
+    assert isinstance(d, Evict) and d.victims == (("a", "sleep"),)
+    assert decide(T, awake("b"), total=None) == Fits()
+
+
+def test_an_unsized_engine_never_evicts_a_pinned_one() -> None:
+    d = decide(EngineView("new", need=None), awake("a", None, pinned=True), total=None)
+    assert isinstance(d, Refuse) and "pinned engine 'a'" in d.message
