@@ -304,11 +304,15 @@ def test_hang_after_tokens_stalls_that_request_only(start: Start) -> None:
     assert 'vllm:num_requests_running{engine="0",model_name="fake-model"} 1.0' in metrics.decode()
 
 
-def test_hold_rss_mb_is_resident(start: Start) -> None:
-    fake = start("--hold-rss-mb", "64")
+def rss_mb(fake: FakeVllm) -> float:
     status = Path(f"/proc/{fake.proc.pid}/status").read_text()
     rss_kb = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
-    assert rss_kb >= 64 * 1024
+    return rss_kb / 1024
+
+
+def test_hold_rss_mb_is_resident(start: Start) -> None:
+    fake = start("--hold-rss-mb", "64")
+    assert rss_mb(fake) >= 64
 
 
 # -- sleep mode ----------------------------------------------------------------------
@@ -377,6 +381,41 @@ def test_level_2_needs_reload_before_generating(start: Start) -> None:
     assert fake.json("POST", "/wake_up")[0] == 200
     assert fake.json("POST", "/v1/chat/completions", CHAT)[0] == 500
     assert fake.request("GET", "/health")[0] != 200
+
+
+HELD = ("--hold-rss-mb", "128", "--enable-sleep-mode", "--sleep-delay-s", "0", "--wake-delay-s", "0")
+
+
+def test_sleep_frees_the_held_memory_and_waking_holds_it_again(start: Start) -> None:
+    # Like vLLM's VRAM: either sleep level frees it, and it is back when /wake_up answers.
+    fake = start(*HELD, env=DEV)
+    for level in ("1", "2"):
+        assert rss_mb(fake) >= 128
+        assert fake.json("POST", f"/sleep?level={level}")[0] == 200
+        assert rss_mb(fake) < 100
+        assert fake.json("POST", "/wake_up")[0] == 200
+        assert rss_mb(fake) >= 128
+
+
+def test_level_2_holds_the_memory_again_when_the_weights_wake(start: Start) -> None:
+    fake = start(*HELD, env=DEV)
+    assert fake.json("POST", "/sleep?level=2")[0] == 200
+    assert rss_mb(fake) < 100
+    assert fake.json("POST", "/wake_up?tags=weights")[0] == 200
+    assert rss_mb(fake) >= 128
+    assert fake.json("POST", "/collective_rpc", {"method": "reload_weights"})[0] == 200
+    assert fake.json("POST", "/wake_up?tags=kv_cache")[0] == 200
+    assert rss_mb(fake) >= 128
+    # Held once, not twice.
+    assert rss_mb(fake) < 2 * 128
+    assert fake.json("POST", "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_a_failed_wake_leaves_the_memory_free(start: Start) -> None:
+    fake = start(*HELD, "--fail-wake", env=DEV)
+    assert fake.json("POST", "/sleep")[0] == 200
+    assert fake.json("POST", "/wake_up")[0] == 500
+    assert rss_mb(fake) < 100
 
 
 def test_fail_wake_answers_500(start: Start) -> None:
