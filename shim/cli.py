@@ -9,8 +9,9 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd
+from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd, yielding
 from .engine import Engine
+from .fleet import Fleet, probe_for
 from .notify import Notifier
 from .server import Gateway
 
@@ -22,22 +23,30 @@ async def serve(cfg: config.GatewayConfig) -> None:
     async with systemd.connect() as sd:
         gateway: Gateway | None = None
 
+        fleet: Fleet | None = None
+
         def on_change() -> None:
             if gateway is not None:
                 gateway.engine_changed()  # the status loop publishes it
+            if fleet is not None:
+                fleet.engine_changed()
 
-        engine = Engine(cfg.engine, sd, on_change)
-        gateway = Gateway(cfg, engine, notifier)
+        engines = {name: Engine(e, sd, on_change, slice=cfg.fake_gpu_slice)
+                   for name, e in cfg.engines.items()}
+        fleet = Fleet(cfg, engines, probe_for(cfg, sd))
+        gateway = Gateway(cfg, fleet, notifier)
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+            for engine in engines.values():
+                await nursery.start(engine.run)
+            nursery.start_soon(fleet.run)
             listeners = await listen.listeners(cfg.listen_host, cfg.listen_port)
             control_listener = await control.listener()
             nursery.start_soon(gateway.status_loop)
             serving = trio.CancelScope()
             nursery.start_soon(gateway.exit_when_idle, serving)
             notifier.ready()
-            log.info("vllm-gateway %s serving; engine %s is %s",
-                     __version__, cfg.engine.name, engine.state.value)
+            log.info("vllm-gateway %s serving; %s", __version__, ", ".join(
+                f"engine {e.cfg.name} is {e.state.value}" for e in engines.values()))
             with serving:
                 async with trio.open_nursery() as servers:
                     servers.start_soon(trio.serve_listeners, gateway.handle, [control_listener])
@@ -46,7 +55,7 @@ async def serve(cfg: config.GatewayConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
-USER_COMMANDS = ("status", "start", "stop", "sleep", "wake", "logs")
+USER_COMMANDS = ("status", "start", "stop", "sleep", "wake", "logs", "yield", "release")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,14 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true",
                     help="print what GET /gateway/status answers (built from systemd when the "
                     "gateway does not run)")
-    command("start", "start the engine now and wait until it is ready (starts the gateway too)",
-            "vllm-gateway start   # engine ready in 41.2 s (pid 4242)")
-    command("stop", "stop the engine now (its GPU memory is freed)",
-            "vllm-gateway stop    # engine stopped in 1.3 s")
-    command("sleep", "put the engine to sleep now (needs sleep_after in the configuration)",
-            "vllm-gateway sleep   # engine asleep in 0.4 s (level 1)")
-    command("wake", "wake the sleeping engine now",
-            "vllm-gateway wake    # engine awake in 1.5 s (pid 4242)")
+    for name, help, example in (
+        ("start", "start the engine now and wait until it is ready (starts the gateway too)",
+         "vllm-gateway start   # engine ready in 41.2 s (pid 4242)"),
+        ("stop", "stop the engine now (its GPU memory is freed); with several, all unless named",
+         "vllm-gateway stop    # engine stopped in 1.3 s"),
+        ("sleep", "put the engine to sleep now (needs sleep_after); with several, all unless named",
+         "vllm-gateway sleep   # engine asleep in 0.4 s (level 1)"),
+        ("wake", "wake the sleeping engine now",
+         "vllm-gateway wake    # engine awake in 1.5 s (pid 4242)"),
+    ):
+        command(name, help, example).add_argument(
+            "engine", nargs="?", default=None, help="the engine's name, with several engines")
+    yl = command("yield", "free the GPU for other work: every engine sleeps or stops, and none "
+                 "starts until released", "vllm-gateway yield --by game.service")
+    yl.add_argument("--by", default=yielding.DEFAULT_HOLDER, help="who holds the GPU (default: manual)")
+    yl.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="wait this long for requests in flight, then stop the engines (default: 120)")
+    rl = command("release", "end a hold of `vllm-gateway yield`: engines start again on demand",
+                 "vllm-gateway release --by game.service")
+    rl.add_argument("--by", default=yielding.DEFAULT_HOLDER, help="whose hold to end (default: manual)")
+    rl.add_argument("--all", action="store_true", help="end every hold")
     lg = command("logs", "show the gateway's and the engine's journal, interleaved by time",
                  "vllm-gateway logs -f -n 100")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -112,13 +134,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.GatewayConfig(engines={"main": config.EngineConfig(name="main", command=())})
 
     if args.command == "status":
-        return commands.status(cfg.engine, args.json)
+        return commands.status(cfg, args.json)
     if args.command in ("start", "stop", "sleep", "wake"):
-        return commands.manual(cfg.engine, args.command)
+        return commands.manual(cfg, args.command, args.engine)
+    if args.command == "yield":
+        return yielding.yield_gpu(cfg, args.by, args.timeout)
+    if args.command == "release":
+        return yielding.release(None if args.all else args.by)
     if args.command == "logs":
-        return commands.logs(cfg.engine, args.follow, args.lines)
+        return commands.logs([e.unit for e in cfg.engines.values()], args.follow, args.lines)
     if args.command == "idle-check":
-        return trio.run(idle_check.run, cfg.engine)
+        return trio.run(idle_check.run, cfg)
     if args.command == "config":
         return config_check(cfg)
     trio.run(serve, cfg)

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from . import control, systemd
-from .config import EngineConfig
+from .config import EngineConfig, GatewayConfig
 from .idle_check import idle_since_without_shim_us
 from .status import parse_status
 
@@ -305,6 +305,27 @@ async def memory_current(sd: systemd.Systemd, unit: str) -> int | None:
     return await sd.memory_current(unit)
 
 
+def status(cfg: GatewayConfig, as_json: bool) -> int:
+    """Every engine's table (with one engine, as it always was)."""
+    if not cfg.several:
+        return status_of(cfg.engine, as_json)
+    if as_json:
+        try:
+            every = {name: trio.run(gather, engine)[0] for name, engine in cfg.engines.items()}
+        except (OSError, systemd.SystemdError) as e:
+            return _bus_error(e)
+        print(json.dumps({"engines": every}, indent=2))
+        return 0
+    for i, engine in enumerate(cfg.engines.values()):
+        if i:
+            print()
+        print(f"== engine {engine.name} ==")
+        code = status_of(engine, False)
+        if code:
+            return code
+    return 0
+
+
 async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
     async with systemd.connect() as sd:
         unit = await sd.unit_state(engine.unit)
@@ -319,6 +340,7 @@ async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
         except ValueError:
             status = None
     answered = status is not None
+    status = _engine_status(status, engine)
     if status is None:
         status = status_from_systemd(engine, unit, shim, time.time())
     vram = vram_text(cgroup_pids(unit.control_group)) if unit.running else _vram_idle()
@@ -336,7 +358,7 @@ def _bus_error(e: Exception) -> int:
     return 1
 
 
-def status(engine: EngineConfig, as_json: bool) -> int:
+def status_of(engine: EngineConfig, as_json: bool) -> int:
     try:
         st, extras = trio.run(gather, engine)
     except (OSError, systemd.SystemdError) as e:
@@ -408,16 +430,18 @@ async def _unit_pid(unit: str) -> int:
 _DONE = {"start": "ready", "stop": "stopped", "sleep": "asleep", "wake": "awake"}
 
 
-async def control_action(engine: EngineConfig, action: str) -> str:
-    """Do `action` (start, stop, sleep, wake) and say what happened."""
-    before = await _shim_status()
+async def control_action(engine: EngineConfig, action: str, several: bool = False) -> str:
+    """Do `action` (start, stop, sleep, wake) and say what happened; with
+    several engines, to the one named."""
+    before = _engine_status(await _shim_status(), engine)
     if before is None:
         if action == "stop":
             return await _stop_without_shim(engine)
         if action != "start":
             raise CommandError(f"vllm-gateway: the gateway is not running, so the engine is not "
                                f"running either: nothing to {action}")
-        before = await _start_shim()
+        before = _engine_status(await _start_shim(), engine)
+        assert before is not None
     state = before.get("state")
     if state == {"start": "ready", "stop": "stopped", "sleep": "sleeping", "wake": "ready"}[action]:
         return f"engine already {_DONE[action]}"
@@ -428,14 +452,15 @@ async def control_action(engine: EngineConfig, action: str) -> str:
         "wake": engine.start_timeout_s + 60,
     }[action]
     t0 = time.monotonic()
-    answer = await control.request("POST", f"/gateway/{action}", timeout)
+    which = f"?engine={engine.name}" if several else ""
+    answer = await control.request("POST", f"/gateway/{action}{which}", timeout)
     took = time.monotonic() - t0
     if answer is None:
         raise CommandError(f"vllm-gateway: the gateway did not answer {action} within {timeout:g} s")
     code, body = answer
     if code != 200:
         raise CommandError(error_message(body))
-    after = json.loads(body)
+    after = _engine_status(json.loads(body), engine) or {}
     pid = after.get("main_pid") or (await _unit_pid(engine.unit) if action in ("start", "wake") else None)
     line = f"engine {_DONE[action]} in {took:.1f} s"
     if action in ("start", "wake") and pid:
@@ -447,9 +472,27 @@ async def control_action(engine: EngineConfig, action: str) -> str:
     return line
 
 
-def manual(engine: EngineConfig, action: str) -> int:
+def _engine_status(status: dict[str, Any] | None, engine: EngineConfig) -> dict[str, Any] | None:
+    """One engine's part of /gateway/status, with the gateway's fields."""
+    if status is None:
+        return None
+    engines = status.get("engines")
+    mine = engines.get(engine.name) if isinstance(engines, dict) else None
+    return {**status, **mine} if isinstance(mine, dict) else status
+
+
+def manual(cfg: GatewayConfig, action: str, name: str | None) -> int:
+    if name is not None and name not in cfg.engines:
+        print(f"vllm-gateway: no engine named {name!r}; engines: {', '.join(cfg.engines)}", file=sys.stderr)
+        return 2
+    if name is None and cfg.several and action in ("start", "wake"):
+        print(f"vllm-gateway: name the engine to {action}: {', '.join(cfg.engines)}", file=sys.stderr)
+        return 2
+    targets = [cfg.engines[name]] if name is not None else list(cfg.engines.values())
     try:
-        _say(trio.run(control_action, engine, action))
+        for engine in targets:
+            line = trio.run(control_action, engine, action, cfg.several)
+            _say(f"{engine.name}: {line}" if cfg.several else line)
     except CommandError as e:
         print(str(e), file=sys.stderr)
         return 1
@@ -458,14 +501,14 @@ def manual(engine: EngineConfig, action: str) -> int:
     return 0
 
 
-def logs(engine: EngineConfig, follow: bool, lines: int | None) -> int:
+def logs(engine_units: Sequence[str], follow: bool, lines: int | None) -> int:
     """Exec journalctl on the shim's, the engine's and the idle check's units.
 
     A user manager's units are filed as user units, except where it runs at
     the root of its own cgroup namespace (containers, the test sandbox):
     there journald files them as system units, so use those when the user
     journal has nothing (as journal.tail does)."""
-    units = [SHIM_UNIT, engine.unit, IDLE_UNIT]
+    units = [SHIM_UNIT, *engine_units, IDLE_UNIT]
     probe = [*journal_argv(units, user=True, follow=False, lines=1), "--quiet", "--no-pager", "-o", "cat"]
     try:
         found = subprocess.run(probe, capture_output=True, text=True, timeout=10, check=False)

@@ -39,6 +39,8 @@ FAILURE_COOLDOWN_MAX_S = 120.0
 # ~1.5 s, but a level-2 wake reloads the weights from disk.
 SLEEP_TIMEOUT_S = 180.0
 WAKE_TIMEOUT_S = 300.0
+# States in which the engine holds (or is taking) its GPU memory.
+AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
 # How vLLM (e.g. its CPU build) says that it cannot sleep at all.
 _SLEEP_REFUSED = re.compile(r"sleep mode is not supported|enable.sleep.mode", re.IGNORECASE)
 
@@ -114,8 +116,10 @@ class Engine:
         cfg: EngineConfig,
         systemd: Systemd,
         on_change: Callable[[], None] = lambda: None,
+        slice: str | None = None,
     ):
         self.cfg = cfg
+        self.slice = slice  # the systemd slice to run in (the fake GPU's)
         self.systemd = systemd
         self.upstream = Upstream(cfg.port)
         self.state = State.STOPPED
@@ -148,6 +152,19 @@ class Engine:
         self.sleep_refused = False
         self.last_wake_s: float | None = None
         self.last_sleep_error: str | None = None
+        # Several engines share the GPU: a request for an engine that holds
+        # no memory passes the fleet's gate first (None: no gate), which
+        # admits it (`reserved`) once it fits; `draining` marks an engine
+        # that must make room: new requests wait at the gate meanwhile.
+        self.gate: Callable[[Engine], Awaitable[None]] | None = None
+        self.on_drained: Callable[[], None] = lambda: None
+        self.reserved = False
+        self.draining = False
+        self.queued = 0  # requests waiting at the gate (part of `waiting`)
+        self.last_used = 0.0  # trio time
+        self.awake_since = 0.0  # trio time it last became ready
+        # epoch seconds since nothing is in flight or waiting; None while busy
+        self.idle_since: float | None = time.time()
 
     @property
     def sleep_enabled(self) -> bool:
@@ -159,6 +176,22 @@ class Engine:
     def ready(self) -> bool:
         return self.state is State.READY
 
+    @property
+    def holds_memory(self) -> bool:
+        """Awake, or admitted to wake or start."""
+        return self.reserved or self.state in AWAKE
+
+    @property
+    def busy(self) -> int:
+        """Requests in flight or waiting for this engine."""
+        return self.active + self.waiting
+
+    def _busy_changed(self, before: int) -> None:
+        now = self.busy
+        if (before == 0) != (now == 0):
+            self.idle_since = time.time() if now == 0 else None
+            self._on_change()
+
     def in_state(self, *states: State) -> bool:
         """The state now (a call, so that type checkers do not narrow it across awaits)."""
         return self.state in states
@@ -169,7 +202,7 @@ class Engine:
         Raises EngineUnavailable when a start this request waited for failed,
         or while cooling down after failures; QueueFull past `max_waiting`.
         """
-        if self.ready:
+        if self.ready and not self.draining:
             return 0.0
         if self.waiting >= max_waiting:
             raise QueueFull(
@@ -179,20 +212,34 @@ class Engine:
         t0 = trio.current_time()
         seen = self.last_failure.seq if self.last_failure else 0
         self.waiting += 1
+        self._busy_changed(self.busy - 1)
         try:
-            while not self.ready:
+            while not (self.ready and not self.draining):
                 failure = self.last_failure
                 if failure is not None and failure.seq != seen:
                     raise self._unavailable(failure)
                 if self.state is State.FAILED and trio.current_time() < self._retry_at:
                     assert failure is not None
                     raise self._unavailable(failure)
+                if self.gate is not None and (self.draining or not self.holds_memory):
+                    self.queued += 1
+                    try:
+                        await self.gate(self)
+                    finally:
+                        self.queued -= 1
+                    continue
                 changed = self._changed
                 self._inbox_send.send_nowait(_Want())
                 await changed.wait()
         finally:
             self.waiting -= 1
+            self._busy_changed(self.busy + 1)
         return trio.current_time() - t0
+
+    @property
+    def _wanted(self) -> bool:
+        """Requests wait for this engine past the gate: start or wake it."""
+        return self.waiting > self.queued and not self.draining
 
     def _unavailable(self, failure: Failure) -> EngineUnavailable:
         retry = max(1.0, self._retry_at - trio.current_time())
@@ -208,10 +255,18 @@ class Engine:
         """
         waited = await self.acquire(max_waiting)
         self.active += 1
+        self.last_used = trio.current_time()
+        if self.active == 1 and self.waiting == 0:
+            self._busy_changed(0)
         try:
             yield waited
         finally:
             self.active -= 1
+            self.last_used = trio.current_time()
+            if self.active == 0 and self.waiting == 0:
+                self._busy_changed(1)
+            if self.active == 0 and self.draining:
+                self.on_drained()
 
     def request_sleep(self, cause: str) -> None:
         self._inbox_send.send_nowait(_Sleep(cause))
@@ -325,18 +380,18 @@ class Engine:
     async def _on_want(self) -> None:
         if self.state is State.FAILED and trio.current_time() >= self._retry_at:
             self._set(Event.RESET)
-        if self.state is State.STOPPED and self.waiting > 0:
+        if self.state is State.STOPPED and self._wanted:
             await self._start()
-        elif self.state is State.SLEEPING and self.waiting > 0:
+        elif self.state is State.SLEEPING and self._wanted:
             self._set(Event.WAKE)
             self._spawn_attempt(self._wake)
 
     async def _on_sleep(self, cause: str) -> None:
         if self.state is not State.READY or not self.sleep_enabled:
             return
-        if self.active > 0 or self.waiting > 0:
+        if self.active > 0 or self._wanted:
             log.info("not putting engine %s to sleep (%s): %d requests in flight",
-                     self.cfg.name, cause, self.active + self.waiting)
+                     self.cfg.name, cause, self.active + self.waiting - self.queued)
             return
         log.info("putting engine %s to sleep at level %d (%s)", self.cfg.name, self.cfg.sleep_level, cause)
         self._set(Event.SLEEP)
@@ -428,6 +483,7 @@ class Engine:
             description=f"vLLM engine {self.cfg.name!r}, started by vllm-gateway",
             stop_timeout_s=self.cfg.stop_timeout_s,
             syslog_identifier=self.cfg.unit.removesuffix(".service"),
+            slice=self.slice,
         )
         self._start_epoch = time.time()
         self._start_job = ""
@@ -499,7 +555,7 @@ class Engine:
                         self.cfg.name, self.last_sleep_error)
             self._set(Event.START_FAILED)
             self._set(Event.RESET)
-            if self.waiting > 0:
+            if self._wanted:
                 await self._start()
             return
         self._failures_in_row += 1
@@ -515,10 +571,10 @@ class Engine:
 
     async def _on_stop(self, cause: str, only_if_idle: bool = False) -> None:
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
-            if only_if_idle and (self.active or self.waiting):
+            if only_if_idle and (self.active or self.waiting > self.queued):
                 # the idle check read a status that a new request has made stale
                 log.info("not stopping engine %s (%s): %d requests in flight",
-                         self.cfg.name, cause, self.active + self.waiting)
+                         self.cfg.name, cause, self.active + self.waiting - self.queued)
                 return
             log.info("stopping engine %s (%s)", self.cfg.name, cause)
             self._stop_cause = cause
@@ -566,7 +622,7 @@ class Engine:
             self._set(Event.UNIT_GONE)
         self.upstream.reset()
         self.main_pid = 0
-        if self.state is State.STOPPED and self.waiting > 0:
+        if self.state is State.STOPPED and self._wanted:
             await self._start()
 
     def _set(self, event: Event) -> None:
@@ -577,6 +633,8 @@ class Engine:
             self.state_seconds[self.state] = self.state_seconds.get(self.state, 0.0) + now - self.state_since
             self.state = new
             self.state_since = now
+            if new is State.READY:
+                self.awake_since = trio.current_time()
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         self._on_change()

@@ -94,6 +94,22 @@ class EngineUnavailable(GatewayError):
     code = "engine_unavailable"
 
 
+class GpuBusy(GatewayError):
+    """The engine does not fit in the GPU memory that is free."""
+
+    status = 503
+    error_type = "engine_unavailable"
+    code = "gpu_memory"
+
+
+class GpuYielded(GatewayError):
+    """Another program holds the GPU (`vllm-gateway yield`)."""
+
+    status = 503
+    error_type = "engine_unavailable"
+    code = "gpu_yielded"
+
+
 class QueueFull(GatewayError):
     status = 503
     error_type = "engine_unavailable"

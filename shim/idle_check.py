@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 
 from . import control, systemd
-from .config import EngineConfig
-from .status import parse_status
+from .config import EngineConfig, GatewayConfig
+from .status import parse_statuses
 
 log = logging.getLogger("vllm_gateway.idle_check")
 
@@ -56,7 +56,7 @@ def decide(
         return Verdict(none, f"{engine.unit} is not running ({unit.active_state})")
     state = "unknown"
     if shim.running:
-        st = parse_status(shim.status_text)
+        st = parse_statuses(shim.status_text).get(engine.unit)
         if st is None:
             return Verdict(none, f"{SHIM_UNIT} has not reported its status yet")
         if st.in_flight > 0:
@@ -72,25 +72,31 @@ def decide(
     return Verdict(none, f"idle {idle:.0f} s (engine {state})")
 
 
-async def run(engine: EngineConfig) -> int:
+async def run(cfg: GatewayConfig) -> int:
     async with systemd.connect() as sd:
-        unit = await sd.unit_state(engine.unit)
         shim = await sd.unit_state(SHIM_UNIT)
-        verdict = decide(engine, unit, shim, time.time())
-        if verdict.action is Action.STOP:
-            log.info("stopping %s: %s", engine.unit, verdict.reason)
-            # through the shim when it runs: it refuses if a request arrived
-            # since it wrote the status we read, and counts the stop as idle
-            answer = await control.request("POST", "/gateway/stop?cause=idle") if shim.running else None
-            if answer is None:
-                await sd.stop_unit(engine.unit)
-        elif verdict.action is Action.SLEEP:
-            log.info("asking the gateway to put %s to sleep: %s", engine.unit, verdict.reason)
-            answer = await control.request("POST", "/gateway/sleep")
-            if answer is None:
-                log.warning("the gateway's control socket %s did not answer", control.socket_path())
-            elif answer[0] != 200:
-                log.info("the gateway kept the engine awake: %s", answer[1].decode(errors="replace"))
-        else:
-            log.debug("keeping %s: %s", engine.unit, verdict.reason)
+        for engine in cfg.engines.values():
+            await _check(sd, engine, shim)
     return 0
+
+
+async def _check(sd: systemd.Systemd, engine: EngineConfig, shim: systemd.UnitState) -> None:
+    unit = await sd.unit_state(engine.unit)
+    verdict = decide(engine, unit, shim, time.time())
+    which = f"engine={engine.name}"
+    if verdict.action is Action.STOP:
+        log.info("stopping %s: %s", engine.unit, verdict.reason)
+        # through the shim when it runs: it refuses if a request arrived
+        # since it wrote the status we read, and counts the stop as idle
+        answer = await control.request("POST", f"/gateway/stop?cause=idle&{which}") if shim.running else None
+        if answer is None:
+            await sd.stop_unit(engine.unit)
+    elif verdict.action is Action.SLEEP:
+        log.info("asking the gateway to put %s to sleep: %s", engine.unit, verdict.reason)
+        answer = await control.request("POST", f"/gateway/sleep?{which}")
+        if answer is None:
+            log.warning("the gateway's control socket %s did not answer", control.socket_path())
+        elif answer[0] != 200:
+            log.info("the gateway kept the engine awake: %s", answer[1].decode(errors="replace"))
+    else:
+        log.debug("keeping %s: %s", engine.unit, verdict.reason)

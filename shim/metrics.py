@@ -8,7 +8,8 @@ state) are read at scrape time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,20 +30,22 @@ WAKE_BUCKETS_S = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 60)
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class Live:
-    """Values read at scrape time (provided by the server)."""
+@dataclass(frozen=True)
+class EngineLive:
+    """One engine's values at scrape time."""
 
-    def __init__(
-        self,
-        state: Callable[[], State],
-        in_flight: Callable[[], int],
-        waiting: Callable[[], int],
-        state_seconds: Callable[[], dict[State, float]],
-    ) -> None:
-        self.state = state
-        self.in_flight = in_flight
-        self.waiting = waiting
-        self.state_seconds = state_seconds
+    name: str
+    state: State
+    in_flight: int
+    waiting: int
+    state_seconds: dict[State, float]
+
+
+class Live:
+    """Values read at scrape time (provided by the server), one per engine."""
+
+    def __init__(self, engines: Callable[[], list[EngineLive]]) -> None:
+        self.engines = engines
 
 
 class _LiveCollector(Collector):
@@ -50,21 +53,24 @@ class _LiveCollector(Collector):
         self.live = live
 
     def collect(self) -> Iterator[Metric]:
-        now_state = self.live.state()
+        engines = self.live.engines()
         g = GaugeMetricFamily("vllm_gateway_engine_state", "The engine's state (1 for the current one)",
-                              labels=["state"])
-        for s in State:
-            g.add_metric([s.value], 1.0 if s is now_state else 0.0)
-        yield g
-        yield GaugeMetricFamily("vllm_gateway_requests_in_flight",
-                                "Engine requests being served or waiting", value=self.live.in_flight())
-        yield GaugeMetricFamily("vllm_gateway_requests_waiting",
-                                "Requests waiting for the engine to start or wake", value=self.live.waiting())
+                              labels=["engine", "state"])
+        f = GaugeMetricFamily("vllm_gateway_requests_in_flight", "Engine requests being served or waiting",
+                              labels=["engine"])
+        w = GaugeMetricFamily("vllm_gateway_requests_waiting",
+                              "Requests waiting for the engine to start, wake or fit on the GPU",
+                              labels=["engine"])
         c = CounterMetricFamily("vllm_gateway_engine_state_seconds", "Time the engine spent in each state",
-                                labels=["state"])
-        for s, seconds in self.live.state_seconds().items():
-            c.add_metric([s.value], seconds)
-        yield c
+                                labels=["engine", "state"])
+        for e in engines:
+            for s in State:
+                g.add_metric([e.name, s.value], 1.0 if s is e.state else 0.0)
+            f.add_metric([e.name], e.in_flight)
+            w.add_metric([e.name], e.waiting)
+            for s, seconds in e.state_seconds.items():
+                c.add_metric([e.name, s.value], seconds)
+        yield from (g, f, w, c)
 
 
 class Metrics:
@@ -77,30 +83,36 @@ class Metrics:
                                   ["route"], buckets=REQUEST_BUCKETS_S, registry=r)
         self.cold_starts = Histogram("vllm_gateway_cold_start_seconds",
                                      "Engine cold starts: from the start to its first healthy answer",
-                                     buckets=COLD_START_BUCKETS_S, registry=r)
+                                     ["engine"], buckets=COLD_START_BUCKETS_S, registry=r)
         self.start_failures = Counter("vllm_gateway_start_failures", "Engine starts that failed",
-                                      registry=r)
+                                      ["engine"], registry=r)
         self.wakes = Histogram("vllm_gateway_wake_seconds", "Engine wakes from sleep",
-                               buckets=WAKE_BUCKETS_S, registry=r)
-        self.sleeps = Counter("vllm_gateway_sleeps", "Times the engine was put to sleep", registry=r)
-        self.stops = Counter("vllm_gateway_stops", "Engine stops by cause (idle, manual, failure, external)",
-                             ["cause"], registry=r)
+                               ["engine"], buckets=WAKE_BUCKETS_S, registry=r)
+        self.sleeps = Counter("vllm_gateway_sleeps", "Times the engine was put to sleep", ["engine"],
+                              registry=r)
+        self.stops = Counter("vllm_gateway_stops",
+                             "Engine stops by cause (idle, manual, failure, external, evicted, yield)",
+                             ["engine", "cause"], registry=r)
+        self.swaps = Counter("vllm_gateway_swaps", "Engines swapped in after others made room on the GPU",
+                             ["engine"], registry=r)
         self.tool_calls = Counter("vllm_gateway_tool_calls_rewritten",
                                   "Tool calls written as text and rewritten into tool_calls", registry=r)
         r.register(_LiveCollector(live))
 
-    def engine_event(self, kind: str, value: float, label: str) -> None:
-        """The engine's callback: ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ..."""
+    def engine_event(self, engine: str, kind: str, value: float, label: str) -> None:
+        """The engines' callback: ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ..."""
         if kind == "cold_start":
-            self.cold_starts.observe(value)
+            self.cold_starts.labels(engine).observe(value)
         elif kind == "wake":
-            self.wakes.observe(value)
+            self.wakes.labels(engine).observe(value)
         elif kind == "sleep":
-            self.sleeps.inc()
+            self.sleeps.labels(engine).inc()
         elif kind == "stop":
-            self.stops.labels(label).inc()
+            self.stops.labels(engine, label).inc()
         elif kind == "start_failure":
-            self.start_failures.inc()
+            self.start_failures.labels(engine).inc()
+        elif kind == "swap":
+            self.swaps.labels(engine).inc()
 
     def request(self, route: str, status: int, seconds: float, tool_calls: int) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -117,3 +129,21 @@ def accumulate(seconds: dict[State, float], state: State, since: float) -> dict[
     out = dict(seconds)
     out[state] = out.get(state, 0.0) + max(0.0, time.time() - since)
     return out
+
+
+def merge_expositions(texts: Sequence[bytes]) -> bytes:
+    """Several engines' /metrics as one valid exposition: the samples of a
+    family stay together under one HELP and TYPE (each engine labels its
+    own samples with its model name)."""
+    families: dict[bytes, list[bytes]] = {}
+    for text in texts:
+        name = b""
+        for line in text.splitlines():
+            if line.startswith((b"# HELP ", b"# TYPE ")):
+                name = line.split(b" ", 3)[2]
+                lines = families.setdefault(name, [])
+                if line not in lines:
+                    lines.append(line)
+            elif line and not line.startswith(b"#"):
+                families.setdefault(name, []).append(line)
+    return b"".join(line + b"\n" for lines in families.values() for line in lines)

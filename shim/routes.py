@@ -21,6 +21,8 @@ class Kind(enum.Enum):
     ADMIN_STOP = "admin_stop"
     ADMIN_SLEEP = "admin_sleep"
     ADMIN_WAKE = "admin_wake"
+    ADMIN_YIELD = "admin_yield"
+    ADMIN_RELEASE = "admin_release"
     ENGINE = "engine"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -44,6 +46,8 @@ OWN: dict[str, tuple[str, Kind]] = {
     "/gateway/stop": ("POST", Kind.ADMIN_STOP),
     "/gateway/sleep": ("POST", Kind.ADMIN_SLEEP),
     "/gateway/wake": ("POST", Kind.ADMIN_WAKE),
+    "/gateway/yield": ("POST", Kind.ADMIN_YIELD),
+    "/gateway/release": ("POST", Kind.ADMIN_RELEASE),
 }
 
 # Engine endpoints, by method. Those in JSON_BODY are checked before the

@@ -3,15 +3,18 @@ forwards the rest through the proxy, and reports its state to systemd."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from urllib.parse import parse_qsl
 
 import h11
 import trio
@@ -32,15 +35,17 @@ from .errors import (
     URITooLong,
     error_body,
 )
+from .fleet import Fleet
 from .httpio import header, next_event
 from .lifecycle import State
-from .metrics import CONTENT_TYPE, Live, Metrics, accumulate
+from .metrics import CONTENT_TYPE, EngineLive, Live, Metrics, accumulate, merge_expositions
 from .notify import Notifier
 from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
 from .routes import GENERATION, JSON_BODY, Kind, Route, classify
 from .security import apply_max_tokens, check_admin, check_client
-from .status import ShimStatus
+from .status import ShimStatus, format_statuses
 from .upstream import call
+from .yielding import HOLDER
 
 log = logging.getLogger("vllm_gateway.server")
 
@@ -50,7 +55,12 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Longer request targets are refused (414); OpenAI API paths are short.
 MAX_TARGET_BYTES = 8 * 1024
-ADMIN_KINDS = frozenset({Kind.ADMIN_START, Kind.ADMIN_STOP, Kind.ADMIN_SLEEP, Kind.ADMIN_WAKE})
+ADMIN_KINDS = frozenset({Kind.ADMIN_START, Kind.ADMIN_STOP, Kind.ADMIN_SLEEP, Kind.ADMIN_WAKE,
+                         Kind.ADMIN_YIELD, Kind.ADMIN_RELEASE})
+# `vllm-gateway yield` waits this long for requests in flight before stopping engines.
+YIELD_TIMEOUT_S = 120.0
+# The model field of a multipart form (audio transcriptions), for routing.
+_FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
 _OVERLOADED_BODY = error_body("vllm-gateway: too many open connections; try again", "engine_unavailable",
                               "too_many_connections")
 OVERLOADED = (
@@ -102,22 +112,24 @@ class Activity:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, engine: Engine, notifier: Notifier) -> None:
+    def __init__(self, cfg: GatewayConfig, fleet: Fleet, notifier: Notifier) -> None:
         self.cfg = cfg
-        self.engine = engine
+        self.fleet = fleet
+        self.engines = fleet.engines
+        self.engine = fleet.first  # the only one, with one engine
         self.notifier = notifier
         self.activity = Activity()
         self.started = time.time()
         # request ids: a random prefix per shim and a counter (cheap, unique)
         self._id_prefix = f"req-{secrets.token_hex(4)}-"
         self._id_count = 0
-        self.metrics = Metrics(Live(
-            state=lambda: engine.state,
-            in_flight=lambda: self.activity.in_flight,
-            waiting=lambda: engine.waiting,
-            state_seconds=lambda: accumulate(engine.state_seconds, engine.state, engine.state_since),
-        ))
-        engine.on_event = self.metrics.engine_event
+        self.metrics = Metrics(Live(lambda: [
+            EngineLive(e.cfg.name, e.state, e.busy, e.waiting,
+                       accumulate(e.state_seconds, e.state, e.state_since))
+            for e in self.engines.values()
+        ]))
+        for e in self.engines.values():
+            e.on_event = functools.partial(self.metrics.engine_event, e.cfg.name)
 
     # ---- status ----
 
@@ -125,30 +137,47 @@ class Gateway:
         self._id_count += 1
         return f"{self._id_prefix}{self._id_count:x}"
 
-    def shim_status(self) -> ShimStatus:
-        return ShimStatus(
-            state=self.engine.state.value,
-            in_flight=self.activity.in_flight,
-            idle_since=self.activity.idle_since,
-            unit=self.engine.cfg.unit,
-        )
+    def shim_status(self, e: Engine) -> ShimStatus:
+        return ShimStatus(state=e.state.value, in_flight=e.busy, idle_since=e.idle_since, unit=e.cfg.unit)
 
     def publish_status(self) -> None:
         """Send the STATUS text (the status loop calls it on every change)."""
-        self.notifier.status(self.shim_status().format(time.time()))
+        self.notifier.status(format_statuses([self.shim_status(e) for e in self.engines.values()],
+                                             time.time()))
 
     def engine_changed(self) -> None:
         """The engine's state changed: wake the status loop and the idle exit."""
         self.activity.bump()
 
     def status_json(self) -> dict[str, object]:
-        e = self.engine
-        st = self.shim_status()
+        """The gateway's state; with one engine, that engine's fields at the
+        top level too (as before there were several)."""
+        engines = {name: self.engine_json(e) for name, e in self.engines.items()}
+        gpu = self.fleet.gpu
+        out: dict[str, object] = dict(engines[self.engine.cfg.name]) if not self.cfg.several else {
+            "state": _summary(self.engines.values()),
+            "in_flight": self.activity.in_flight,
+            "waiting": sum(e.waiting for e in self.engines.values()),
+        }
+        out.update({
+            "engines": engines,
+            "holds": {who: round(since, 3) for who, since in self.fleet.holds.items()},
+            "swaps": self.fleet.swaps,
+            "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
+                                             "source": gpu.source},
+            "gateway_pid": os.getpid(),
+            "gateway_uptime_s": round(time.time() - self.started, 1),
+        })
+        return out
+
+    def engine_json(self, e: Engine) -> dict[str, object]:
+        st = self.shim_status(e)
+        check = self.fleet.memory_checks.get(e.cfg.name)
         return {
             "state": e.state.value,
             "state_since": round(e.state_since, 3),
             "idle_s": round(st.idle_s(time.time()), 1),
-            "in_flight": self.activity.in_flight,
+            "in_flight": e.busy,
             "waiting": e.waiting,
             "engine": e.cfg.name,
             "unit": e.cfg.unit,
@@ -163,8 +192,10 @@ class Gateway:
             "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
             "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
             "last_error": e.last_failure.message if e.last_failure else None,
-            "gateway_pid": os.getpid(),
-            "gateway_uptime_s": round(time.time() - self.started, 1),
+            "memory_bytes": e.cfg.memory_needed(self.fleet.total),
+            "pinned": e.cfg.pinned,
+            "draining": e.draining,
+            "last_memory_check": None if check is None else check.as_json(),
         }
 
     async def status_loop(self) -> None:
@@ -189,9 +220,8 @@ class Gateway:
         while True:
             changed = self.activity.changed
             if (
-                self.engine.state is State.STOPPED
+                all(e.state is State.STOPPED and e.waiting == 0 for e in self.engines.values())
                 and self.activity.connections == 0
-                and self.engine.waiting == 0
             ):
                 with trio.move_on_at(self.activity.last_connection + limit) as deadline:
                     await changed.wait()
@@ -346,66 +376,134 @@ class Gateway:
         if kind is Kind.METHOD_NOT_ALLOWED:
             raise MethodNotAllowed(f"vllm-gateway: {req.method.decode()} is not allowed on {route.path}")
         if kind is Kind.HEALTH:
-            return await self._json(client, 200, {"status": "ok", "engine": self.engine.state.value})
+            health: dict[str, object] = {"status": "ok", "engine": self.engine.state.value}
+            if self.cfg.several:
+                health["engine"] = _summary(self.engines.values())
+                health["engines"] = {name: e.state.value for name, e in self.engines.items()}
+            return await self._json(client, 200, health)
         if kind is Kind.STATUS:
             status = self.status_json()
-            if self.engine.in_state(State.STARTING):
-                lines = await journal.tail(self.engine.cfg.unit, self.engine.state_since)
-                status["start_phase"] = journal.start_phase(lines)
+            for name, e in self.engines.items():
+                if e.in_state(State.STARTING):
+                    lines = await journal.tail(e.cfg.unit, e.state_since)
+                    phase = journal.start_phase(lines)
+                    if not self.cfg.several:
+                        status["start_phase"] = phase
+                    engines = status["engines"]
+                    assert isinstance(engines, dict)
+                    engines[name]["start_phase"] = phase
             return await self._json(client, 200, status)
         if kind is Kind.METRICS:
             return await self._metrics(client)
-        if kind is Kind.ADMIN_START:
-            self.engine.request_start()
-            waited = await self.engine.acquire(self.cfg.max_waiting)
-            ex = await self._json(client, 200, self.status_json())
-            ex.waited_s = waited
-            return ex
-        if kind is Kind.ADMIN_STOP:
-            idle = route.query == "cause=idle"  # the idle check: only if nothing is in flight
-            self.engine.request_stop("idle" if idle else "manual", only_if_idle=idle)
-            await self.engine.wait_changed(1.0)
-            await self.engine.wait_for(State.STOPPED, State.FAILED,
-                                       timeout_s=self.engine.cfg.stop_timeout_s + 10)
-            return await self._json(client, 200, self.status_json())
-        if kind is Kind.ADMIN_SLEEP:
-            return await self._admin_sleep(client)
-        if kind is Kind.ADMIN_WAKE:
-            if self.engine.state is not State.SLEEPING:
-                raise Conflict(f"vllm-gateway: the engine is {self.engine.state.value}, not sleeping")
-            waited = await self.engine.acquire(self.cfg.max_waiting)
-            ex = await self._json(client, 200, self.status_json())
-            ex.waited_s = waited
-            return ex
-        if kind is Kind.MODELS and not self.engine.ready:
+        if kind in ADMIN_KINDS:
+            return await self._admin(client, route)
+        if kind is Kind.MODELS and (self.cfg.several or not self.engine.ready):
             return await self._json(client, 200, self._models_from_config())
         parsed: dict[str, object] | None = None
+        engine = self.engine
         if route.path in JSON_BODY:
             checked = json_object_or_error(body, route.path)
             if isinstance(checked, GatewayError):
                 raise checked
             parsed = checked
-            self._check_model(parsed)
-            if route.path in GENERATION:
-                cfg = self.engine.cfg
-                body = apply_max_tokens(parsed, body, cfg.max_tokens, cfg.max_tokens_policy)
             model = parsed.get("model")
+            engine = self._engine_for(model)
+            if route.path in GENERATION:
+                cfg = engine.cfg
+                body = apply_max_tokens(parsed, body, cfg.max_tokens, cfg.max_tokens_policy)
             model_name = model if isinstance(model, str) else None
         else:
             model_name = None
-        ex = await forward(self.engine, client, req, route, body, request_id, self.cfg.max_waiting,
+            if self.cfg.several:
+                found = _FORM_MODEL.search(body)
+                if found is not None:
+                    model_name = found.group(1).decode("utf-8", "replace").strip()
+                    engine = self._engine_for(model_name)
+        ex = await forward(engine, client, req, route, body, request_id, self.cfg.max_waiting,
                            parsed, self.cfg.stream_keepalive_s)
         ex.model = model_name
         return ex
 
+    def _engine_for(self, model: object) -> Engine:
+        """The engine that serves `model` (the only one, with one engine)."""
+        if not self.cfg.several:
+            self._check_model(model)
+            return self.engine
+        if model is None:
+            raise BadRequest("vllm-gateway: the request names no `model`; this gateway serves several: "
+                             f"{', '.join(self.cfg.all_models())}")
+        engine = self.fleet.engine_for(model) if isinstance(model, str) else None
+        if engine is None:
+            raise NotFound(f"vllm-gateway: the model `{model}` does not exist; available: "
+                           f"{', '.join(self.cfg.all_models())}")
+        return engine
+
+    def _targets(self, route: Route, *, all_by_default: bool) -> list[Engine]:
+        """The engines an admin call names (`?engine=NAME`); with several
+        engines and none named, all of them or an error."""
+        query = dict(parse_qsl(route.query))
+        name = query.get("engine")
+        if name is not None:
+            if name not in self.engines:
+                raise NotFound(f"vllm-gateway: no engine named {name!r}; engines: {', '.join(self.engines)}")
+            return [self.engines[name]]
+        if not self.cfg.several or all_by_default:
+            return list(self.engines.values())
+        raise BadRequest("vllm-gateway: name the engine with ?engine=NAME; engines: "
+                         f"{', '.join(self.engines)}")
+
+    async def _admin(self, client: ClientSide, route: Route) -> Exchange:
+        kind = route.kind
+        query = dict(parse_qsl(route.query))
+        waited = 0.0
+        if kind is Kind.ADMIN_START:
+            for e in self._targets(route, all_by_default=False):
+                e.request_start()
+                waited += await e.acquire(self.cfg.max_waiting)
+        elif kind is Kind.ADMIN_STOP:
+            idle = query.get("cause") == "idle"  # the idle check: only if nothing is in flight
+            targets = self._targets(route, all_by_default=True)
+            for e in targets:
+                e.request_stop("idle" if idle else "manual", only_if_idle=idle)
+            for e in targets:
+                await e.wait_changed(1.0)
+                await e.wait_for(State.STOPPED, State.FAILED, timeout_s=e.cfg.stop_timeout_s + 10)
+        elif kind is Kind.ADMIN_SLEEP:
+            targets = self._targets(route, all_by_default=True)
+            if self.cfg.several and "engine" not in query:
+                targets = [e for e in targets if e.sleep_enabled and e.state is State.READY]
+            for e in targets:
+                await self._admin_sleep(e)
+        elif kind is Kind.ADMIN_WAKE:
+            for e in self._targets(route, all_by_default=False):
+                if e.state is not State.SLEEPING:
+                    raise Conflict(
+                        f"vllm-gateway: the engine {e.cfg.name!r} is {e.state.value}, not sleeping")
+                waited += await e.acquire(self.cfg.max_waiting)
+        elif kind is Kind.ADMIN_YIELD:
+            holder = query.get("by", "manual")
+            if not HOLDER.fullmatch(holder):
+                raise BadRequest("vllm-gateway: `by` must be 1-128 letters, digits or ._@:-")
+            timeout = _float(query.get("timeout"), YIELD_TIMEOUT_S)
+            if not await self.fleet.hold(holder, timeout):
+                raise Conflict("vllm-gateway: the engines did not free the GPU in time; see the journal")
+        elif kind is Kind.ADMIN_RELEASE:
+            self.fleet.release(None if query.get("all") == "1" else query.get("by", "manual"))
+        ex = await self._json(client, 200, self.status_json())
+        ex.waited_s = waited
+        return ex
+
     async def _metrics(self, client: ClientSide) -> Exchange:
-        """Ours, then the engine's own `vllm:` metrics while it is up: a
-        scrape never starts or wakes it."""
+        """Ours, then the engines' own `vllm:` metrics while they are up: a
+        scrape never starts or wakes one."""
         body = self.metrics.render()
-        if self.engine.ready:
-            answer = await call("127.0.0.1", self.engine.cfg.port, "GET", "/metrics")
-            if answer is not None and answer[0] == 200:
-                body += answer[1]
+        theirs = []
+        for e in self.engines.values():
+            if e.ready:
+                answer = await call("127.0.0.1", e.cfg.port, "GET", "/metrics")
+                if answer is not None and answer[0] == 200:
+                    theirs.append(answer[1])
+        body += theirs[0] if len(theirs) == 1 else merge_expositions(theirs)
         await client.send(h11.Response(status_code=200, headers=[
             (b"content-type", CONTENT_TYPE), (b"content-length", str(len(body)).encode()),
         ]))
@@ -413,13 +511,12 @@ class Gateway:
         await client.send(h11.EndOfMessage())
         return Exchange(status=200, bytes_out=len(body))
 
-    async def _admin_sleep(self, client: ClientSide) -> Exchange:
-        e = self.engine
+    async def _admin_sleep(self, e: Engine) -> None:
         if not e.sleep_enabled:
             why = e.last_sleep_error or "sleep_after is off in the configuration"
             raise Conflict(f"vllm-gateway: the engine {e.cfg.name!r} cannot sleep: {why}")
         if e.state is State.SLEEPING:
-            return await self._json(client, 200, self.status_json())
+            return
         if e.state is not State.READY:
             raise Conflict(f"vllm-gateway: the engine is {e.state.value}; only a ready engine can sleep")
         e.request_sleep("manual")
@@ -430,11 +527,9 @@ class Gateway:
         if not e.in_state(State.SLEEPING):
             raise Conflict(f"vllm-gateway: the engine did not go to sleep (it is {e.state.value}; "
                            f"{e.active} requests in flight; {e.last_sleep_error or 'no error'})")
-        return await self._json(client, 200, self.status_json())
 
-    def _check_model(self, body: dict[str, object]) -> None:
+    def _check_model(self, model: object) -> None:
         models = self.engine.cfg.models
-        model = body.get("model")
         if models and model is not None and model not in models:
             raise NotFound(
                 f"vllm-gateway: the model `{model}` does not exist; available: {', '.join(models)}"
@@ -445,7 +540,7 @@ class Gateway:
             "object": "list",
             "data": [
                 {"id": m, "object": "model", "created": int(self.started), "owned_by": "vllm-gateway"}
-                for m in self.engine.cfg.models
+                for m in self.cfg.all_models()
             ],
         }
 
@@ -508,6 +603,23 @@ def _peer(client: ClientSide) -> str:
 
 def _is_head(client: ClientSide) -> bool:
     return client.method == b"HEAD"
+
+
+def _summary(engines: Iterable[Engine]) -> str:
+    """One word for several engines: the most awake state among them."""
+    states = {e.state for e in engines}
+    for state in (State.READY, State.WAKING, State.STARTING, State.GOING_TO_SLEEP, State.STOPPING,
+                  State.SLEEPING, State.FAILED):
+        if state in states:
+            return str(state.value)
+    return str(State.STOPPED.value)
+
+
+def _float(value: str | None, default: float) -> float:
+    try:
+        return default if value is None else max(0.0, float(value))
+    except ValueError:
+        raise BadRequest(f"vllm-gateway: not a number: {value!r}") from None
 
 
 def _bad_request(e: h11.RemoteProtocolError) -> GatewayError:

@@ -6,6 +6,8 @@ property. The format is ``key=value`` pairs separated by spaces, e.g.::
 
     state=ready in_flight=0 idle_since=1795000000.123 idle_s=42 unit=vllm.service
 
+With several engines, one such text per engine, joined by "; ".
+
 ``idle_since`` is wall-clock (epoch) seconds so that another process can
 compute the idle time exactly, whenever it reads the text.
 """
@@ -34,8 +36,22 @@ class ShimStatus:
         return 0.0 if self.idle_since is None else max(0.0, now - self.idle_since)
 
 
+def format_statuses(statuses: list[ShimStatus], now: float) -> str:
+    return "; ".join(st.format(now) for st in statuses)
+
+
+def parse_statuses(text: str) -> dict[str, ShimStatus]:
+    """Every engine's status in a STATUS text, by unit."""
+    out = {}
+    for part in text.split(";"):
+        st = parse_status(part)
+        if st is not None:
+            out[st.unit] = st
+    return out
+
+
 def parse_status(text: str) -> ShimStatus | None:
-    """Parse a STATUS text; None when it is not one of ours (e.g. empty)."""
+    """Parse one engine's STATUS text; None when it is not one of ours (e.g. empty)."""
     fields = dict(p.split("=", 1) for p in text.split() if "=" in p)
     try:
         idle = fields["idle_since"]

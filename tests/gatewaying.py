@@ -90,6 +90,26 @@ class Gateway:
         self.sb.systemctl("reset-failed", check=False)
         self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
 
+    def configure_engines(
+        self, engines: Mapping[str, Mapping[str, Any]], gateway: dict[str, Any] | None = None
+    ) -> None:
+        """Several fake engines: NAME -> {"models": [...], "fake_args": [...], KEY: value}. Each
+        engine is fake-vllm serving its models; the rest of the table goes to the config."""
+        gateway = {"admin_key": ADMIN_KEY, **(gateway or {})}
+        lines = ["[gateway]"] + [f"{k} = {toml_value(v)}" for k, v in gateway.items() if v is not None]
+        units = ["vllm-gateway.service"]
+        for name, spec in engines.items():
+            table = {k: v for k, v in spec.items() if k != "fake_args"}
+            table["command"] = [sys.executable, str(FAKE_VLLM), "--served-model-name", *spec["models"],
+                                *spec.get("fake_args", [])]
+            table.setdefault("port", free_port())
+            lines += [f"[engines.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+            units.append(f"vllm-{name}.service")
+        self.sb.write_file(f"{self.home}/.config/vllm-gateway/config.toml", "\n".join(lines) + "\n")
+        self.sb.systemctl("stop", *units, "vllm-*.service", "vllm.service", check=False)
+        self.sb.systemctl("reset-failed", check=False)
+        self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
+
     # ---- HTTP ----
 
     def connect(self, timeout_s: float = HTTP_TIMEOUT_S) -> http.client.HTTPConnection:
@@ -112,8 +132,10 @@ class Gateway:
         finally:
             c.close()
 
-    def chat(self, content: str = "hi", **extra: Any) -> tuple[int, dict[str, str], bytes]:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+    def chat(
+        self, content: str = "hi", model: str = "tiny", **extra: Any
+    ) -> tuple[int, dict[str, str], bytes]:
+        body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
         return self.request("POST", "/v1/chat/completions", body)
 
     def status(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import trio.testing
 
 from shim import server
 from shim.config import EngineConfig, GatewayConfig
+from shim.fleet import Fleet
 from shim.lifecycle import State
 from shim.notify import Notifier
 from shim.server import Gateway
@@ -58,6 +59,12 @@ class FakeEngine:
         self.sleep_enabled = False
         self.state_seconds: dict[State, float] = {}
         self.on_event: Any = None
+        self.busy = 0
+        self.idle_since: float | None = 1_800_000_000.0
+        self.draining = False
+        self.reserved = False
+        self.gate: Any = None
+        self.on_drained: Any = None
         self.calls: list[str] = []
         self.upstream = FakeUpstream(self.calls)
 
@@ -192,7 +199,7 @@ async def connected(
     """A gateway handling one connection; after the block, the handler must end."""
     cfg = make_cfg(models)
     engine = FakeEngine(cfg.engine, engine_state)
-    gw = Gateway(cfg, engine, Notifier())  # type: ignore[arg-type]
+    gw = Gateway(cfg, Fleet(cfg, {"main": engine}, None), Notifier())  # type: ignore[dict-item]
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gw.handle, server_stream)

@@ -1,0 +1,360 @@
+"""Several engines on one GPU: which may hold memory, and who waits.
+
+Each engine keeps its own owner task (shim/engine.py). The fleet only
+decides admissions: a request for an engine that holds no GPU memory waits
+at the fleet's gate, in one first-come queue across engines. The fleet's
+own task takes the oldest waiting request, asks `placement.plan` whether
+its engine fits, makes room (least recently used engines sleep or stop,
+after their requests in flight finish), then admits that engine with every
+request waiting for it at once: requests for one model are served
+together, so mixed load swaps in batches instead of at every request.
+
+It also holds the GPU for other programs (`vllm-gateway yield`), and checks
+after each stop or sleep that the engine's memory came back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import GatewayConfig
+from .engine import AWAKE, Engine
+from .errors import GpuBusy, GpuYielded
+from .gpu import GpuMemory, GpuProbe, NvmlProbe, SliceProbe
+from .lifecycle import State
+from .placement import EngineView, Evict, Fits, Refuse, Wait, format_bytes, plan
+from .systemd import Systemd
+from .yielding import read_holds
+
+log = logging.getLogger("vllm_gateway.fleet")
+
+# After its last request, an engine counts as in use this long (clients
+# send their next request at once): min_residency protects it meanwhile.
+IN_USE_GRACE_S = 1.0
+# How long to watch the free memory rise after an engine stopped or slept.
+MEMORY_BACK_S = 15.0
+MEMORY_POLL_S = 0.25
+YIELD_RETRY_AFTER_S = 30.0
+
+
+def probe_for(cfg: GatewayConfig, systemd: Systemd) -> GpuProbe | None:
+    """The fake GPU when configured, else NVML where nvidia-ml-py is installed."""
+    if cfg.fake_gpu_slice is not None:
+        return SliceProbe(systemd, cfg.fake_gpu_slice, cfg.fake_gpu_memory)
+    if importlib.util.find_spec("pynvml") is not None:
+        return NvmlProbe()
+    return None
+
+
+@dataclass
+class _Ticket:
+    engine: Engine
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+
+@dataclass
+class MemoryCheck:
+    """What came back after an engine stopped or slept."""
+
+    engine: str
+    expected: int | None
+    returned: int | None
+    free: int | None
+    ok: bool
+    at: float
+
+    def as_json(self) -> dict[str, object]:
+        return {"expected_bytes": self.expected, "returned_bytes": self.returned,
+                "free_bytes": self.free, "ok": self.ok, "at": round(self.at, 3)}
+
+
+class Fleet:
+    def __init__(self, cfg: GatewayConfig, engines: Mapping[str, Engine], probe: GpuProbe | None) -> None:
+        self.cfg = cfg
+        self.engines = dict(engines)
+        self.probe = probe
+        self._by_model = {m: e for e in self.engines.values() for m in e.cfg.models}
+        self._queue: list[_Ticket] = []
+        self._changed = trio.Event()
+        self.holds: dict[str, float] = read_holds()
+        self.last_decision = ""
+        self.swaps = 0  # engines admitted after others made room for them
+        self._making_room_for: Engine | None = None
+        self.memory_checks: dict[str, MemoryCheck] = {}
+        self.gpu: GpuMemory | None = None  # the last reading
+        self._total: int | None = cfg.gpu_memory
+        for e in self.engines.values():
+            e.gate = self.gate
+            e.on_drained = self.bump
+
+    @property
+    def total(self) -> int | None:
+        """The GPU memory to plan with, once known."""
+        return self._total
+
+    # ---- asked by request handlers ----
+
+    def engine_for(self, model: str) -> Engine | None:
+        return self._by_model.get(model)
+
+    @property
+    def first(self) -> Engine:
+        return next(iter(self.engines.values()))
+
+    def bump(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def engine_changed(self) -> None:
+        """An engine's state or load changed: look again if anything waits on it."""
+        if self._queue or self.holds or any(e.draining or e.reserved for e in self.engines.values()):
+            self.bump()
+
+    async def gate(self, engine: Engine) -> None:
+        """Wait until `engine` may hold GPU memory; raise when it cannot."""
+        if self.holds:
+            raise self._yielded()
+        ticket = _Ticket(engine)
+        self._queue.append(ticket)
+        self.bump()
+        try:
+            await ticket.done.wait()
+        finally:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self.bump()
+        if ticket.error is not None:
+            raise ticket.error
+
+    def _yielded(self) -> GpuYielded:
+        who = ", ".join(sorted(self.holds))
+        return GpuYielded(
+            f"vllm-gateway: the GPU is yielded to other work ({who}); engines start again after "
+            f"`vllm-gateway release`", retry_after_s=YIELD_RETRY_AFTER_S,
+        )
+
+    # ---- yield ----
+
+    async def hold(self, holder: str, timeout_s: float) -> bool:
+        """Take the GPU for `holder`: every engine sleeps or stops, and none
+        starts until it is released. True once no engine holds memory."""
+        self.holds = read_holds()
+        self.holds.setdefault(holder, time.time())
+        log.info("yielding the GPU to %s", holder)
+        self.bump()
+        with trio.move_on_after(timeout_s):
+            while any(e.holds_memory for e in self.engines.values()):
+                await self._wait_engines_changed(1.0)
+            return True
+        for e in self.engines.values():
+            if e.holds_memory:
+                log.warning("engine %s still holds the GPU after %g s: stopping it", e.cfg.name, timeout_s)
+                e.request_stop("yield")
+        with trio.move_on_after(max(e.cfg.stop_timeout_s for e in self.engines.values()) + 5):
+            while any(e.holds_memory for e in self.engines.values()):
+                await self._wait_engines_changed(1.0)
+            return True
+        return False
+
+    def release(self, holder: str | None) -> None:
+        self.holds = read_holds()
+        if holder is None:
+            self.holds.clear()
+        else:
+            self.holds.pop(holder, None)
+        log.info("GPU released by %s; held now by: %s", holder or "everyone",
+                 ", ".join(self.holds) or "nobody")
+        self.bump()
+
+    async def _wait_engines_changed(self, timeout_s: float) -> None:
+        changed = self._changed
+        with trio.move_on_after(timeout_s):
+            await changed.wait()
+
+    # ---- the owner task ----
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for e in self.engines.values():
+                nursery.start_soon(self._watch_memory, e)
+            while True:
+                changed = self._changed
+                until = await self._step()
+                with trio.move_on_at(until):
+                    await changed.wait()
+
+    async def _step(self) -> float:
+        """One pass; returns the trio time by which to look again at the latest."""
+        for e in self.engines.values():
+            # a reservation ends once the engine holds memory by its state, or
+            # when no request past the gate waits for it any more
+            if e.reserved and (e.state in AWAKE or e.waiting == e.queued):
+                e.reserved = False
+        if self.holds:
+            self._yield_step()
+            return math.inf
+        self._release_admitted()
+        if not self._queue:
+            self._undrain(keep=())
+            return math.inf
+        target = self._queue[0].engine
+        total = await self._gpu_total()
+        free = await self._gpu_free()
+        decision = plan(
+            self._view(target), [self._view(e) for e in self.engines.values() if e is not target],
+            total=total, free=free, now=trio.current_time(), min_residency_s=self.cfg.min_residency_s,
+        )
+        match decision:
+            case Fits():
+                self._undrain(keep=())
+                if self._making_room_for is target:
+                    self.swaps += 1
+                    target.on_event("swap", 0.0, "")
+                    log.info("swapping in engine %s (swap %d)", target.cfg.name, self.swaps)
+                self._making_room_for = None
+                target.reserved = True
+                target.last_used = target.awake_since = trio.current_time()
+                self._release_admitted()
+                return trio.current_time()  # look at the next in line
+            case Evict(victims, reason):
+                self._note(f"evicting {', '.join(name for name, _ in victims)} {reason}")
+                self._undrain(keep=[name for name, _ in victims])
+                self._making_room_for = target
+                for name, action in victims:
+                    self._evict(self.engines[name], action, "evicted")
+                return math.inf
+            case Wait(until, reason):
+                self._note(f"{target.cfg.name} waits: {reason}")
+                self._undrain(keep=())
+                return until
+            case Refuse(message):
+                log.warning("%s", message)
+                self._fail(target, GpuBusy(message, retry_after_s=10.0))
+                return trio.current_time()
+        return math.inf
+
+    def _note(self, decision: str) -> None:
+        if decision != self.last_decision:
+            log.info("%s", decision)
+            self.last_decision = decision
+
+    def _release_admitted(self) -> None:
+        for t in list(self._queue):
+            e = t.engine
+            if not e.draining and e.holds_memory:
+                self._queue.remove(t)
+                t.done.set()
+
+    def _fail(self, engine: Engine, error: Exception) -> None:
+        for t in list(self._queue):
+            if t.engine is engine:
+                self._queue.remove(t)
+                t.error = error
+                t.done.set()
+
+    def _undrain(self, keep: Collection[str]) -> None:
+        for e in self.engines.values():
+            if e.draining and e.cfg.name not in keep:
+                e.draining = False
+
+    def _evict(self, e: Engine, action: str, cause: str) -> None:
+        e.draining = True
+        if e.active > 0 or e.waiting > e.queued:
+            return  # its requests finish first; on_drained wakes us
+        if action == "sleep" and e.state is State.READY and e.sleep_enabled:
+            e.request_sleep(cause)
+        elif e.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
+            e.request_stop(cause)
+
+    def _yield_step(self) -> None:
+        for t in list(self._queue):
+            self._queue.remove(t)
+            t.error = self._yielded()
+            t.done.set()
+        for e in self.engines.values():
+            if e.state in AWAKE:
+                self._evict(e, "sleep", "yield")
+
+    def _view(self, e: Engine) -> EngineView:
+        now = trio.current_time()
+        return EngineView(
+            name=e.cfg.name,
+            need=e.cfg.memory_needed(self._total),
+            pinned=e.cfg.pinned,
+            awake=e.holds_memory,
+            loading=e.reserved or e.state in (State.STARTING, State.WAKING),
+            asleep=e.state is State.SLEEPING,
+            in_use=e.active > 0 or e.waiting > e.queued or now - e.last_used < IN_USE_GRACE_S,
+            awake_since=e.awake_since,
+            last_used=e.last_used,
+            can_sleep=e.sleep_enabled,
+        )
+
+    async def _gpu_total(self) -> int | None:
+        if self.cfg.gpu_memory is not None:
+            self._total = self.cfg.gpu_memory
+        elif self.probe is not None and self._total is None:
+            reading = await self.probe.memory()
+            self._total = reading.total if reading else None
+        return self._total
+
+    async def _gpu_free(self) -> int | None:
+        if self.probe is None:
+            return None
+        self.gpu = await self.probe.memory()
+        return self.gpu.free if self.gpu else None
+
+    # ---- memory back after a stop or a sleep ----
+
+    async def _watch_memory(self, e: Engine) -> None:
+        if self.probe is None:
+            return
+        before: GpuMemory | None = None
+        was = e.state
+        while True:
+            await e.wait_changed(math.inf)
+            now = e.state
+            if now in (State.STOPPING, State.GOING_TO_SLEEP) and was not in (State.STOPPING,):
+                before = await self.probe.memory()
+            elif now in (State.STOPPED, State.SLEEPING, State.FAILED) and was in AWAKE:
+                await self._check_back(e, before, "stopped" if now is not State.SLEEPING else "asleep")
+                before = None
+            was = e.state
+            self.bump()
+
+    async def _check_back(self, e: Engine, before: GpuMemory | None, what: str) -> None:
+        assert self.probe is not None
+        need = e.cfg.memory_needed(self._total)
+        expected = None if need is None else need // 2
+        reading = before
+        with trio.move_on_after(MEMORY_BACK_S):
+            while True:
+                reading = await self.probe.memory()
+                if reading is None or before is None or expected is None:
+                    break
+                if reading.free - before.free >= expected:
+                    break
+                await trio.sleep(MEMORY_POLL_S)
+        returned = None if reading is None or before is None else reading.free - before.free
+        ok = expected is None or returned is None or returned >= expected
+        check = MemoryCheck(e.cfg.name, need, returned, reading.free if reading else None, ok, time.time())
+        self.memory_checks[e.cfg.name] = check
+        free = "unknown" if reading is None else format_bytes(reading.free)
+        if ok:
+            back = "" if returned is None else f"{format_bytes(returned)} came back; "
+            log.info("engine %s %s: %sGPU memory free: %s", e.cfg.name, what, back, free)
+        else:
+            log.warning(
+                "engine %s %s but its GPU memory did not come back within %g s: %s returned, "
+                "about %s expected (free: %s); another process may still hold it",
+                e.cfg.name, what, MEMORY_BACK_S, format_bytes(returned or 0),
+                format_bytes(need or 0), free,
+            )
