@@ -11,7 +11,7 @@ import trio
 
 from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd, yielding
 from .engine import Engine
-from .fleet import Fleet, probe_for
+from .fleet import Fleet, probe_for, stop_orphans
 from .notify import Notifier
 from .server import Gateway
 
@@ -31,6 +31,7 @@ async def serve(cfg: config.GatewayConfig) -> None:
             if fleet is not None:
                 fleet.engine_changed()
 
+        await stop_orphans(sd, cfg)
         engines = {name: Engine(e, sd, on_change, slice=cfg.fake_gpu_slice)
                    for name, e in cfg.engines.items()}
         fleet = Fleet(cfg, engines, probe_for(cfg, sd))

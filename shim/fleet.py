@@ -27,9 +27,9 @@ import trio
 from .config import GatewayConfig
 from .engine import AWAKE, Engine
 from .errors import GpuBusy, GpuYielded
-from .gpu import GpuMemory, GpuProbe, NvmlProbe, SliceProbe
+from .gpu import GpuMemory, GpuProbe, NvmlProbe, SliceProbe, format_bytes
 from .lifecycle import State
-from .placement import EngineView, Evict, Fits, Refuse, Wait, format_bytes, plan
+from .placement import EngineView, Evict, Fits, Refuse, Wait, plan
 from .systemd import Systemd
 from .yielding import read_holds
 
@@ -42,6 +42,8 @@ IN_USE_GRACE_S = 1.0
 MEMORY_BACK_S = 15.0
 MEMORY_POLL_S = 0.25
 YIELD_RETRY_AFTER_S = 30.0
+# The end of the description of every engine unit the gateway starts.
+ORPHAN_MARK = "started by vllm-gateway"
 
 
 def probe_for(cfg: GatewayConfig, systemd: Systemd) -> GpuProbe | None:
@@ -51,6 +53,21 @@ def probe_for(cfg: GatewayConfig, systemd: Systemd) -> GpuProbe | None:
     if importlib.util.find_spec("pynvml") is not None:
         return NvmlProbe()
     return None
+
+
+async def stop_orphans(systemd: Systemd, cfg: GatewayConfig) -> list[str]:
+    """Stop engines this gateway started under an earlier configuration that
+    no longer lists them: nothing else would ever stop them, and they hold
+    GPU memory."""
+    ours = {e.unit for e in cfg.engines.values()}
+    orphans = [
+        name for name, description, active in await systemd.list_units("vllm*.service")
+        if name not in ours and description.endswith(ORPHAN_MARK) and active in ("active", "activating")
+    ]
+    for name in orphans:
+        log.warning("stopping %s: vllm-gateway started it, and the configuration no longer lists it", name)
+        await systemd.stop_unit(name)
+    return orphans
 
 
 @dataclass

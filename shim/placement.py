@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .gpu import format_bytes
+
 GIB = 2**30
 
 
@@ -59,12 +61,6 @@ class Refuse:
 
 
 Decision = Fits | Evict | Wait | Refuse
-
-
-def format_bytes(n: float) -> str:
-    if abs(n) >= GIB:
-        return f"{n / GIB:.1f} GiB"
-    return f"{n / 2**20:.0f} MiB"
 
 
 def plan(

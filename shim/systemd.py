@@ -235,6 +235,12 @@ class Systemd:
         )
         return str(job)
 
+    async def list_units(self, *patterns: str) -> list[tuple[str, str, str]]:
+        """Loaded units whose names match the glob `patterns`: (name, description, active state)."""
+        msg = new_method_call(MANAGER, "ListUnitsByPatterns", "asas", ([], list(patterns)))
+        (units,) = await self._call(msg, "ListUnitsByPatterns")
+        return [(str(u[0]), str(u[1]), str(u[3])) for u in units]
+
     async def stop_unit(self, unit: str) -> None:
         try:
             msg = new_method_call(MANAGER, "StopUnit", "ss", (unit, "replace"))

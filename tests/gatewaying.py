@@ -91,7 +91,8 @@ class Gateway:
         self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
 
     def configure_engines(
-        self, engines: Mapping[str, Mapping[str, Any]], gateway: dict[str, Any] | None = None
+        self, engines: Mapping[str, Mapping[str, Any]], gateway: dict[str, Any] | None = None,
+        *, stop_engines: bool = True,
     ) -> None:
         """Several fake engines: NAME -> {"models": [...], "fake_args": [...], KEY: value}. Each
         engine is fake-vllm serving its models; the rest of the table goes to the config."""
@@ -106,7 +107,9 @@ class Gateway:
             lines += [f"[engines.{name}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
             units.append(f"vllm-{name}.service")
         self.sb.write_file(f"{self.home}/.config/vllm-gateway/config.toml", "\n".join(lines) + "\n")
-        self.sb.systemctl("stop", *units, "vllm-*.service", "vllm.service", check=False)
+        if stop_engines:
+            units += ["vllm-*.service", "vllm.service"]
+        self.sb.systemctl("stop", *units, check=False)
         self.sb.systemctl("reset-failed", check=False)
         self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
 

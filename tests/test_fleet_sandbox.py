@@ -212,3 +212,13 @@ def test_a_unit_with_the_drop_in_takes_the_gpu_for_its_lifetime(gw: Gateway) -> 
     gw.sb.systemctl("stop", "trainer.service")
     assert gw.status()["holds"] == {}
     assert chat(gw, "alpha")[0] == 200
+
+
+def test_an_engine_dropped_from_the_configuration_is_stopped(gw: Gateway) -> None:
+    gw.configure_engines({"a": engine(["alpha"]), "b": engine(["beta"])}, gateway(TWO_FIT))
+    assert chat(gw, "alpha")[0] == 200 and chat(gw, "beta")[0] == 200
+    gw.configure_engines({"a": engine(["alpha"])}, gateway(TWO_FIT), stop_engines=False)
+    assert gw.active("vllm-b.service") == "active"  # still running from the old configuration
+    assert chat(gw, "alpha")[0] == 200
+    wait_until(lambda: gw.active("vllm-b.service") != "active", 30, "the dropped engine to stop")
+    assert "stopping vllm-b.service: vllm-gateway started it" in gw.journal("vllm-gateway.service")

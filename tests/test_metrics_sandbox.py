@@ -31,13 +31,14 @@ def scrape(gw: Gateway) -> str:
 
 def value(text: str, series: str) -> float:
     m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-    assert m, f"{series} not in the scrape"
+    family = series.split("{")[0]
+    assert m, f"{series} not in the scrape: {[x for x in text.splitlines() if family in x]}"
     return float(m.group(1))
 
 
 def test_scraping_never_starts_the_engine(gw: Gateway) -> None:
     text = scrape(gw)
-    assert value(text, 'vllm_gateway_engine_state{state="stopped"}') == 1.0
+    assert value(text, 'vllm_gateway_engine_state{engine="main",state="stopped"}') == 1.0
     assert "vllm:" not in text
     assert gw.active("vllm.service") == "inactive"
 
@@ -47,25 +48,25 @@ def test_metrics_follow_a_scripted_sequence(gw: Gateway) -> None:
     assert gw.chat()[0] == 200
     assert gw.request("POST", "/v1/chat/completions", b"{bad")[0] == 400
     text = scrape(gw)
-    assert value(text, 'vllm_gateway_engine_state{state="ready"}') == 1.0
+    assert value(text, 'vllm_gateway_engine_state{engine="main",state="ready"}') == 1.0
     assert "vllm:num_requests_running" in text  # the engine's own metrics, appended
     assert gw.request("POST", "/gateway/sleep")[0] == 200
     assert gw.active("vllm.service") == "active"
     text = scrape(gw)
-    assert value(text, 'vllm_gateway_engine_state{state="sleeping"}') == 1.0
+    assert value(text, 'vllm_gateway_engine_state{engine="main",state="sleeping"}') == 1.0
     assert "vllm:" not in text  # a sleeping engine is not even scraped
     assert gw.chat()[0] == 200  # wakes it
     assert gw.request("POST", "/gateway/stop")[0] == 200
     text = scrape(gw)
-    assert value(text, "vllm_gateway_cold_start_seconds_count") == 1
-    assert value(text, "vllm_gateway_wake_seconds_count") == 1
-    assert value(text, "vllm_gateway_sleeps_total") == 1
-    assert value(text, 'vllm_gateway_stops_total{cause="manual"}') == 1
+    assert value(text, 'vllm_gateway_cold_start_seconds_count{engine="main"}') == 1
+    assert value(text, 'vllm_gateway_wake_seconds_count{engine="main"}') == 1
+    assert value(text, 'vllm_gateway_sleeps_total{engine="main"}') == 1
+    assert value(text, 'vllm_gateway_stops_total{cause="manual",engine="main"}') == 1
     assert value(text, 'vllm_gateway_requests_total{route="/v1/chat/completions",status="200"}') == 3
     assert value(text, 'vllm_gateway_requests_total{route="/v1/chat/completions",status="400"}') == 1
-    assert value(text, 'vllm_gateway_engine_state{state="stopped"}') == 1.0
-    assert value(text, 'vllm_gateway_engine_state_seconds_total{state="ready"}') > 0
-    assert value(text, "vllm_gateway_requests_in_flight") == 0
+    assert value(text, 'vllm_gateway_engine_state{engine="main",state="stopped"}') == 1.0
+    assert value(text, 'vllm_gateway_engine_state_seconds_total{engine="main",state="ready"}') > 0
+    assert value(text, 'vllm_gateway_requests_in_flight{engine="main"}') == 0
 
 
 def test_unknown_paths_share_one_series(gw: Gateway) -> None:

@@ -40,14 +40,14 @@ def test_pinned_engines_are_never_evicted() -> None:
     assert isinstance(d, Evict) and d.victims == (("b", "sleep"),)
     d = decide(replace(T, need=16 * GIB), awake("a", pinned=True), awake("b", pinned=True))
     assert isinstance(d, Refuse)
-    assert "pinned engines (a, b) hold 16.0 GiB" in d.message and "needs 16.0 GiB" in d.message
+    assert "pinned engines (a, b) hold 16 GiB" in d.message and "needs 16 GiB" in d.message
 
 
 def test_a_busy_gpu_is_refused_at_once_naming_free_and_needed() -> None:
     d = decide(T, total=24 * GIB, free=3 * GIB)
     assert isinstance(d, Refuse)
-    assert "needs 8.0 GiB" in d.message and "3.0 GiB of 24.0 GiB is free" in d.message
-    assert "other programs hold about 21.0 GiB" in d.message
+    assert "needs 8 GiB" in d.message and "3 GiB of 24 GiB is free" in d.message
+    assert "other programs hold about 21 GiB" in d.message
 
 
 def test_live_free_memory_bounds_the_plan() -> None:
