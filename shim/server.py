@@ -32,6 +32,7 @@ from .errors import (
     URITooLong,
     error_body,
 )
+from .http1 import ServerConnection
 from .httpio import header, next_event
 from .lifecycle import State
 from .metrics import CONTENT_TYPE, Live, Metrics, accumulate
@@ -210,7 +211,7 @@ class Gateway:
         self.activity.last_connection = trio.current_time()
         if self.activity.connections == 1:
             self.activity.bump()
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        conn = ServerConnection(max_incomplete_event_size=MAX_HEADER_BYTES)
         client = ClientSide(stream, conn)
         # the control socket is the only Unix socket we listen on
         client.control = getattr(getattr(stream, "socket", None), "family", None) == socket.AF_UNIX
@@ -250,8 +251,7 @@ class Gateway:
         conn = client.conn
         try:
             # a new cycle: the client may stay idle this long before its next request
-            with trio.fail_after(KEEPALIVE_IDLE_S):
-                event = await next_event(conn, client.stream)
+            event = await next_event(conn, client.stream, trio.current_time() + KEEPALIVE_IDLE_S)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return False
             assert isinstance(event, h11.Request)
@@ -260,8 +260,7 @@ class Gateway:
             # before the body is read: an unauthenticated or misdirected
             # request costs nothing, and never starts or wakes the engine
             self._check_access(client, event, route)
-            with trio.fail_after(REQUEST_READ_TIMEOUT_S):
-                body = await self._read_body(client)
+            body = await self._read_body(client, trio.current_time() + REQUEST_READ_TIMEOUT_S)
         except trio.TooSlowError:
             if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 return False  # an idle keep-alive connection, closed quietly
@@ -290,11 +289,11 @@ class Gateway:
         elif not client.control:
             check_client(req.headers, self.cfg.api_keys)
 
-    async def _read_body(self, client: ClientSide) -> bytes:
+    async def _read_body(self, client: ClientSide, deadline: float) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = await next_event(client.conn, client.stream)
+            event = await next_event(client.conn, client.stream, deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > MAX_BODY_BYTES:
