@@ -1,24 +1,22 @@
-"""Prometheus metrics of the gateway, in its own registry.
+"""Prometheus metrics of the gateway, in the text exposition format.
 
-The engine and the server stay free of prometheus: the engine reports
+The engine and the server stay free of metrics code: the engine reports
 events through a callback, and live values (state, in flight, time in each
 state) are read at scrape time.
+
+A few counters and histograms, written out by hand: recording one request is
+a couple of dict and list updates, and the shim does not import (or keep in
+memory) a metrics library. The output is what prometheus_client's
+`generate_latest` writes for the same metrics (tests/test_metrics.py
+compares them).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from bisect import bisect_left
+from collections.abc import Callable
 
 from .lifecycle import State
 
@@ -27,6 +25,8 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 COLD_START_BUCKETS_S = (2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 WAKE_BUCKETS_S = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 60)
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+Labels = tuple[tuple[str, str], ...]
 
 
 class Live:
@@ -45,49 +45,110 @@ class Live:
         self.state_seconds = state_seconds
 
 
-class _LiveCollector(Collector):
-    def __init__(self, live: Live) -> None:
-        self.live = live
+def number(value: float) -> str:
+    """A sample value as Prometheus (and its Go client) writes it."""
+    d = float(value)
+    if math.isinf(d):
+        return "+Inf" if d > 0 else "-Inf"
+    if math.isnan(d):
+        return "NaN"
+    s = repr(d)
+    dot = s.find(".")
+    if d > 0 and dot > 6:  # Go switches to exponents sooner than Python
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
 
-    def collect(self) -> Iterator[Metric]:
-        now_state = self.live.state()
-        g = GaugeMetricFamily("vllm_gateway_engine_state", "The engine's state (1 for the current one)",
-                              labels=["state"])
-        for s in State:
-            g.add_metric([s.value], 1.0 if s is now_state else 0.0)
-        yield g
-        yield GaugeMetricFamily("vllm_gateway_requests_in_flight",
-                                "Engine requests being served or waiting", value=self.live.in_flight())
-        yield GaugeMetricFamily("vllm_gateway_requests_waiting",
-                                "Requests waiting for the engine to start or wake", value=self.live.waiting())
-        c = CounterMetricFamily("vllm_gateway_engine_state_seconds", "Time the engine spent in each state",
-                                labels=["state"])
-        for s, seconds in self.live.state_seconds().items():
-            c.add_metric([s.value], seconds)
-        yield c
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Labels) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(pairs)) + "}"
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name + "_total"
+        self.help = help_text
+        self.labelnames = labelnames
+        self.values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.help}\n# TYPE {self.name} counter\n")
+        for labels, value in self.values.items():
+            pairs = tuple(zip(self.labelnames, labels, strict=True))
+            out.append(f"{self.name}{_labels(pairs)} {number(value)}\n")
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...],
+                 labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.bounds = [float(b) for b in buckets]
+        self.labelnames = labelnames
+        # per label values: a count per bucket (the last one +Inf), and the sum
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        if not labelnames:
+            self._child(())
+
+    def _child(self, labels: tuple[str, ...]) -> tuple[list[int], list[float]]:
+        child = self.series.get(labels)
+        if child is None:
+            child = self.series[labels] = ([0] * (len(self.bounds) + 1), [0.0])
+        return child
+
+    def observe(self, value: float, *labels: str) -> None:
+        counts, total = self._child(labels)
+        counts[bisect_left(self.bounds, value)] += 1
+        total[0] += value
+
+    def render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.help}\n# TYPE {self.name} histogram\n")
+        for labels, (counts, total) in self.series.items():
+            pairs = tuple(zip(self.labelnames, labels, strict=True))
+            running = 0
+            for bound, count in zip([*self.bounds, math.inf], counts, strict=True):
+                running += count
+                le = _labels((*pairs, ("le", number(bound))))
+                out.append(f"{self.name}_bucket{le} {number(running)}\n")
+            out.append(f"{self.name}_count{_labels(pairs)} {number(running)}\n")
+            out.append(f"{self.name}_sum{_labels(pairs)} {number(total[0])}\n")
+
+
+def _gauge(out: list[str], name: str, help_text: str, kind: str, samples: list[tuple[Labels, float]]) -> None:
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+    out.extend(f"{name}{_labels(labels)} {number(value)}\n" for labels, value in samples)
 
 
 class Metrics:
     def __init__(self, live: Live) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise
-        r = self.registry = CollectorRegistry(auto_describe=False)
+        self.live = live
         self.requests = Counter("vllm_gateway_requests", "Requests answered, by route and status",
-                                ["route", "status"], registry=r)
+                                ("route", "status"))
         self.duration = Histogram("vllm_gateway_request_duration_seconds", "Time to answer a request",
-                                  ["route"], buckets=REQUEST_BUCKETS_S, registry=r)
+                                  REQUEST_BUCKETS_S, ("route",))
         self.cold_starts = Histogram("vllm_gateway_cold_start_seconds",
                                      "Engine cold starts: from the start to its first healthy answer",
-                                     buckets=COLD_START_BUCKETS_S, registry=r)
-        self.start_failures = Counter("vllm_gateway_start_failures", "Engine starts that failed",
-                                      registry=r)
-        self.wakes = Histogram("vllm_gateway_wake_seconds", "Engine wakes from sleep",
-                               buckets=WAKE_BUCKETS_S, registry=r)
-        self.sleeps = Counter("vllm_gateway_sleeps", "Times the engine was put to sleep", registry=r)
+                                     COLD_START_BUCKETS_S)
+        self.start_failures = Counter("vllm_gateway_start_failures", "Engine starts that failed")
+        self.wakes = Histogram("vllm_gateway_wake_seconds", "Engine wakes from sleep", WAKE_BUCKETS_S)
+        self.sleeps = Counter("vllm_gateway_sleeps", "Times the engine was put to sleep")
         self.stops = Counter("vllm_gateway_stops", "Engine stops by cause (idle, manual, failure, external)",
-                             ["cause"], registry=r)
+                             ("cause",))
         self.tool_calls = Counter("vllm_gateway_tool_calls_rewritten",
-                                  "Tool calls written as text and rewritten into tool_calls", registry=r)
-        r.register(_LiveCollector(live))
+                                  "Tool calls written as text and rewritten into tool_calls")
+        self._all: list[Counter | Histogram] = [
+            self.requests, self.duration, self.cold_starts, self.start_failures, self.wakes, self.sleeps,
+            self.stops, self.tool_calls,
+        ]
 
     def engine_event(self, kind: str, value: float, label: str) -> None:
         """The engine's callback: ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ..."""
@@ -98,18 +159,31 @@ class Metrics:
         elif kind == "sleep":
             self.sleeps.inc()
         elif kind == "stop":
-            self.stops.labels(label).inc()
+            self.stops.inc(1.0, label)
         elif kind == "start_failure":
             self.start_failures.inc()
 
     def request(self, route: str, status: int, seconds: float, tool_calls: int) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        self.requests.inc(1.0, route, str(status))
+        self.duration.observe(seconds, route)
         if tool_calls:
             self.tool_calls.inc(tool_calls)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        out: list[str] = []
+        for metric in self._all:
+            metric.render(out)
+        live = self.live
+        now_state = live.state()
+        _gauge(out, "vllm_gateway_engine_state", "The engine's state (1 for the current one)", "gauge",
+               [((("state", s.value),), 1.0 if s is now_state else 0.0) for s in State])
+        _gauge(out, "vllm_gateway_requests_in_flight", "Engine requests being served or waiting", "gauge",
+               [((), live.in_flight())])
+        _gauge(out, "vllm_gateway_requests_waiting", "Requests waiting for the engine to start or wake",
+               "gauge", [((), live.waiting())])
+        _gauge(out, "vllm_gateway_engine_state_seconds_total", "Time the engine spent in each state",
+               "counter", [((("state", s.value),), seconds) for s, seconds in live.state_seconds().items()])
+        return "".join(out).encode()
 
 
 def accumulate(seconds: dict[State, float], state: State, since: float) -> dict[State, float]:
