@@ -9,10 +9,13 @@ chunks per read) no copy of the data.
 
 from __future__ import annotations
 
+import re
+
 # A chunk-size line is a hex size and optional extensions; vLLM's are ~6 bytes.
 MAX_SIZE_LINE_BYTES = 1024
 MAX_TRAILER_BYTES = 16 * 1024
-_HEX = b"0123456789abcdefABCDEF"
+# The common size line: plain hex and CRLF ("1a3\r\n"), matched in place.
+_PLAIN_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
 
 
 class ChunkedError(Exception):
@@ -49,6 +52,7 @@ class ChunkedPassthrough:
             return b""
         pos = 0
         n = len(buf)
+        plain = _PLAIN_SIZE_LINE.match
         while pos < n:
             if self._data_left:
                 step = min(self._data_left, n - pos)
@@ -63,31 +67,32 @@ class ChunkedPassthrough:
                 self._crlf_left -= k
                 pos += k
                 continue
-            end = buf.find(b"\n", pos)
-            if end < 0:
-                if n - pos > MAX_SIZE_LINE_BYTES:
-                    raise ChunkedError("a chunk-size line is too long")
-                self._held = buf[pos:]
-                return buf[:pos]
-            line = buf[pos:end + 1]
-            # the common line is plain hex and CRLF ("1a3\r\n"): C-speed checks
-            if 2 < len(line) <= 18 and line.endswith(b"\r\n") and not line[:-2].strip(_HEX):
-                size = int(line[:-2], 16)
+            m = plain(buf, pos)
+            if m is not None:  # the common case: C-speed checks, no copies
+                size = int(m.group(1), 16)
+                start = m.end()
             else:
-                size = _chunk_size(line)
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    if n - pos > MAX_SIZE_LINE_BYTES:
+                        raise ChunkedError("a chunk-size line is too long")
+                    self._held = buf[pos:]
+                    return buf[:pos]
+                size = _chunk_size(buf[pos:end + 1])
+                start = end + 1
             if size == 0:
                 self._in_trailers = True
-                self._trailers(buf, end + 1)
+                self._trailers(buf, start)
                 return buf[:pos]
-            nxt = end + 1 + size
+            nxt = start + size
             if nxt + 2 <= n:  # the whole chunk is here: skip it in one step
-                if buf[nxt:nxt + 2] != b"\r\n":
+                if not buf.startswith(b"\r\n", nxt):
                     raise ChunkedError("a chunk's data does not end with CRLF")
                 pos = nxt + 2
                 continue
             self._data_left = size
             self._crlf_left = 2
-            pos = end + 1
+            pos = start
         return buf
 
     def _trailers(self, buf: bytes, pos: int) -> None:
@@ -148,6 +153,7 @@ class ChunkedDecoder:
         out: list[bytes] = []
         pos = 0
         n = len(buf)
+        plain = _PLAIN_SIZE_LINE.match
         while pos < n:
             if self._data_left:
                 step = min(self._data_left, n - pos)
@@ -163,29 +169,30 @@ class ChunkedDecoder:
                 self._crlf_left -= k
                 pos += k
                 continue
-            end = buf.find(b"\n", pos)
-            if end < 0:
-                if n - pos > MAX_SIZE_LINE_BYTES:
-                    raise ChunkedError("a chunk-size line is too long")
-                self._held = buf[pos:]
-                break
-            line = buf[pos:end + 1]
-            if 2 < len(line) <= 18 and line.endswith(b"\r\n") and not line[:-2].strip(_HEX):
-                size = int(line[:-2], 16)
+            m = plain(buf, pos)
+            if m is not None:
+                size = int(m.group(1), 16)
+                start = m.end()
             else:
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    if n - pos > MAX_SIZE_LINE_BYTES:
+                        raise ChunkedError("a chunk-size line is too long")
+                    self._held = buf[pos:]
+                    break
                 try:
-                    size = _chunk_size(line)
+                    size = _chunk_size(buf[pos:end + 1])
                 except ChunkedError as e:
                     return self._fail(out, str(e))
+                start = end + 1
             if size == 0:
                 self._in_trailers = True
-                self._trailers(buf, end + 1)
+                self._trailers(buf, start)
                 break
-            start = end + 1
             nxt = start + size
             if nxt + 2 <= n:  # the whole chunk is here
                 out.append(buf[start:nxt])
-                if buf[nxt:nxt + 2] != b"\r\n":
+                if not buf.startswith(b"\r\n", nxt):
                     return self._fail(out, "a chunk's data does not end with CRLF")
                 pos = nxt + 2
                 continue

@@ -98,7 +98,7 @@ async def forward(
     ex = Exchange(read_timeout_s=engine.cfg.read_timeout_s)
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
-        body = toolcalls.adapt_request(body, fmt)
+        body = toolcalls.adapt_request(body, fmt, parsed)
         if not _client_allows_tool_calls(parsed):
             fmt = None  # as OpenAI and vLLM do: no tools, or "none", means text only
     headers = [(b"host", b"127.0.0.1:%d" % engine.cfg.port)]  # first, as h11 would write it
@@ -458,10 +458,11 @@ async def _relay_whole_rewritten(
 ) -> None:
     body, ex.tool_calls = toolcalls.rewrite_body(await _read_whole(up, ex), fmt, request_id)
     headers = [(n, v) for n, v in headers if n != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    await client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
-    await client.send(h11.Data(data=body))
-    await client.send(h11.EndOfMessage())
+    headers.append((b"content-length", b"%d" % len(body)))
+    # one write, as for responses relayed unchanged
+    wire = client.head_bytes((resp.status_code, headers, resp.reason))
+    wire += client.data_bytes(body) + client.end_bytes()
+    await send_all(client.stream, wire)
     ex.bytes_out = len(body)
 
 
