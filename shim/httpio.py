@@ -26,14 +26,21 @@ HOP_BY_HOP = frozenset({
 _YIELD_EVERY = 32
 _streak = 0
 _FOREVER = float("inf")
+# Every read lands in this one buffer and is copied out at its size: a
+# 64 KiB allocation per read, shrunk to what came, fragments the heap
+# (the shim's memory grew by megabytes under load).
+_READ_BUFFER = bytearray(READ_BYTES)
+_READ_VIEW = memoryview(_READ_BUFFER)
 
 
-async def receive(stream: trio.abc.Stream, deadline: float = _FOREVER) -> bytes:
+async def receive(stream: trio.abc.Stream, deadline: float = _FOREVER, wait_first: bool = False) -> bytes:
     """Up to READ_BYTES from the stream (b"" at its end).
 
     For a socket stream it first tries the read at once and waits for the
     socket only when nothing is there: unlike trio's receive_some, a read
-    that succeeds at once does not go through the scheduler. Passing the
+    that succeeds at once does not go through the scheduler. `wait_first`
+    waits first instead, where data is not expected yet (an answer to what
+    was just sent): that saves the read that would find nothing. Passing the
     deadline while waiting raises trio.TooSlowError; the deadline is not
     looked at when data is ready.
     """
@@ -43,18 +50,21 @@ async def receive(stream: trio.abc.Stream, deadline: float = _FOREVER) -> bytes:
             return bytes(await stream.receive_some(READ_BYTES))
     fd = stream.socket.fileno()
     while True:
-        try:
-            data = os.read(fd, READ_BYTES)
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            raise _stream_error(fd, e) from e
+        if wait_first:
+            wait_first = False
         else:
-            _streak += 1
-            if _streak >= _YIELD_EVERY:
-                _streak = 0
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            try:
+                data = _READ_VIEW[:os.readv(fd, (_READ_BUFFER,))].tobytes()
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise _stream_error(fd, e) from e
+            else:
+                _streak += 1
+                if _streak >= _YIELD_EVERY:
+                    _streak = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         _streak = 0
         if deadline == _FOREVER:
             await trio.lowlevel.wait_readable(fd)
@@ -101,15 +111,16 @@ def _stream_error(fd: int, e: OSError) -> Exception:
 
 
 async def next_event(
-    conn: h11.Connection, stream: trio.abc.Stream, deadline: float = _FOREVER
+    conn: h11.Connection, stream: trio.abc.Stream, deadline: float = _FOREVER, wait_first: bool = False
 ) -> h11.Event | type[h11.PAUSED]:
     """The next event from the peer; reads as needed. EOF becomes ConnectionClosed
     (or h11's RemoteProtocolError for a truncated message). Waiting past the
-    deadline raises trio.TooSlowError."""
+    deadline raises trio.TooSlowError. `wait_first`: see `receive`."""
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await receive(stream, deadline))
+            conn.receive_data(await receive(stream, deadline, wait_first))
+            wait_first = False
             continue
         return event  # type: ignore[return-value]
 

@@ -56,6 +56,7 @@ class ClientSide:
         self.method = b""  # of the request being served
         self.control = False  # on the local control socket
         self.linger = False  # drain the client's input before closing
+        self.answered = False  # a request was answered on this connection
 
     async def send(self, event: h11.Event) -> None:
         await send(self.conn, self.stream, event)
@@ -217,7 +218,9 @@ async def _send_request(
             up = await engine.upstream.connect()
             # one write for head and body: the engine wakes once per request
             await send_all(up.stream, up.conn.send_request(method, target, headers, body))
-            event = await next_event(up.conn, up.stream, trio.current_time() + read_timeout_s)
+            # the engine cannot have answered yet: wait before reading
+            event = await next_event(up.conn, up.stream, trio.current_time() + read_timeout_s,
+                                     wait_first=True)
             if not isinstance(event, h11.Response):
                 raise UpstreamError(f"vllm-gateway: the engine answered with {type(event).__name__}")
             up.conn_response_headers = list(event.headers)

@@ -252,7 +252,9 @@ class Gateway:
         conn = client.conn
         try:
             # a new cycle: the client may stay idle this long before its next request
-            event = await next_event(conn, client.stream, trio.current_time() + KEEPALIVE_IDLE_S)
+            # (after an answer, it has rarely sent the next one yet: wait before reading)
+            event = await next_event(conn, client.stream, trio.current_time() + KEEPALIVE_IDLE_S,
+                                     wait_first=client.answered)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return False
             assert isinstance(event, h11.Request)
@@ -278,6 +280,7 @@ class Gateway:
             await self._send_error(client, e, close=True)
             return False
         await self._serve(client, event, route, body)
+        client.answered = True
         return True
 
     def _check_access(self, client: ClientSide, req: h11.Request, route: Route) -> None:
