@@ -9,10 +9,13 @@ chunks per read) no copy of the data.
 
 from __future__ import annotations
 
+import re
+
 # A chunk-size line is a hex size and optional extensions; vLLM's are ~6 bytes.
 MAX_SIZE_LINE_BYTES = 1024
 MAX_TRAILER_BYTES = 16 * 1024
-_HEX = b"0123456789abcdefABCDEF"
+# The common size line: plain hex and CRLF ("1a3\r\n"), matched in place.
+_PLAIN_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
 
 
 class ChunkedError(Exception):
@@ -49,6 +52,7 @@ class ChunkedPassthrough:
             return b""
         pos = 0
         n = len(buf)
+        plain = _PLAIN_SIZE_LINE.match
         while pos < n:
             if self._data_left:
                 step = min(self._data_left, n - pos)
@@ -63,31 +67,32 @@ class ChunkedPassthrough:
                 self._crlf_left -= k
                 pos += k
                 continue
-            end = buf.find(b"\n", pos)
-            if end < 0:
-                if n - pos > MAX_SIZE_LINE_BYTES:
-                    raise ChunkedError("a chunk-size line is too long")
-                self._held = buf[pos:]
-                return buf[:pos]
-            line = buf[pos:end + 1]
-            # the common line is plain hex and CRLF ("1a3\r\n"): C-speed checks
-            if 2 < len(line) <= 18 and line.endswith(b"\r\n") and not line[:-2].strip(_HEX):
-                size = int(line[:-2], 16)
+            m = plain(buf, pos)
+            if m is not None:  # the common case: C-speed checks, no copies
+                size = int(m.group(1), 16)
+                start = m.end()
             else:
-                size = _chunk_size(line)
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    if n - pos > MAX_SIZE_LINE_BYTES:
+                        raise ChunkedError("a chunk-size line is too long")
+                    self._held = buf[pos:]
+                    return buf[:pos]
+                size = _chunk_size(buf[pos:end + 1])
+                start = end + 1
             if size == 0:
                 self._in_trailers = True
-                self._trailers(buf, end + 1)
+                self._trailers(buf, start)
                 return buf[:pos]
-            nxt = end + 1 + size
+            nxt = start + size
             if nxt + 2 <= n:  # the whole chunk is here: skip it in one step
-                if buf[nxt:nxt + 2] != b"\r\n":
+                if not buf.startswith(b"\r\n", nxt):
                     raise ChunkedError("a chunk's data does not end with CRLF")
                 pos = nxt + 2
                 continue
             self._data_left = size
             self._crlf_left = 2
-            pos = end + 1
+            pos = start
         return buf
 
     def _trailers(self, buf: bytes, pos: int) -> None:
@@ -116,3 +121,106 @@ def _chunk_size(line: bytes) -> int:
         return int(text, 16)
     except ValueError:
         raise ChunkedError(f"bad chunk-size line {line[:40]!r}") from None
+
+
+class ChunkedDecoder:
+    """Decode a chunked body: feed raw bytes as they arrive, get the data
+    they complete (chunk data as soon as it arrives, size lines and CRLFs
+    removed). Once `done`, the last chunk and any trailers were consumed
+    (trailers are dropped) and `leftover` holds what followed them. Bad
+    framing after good data: the data comes out first, then `error` is set
+    and the next `feed` raises it."""
+
+    def __init__(self) -> None:
+        self._data_left = 0
+        self._crlf_left = 0
+        self._held = b""
+        self._in_trailers = False
+        self.done = False
+        self.leftover = b""
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self.error:
+            raise ChunkedError(self.error)
+        if self.done:
+            raise ChunkedError("data after the end of the body")
+        buf = self._held + data if self._held else data
+        self._held = b""
+        if self._in_trailers:
+            self._trailers(buf, 0)
+            return b""
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        plain = _PLAIN_SIZE_LINE.match
+        while pos < n:
+            if self._data_left:
+                step = min(self._data_left, n - pos)
+                out.append(buf[pos:pos + step])
+                self._data_left -= step
+                pos += step
+                continue
+            if self._crlf_left:
+                k = min(self._crlf_left, n - pos)
+                want = b"\r\n"[2 - self._crlf_left:2 - self._crlf_left + k]
+                if buf[pos:pos + k] != want:
+                    return self._fail(out, "a chunk's data does not end with CRLF")
+                self._crlf_left -= k
+                pos += k
+                continue
+            m = plain(buf, pos)
+            if m is not None:
+                size = int(m.group(1), 16)
+                start = m.end()
+            else:
+                end = buf.find(b"\n", pos)
+                if end < 0:
+                    if n - pos > MAX_SIZE_LINE_BYTES:
+                        raise ChunkedError("a chunk-size line is too long")
+                    self._held = buf[pos:]
+                    break
+                try:
+                    size = _chunk_size(buf[pos:end + 1])
+                except ChunkedError as e:
+                    return self._fail(out, str(e))
+                start = end + 1
+            if size == 0:
+                self._in_trailers = True
+                self._trailers(buf, start)
+                break
+            nxt = start + size
+            if nxt + 2 <= n:  # the whole chunk is here
+                out.append(buf[start:nxt])
+                if not buf.startswith(b"\r\n", nxt):
+                    return self._fail(out, "a chunk's data does not end with CRLF")
+                pos = nxt + 2
+                continue
+            self._data_left = size
+            self._crlf_left = 2
+            pos = start
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def _fail(self, out: list[bytes], why: str) -> bytes:
+        if not out:
+            raise ChunkedError(why)
+        self.error = why
+        return b"".join(out)
+
+    def _trailers(self, buf: bytes, pos: int) -> None:
+        n = len(buf)
+        while pos < n:
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if n - pos > MAX_TRAILER_BYTES:
+                    raise ChunkedError("trailers are too long")
+                self._held = buf[pos:]
+                return
+            line = buf[pos:end + 1]
+            pos = end + 1
+            if line in (b"\r\n", b"\n"):
+                self.done = True
+                self.leftover = buf[pos:]
+                return

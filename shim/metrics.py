@@ -1,25 +1,23 @@
-"""Prometheus metrics of the gateway, in its own registry.
+"""Prometheus metrics of the gateway, in the text exposition format.
 
-The engine and the server stay free of prometheus: the engine reports
+The engine and the server stay free of metrics code: the engine reports
 events through a callback, and live values (state, in flight, time in each
 state) are read at scrape time.
+
+A few counters and histograms, written out by hand: recording one request is
+a couple of dict and list updates, and the shim does not import (or keep in
+memory) a metrics library. The output is what prometheus_client's
+`generate_latest` writes for the same metrics (tests/test_metrics.py
+compares them).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from .lifecycle import State
 
@@ -28,6 +26,8 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 COLD_START_BUCKETS_S = (2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 WAKE_BUCKETS_S = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 60)
 REQUEST_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+Labels = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -48,80 +48,154 @@ class Live:
         self.engines = engines
 
 
-class _LiveCollector(Collector):
-    def __init__(self, live: Live) -> None:
-        self.live = live
+def number(value: float) -> str:
+    """A sample value as Prometheus (and its Go client) writes it."""
+    d = float(value)
+    if math.isinf(d):
+        return "+Inf" if d > 0 else "-Inf"
+    if math.isnan(d):
+        return "NaN"
+    s = repr(d)
+    dot = s.find(".")
+    if d > 0 and dot > 6:  # Go switches to exponents sooner than Python
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
 
-    def collect(self) -> Iterator[Metric]:
-        engines = self.live.engines()
-        g = GaugeMetricFamily("vllm_gateway_engine_state", "The engine's state (1 for the current one)",
-                              labels=["engine", "state"])
-        f = GaugeMetricFamily("vllm_gateway_requests_in_flight", "Engine requests being served or waiting",
-                              labels=["engine"])
-        w = GaugeMetricFamily("vllm_gateway_requests_waiting",
-                              "Requests waiting for the engine to start, wake or fit on the GPU",
-                              labels=["engine"])
-        c = CounterMetricFamily("vllm_gateway_engine_state_seconds", "Time the engine spent in each state",
-                                labels=["engine", "state"])
-        for e in engines:
-            for s in State:
-                g.add_metric([e.name, s.value], 1.0 if s is e.state else 0.0)
-            f.add_metric([e.name], e.in_flight)
-            w.add_metric([e.name], e.waiting)
-            for s, seconds in e.state_seconds.items():
-                c.add_metric([e.name, s.value], seconds)
-        yield from (g, f, w, c)
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Labels) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(pairs)) + "}"
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name + "_total"
+        self.help = help_text
+        self.labelnames = labelnames
+        self.values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.help}\n# TYPE {self.name} counter\n")
+        for labels, value in self.values.items():
+            pairs = tuple(zip(self.labelnames, labels, strict=True))
+            out.append(f"{self.name}{_labels(pairs)} {number(value)}\n")
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...],
+                 labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.bounds = [float(b) for b in buckets]
+        self.labelnames = labelnames
+        # per label values: a count per bucket (the last one +Inf), and the sum
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        if not labelnames:
+            self._child(())
+
+    def _child(self, labels: tuple[str, ...]) -> tuple[list[int], list[float]]:
+        child = self.series.get(labels)
+        if child is None:
+            child = self.series[labels] = ([0] * (len(self.bounds) + 1), [0.0])
+        return child
+
+    def observe(self, value: float, *labels: str) -> None:
+        counts, total = self._child(labels)
+        counts[bisect_left(self.bounds, value)] += 1
+        total[0] += value
+
+    def render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.help}\n# TYPE {self.name} histogram\n")
+        for labels, (counts, total) in self.series.items():
+            pairs = tuple(zip(self.labelnames, labels, strict=True))
+            running = 0
+            for bound, count in zip([*self.bounds, math.inf], counts, strict=True):
+                running += count
+                le = _labels((*pairs, ("le", number(bound))))
+                out.append(f"{self.name}_bucket{le} {number(running)}\n")
+            out.append(f"{self.name}_count{_labels(pairs)} {number(running)}\n")
+            out.append(f"{self.name}_sum{_labels(pairs)} {number(total[0])}\n")
+
+
+def _gauge(out: list[str], name: str, help_text: str, kind: str, samples: list[tuple[Labels, float]]) -> None:
+    out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+    out.extend(f"{name}{_labels(labels)} {number(value)}\n" for labels, value in samples)
 
 
 class Metrics:
     def __init__(self, live: Live) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise
-        r = self.registry = CollectorRegistry(auto_describe=False)
+        self.live = live
         self.requests = Counter("vllm_gateway_requests", "Requests answered, by route and status",
-                                ["route", "status"], registry=r)
+                                ("route", "status"))
         self.duration = Histogram("vllm_gateway_request_duration_seconds", "Time to answer a request",
-                                  ["route"], buckets=REQUEST_BUCKETS_S, registry=r)
+                                  REQUEST_BUCKETS_S, ("route",))
         self.cold_starts = Histogram("vllm_gateway_cold_start_seconds",
                                      "Engine cold starts: from the start to its first healthy answer",
-                                     ["engine"], buckets=COLD_START_BUCKETS_S, registry=r)
+                                     COLD_START_BUCKETS_S, ("engine",))
         self.start_failures = Counter("vllm_gateway_start_failures", "Engine starts that failed",
-                                      ["engine"], registry=r)
-        self.wakes = Histogram("vllm_gateway_wake_seconds", "Engine wakes from sleep",
-                               ["engine"], buckets=WAKE_BUCKETS_S, registry=r)
-        self.sleeps = Counter("vllm_gateway_sleeps", "Times the engine was put to sleep", ["engine"],
-                              registry=r)
+                                      ("engine",))
+        self.wakes = Histogram("vllm_gateway_wake_seconds", "Engine wakes from sleep", WAKE_BUCKETS_S,
+                               ("engine",))
+        self.sleeps = Counter("vllm_gateway_sleeps", "Times the engine was put to sleep", ("engine",))
         self.stops = Counter("vllm_gateway_stops",
                              "Engine stops by cause (idle, manual, failure, external, evicted, yield)",
-                             ["engine", "cause"], registry=r)
+                             ("engine", "cause"))
         self.swaps = Counter("vllm_gateway_swaps", "Engines swapped in after others made room on the GPU",
-                             ["engine"], registry=r)
+                             ("engine",))
         self.tool_calls = Counter("vllm_gateway_tool_calls_rewritten",
-                                  "Tool calls written as text and rewritten into tool_calls", registry=r)
-        r.register(_LiveCollector(live))
+                                  "Tool calls written as text and rewritten into tool_calls")
+        self._all: list[Counter | Histogram] = [
+            self.requests, self.duration, self.cold_starts, self.start_failures, self.wakes, self.sleeps,
+            self.stops, self.swaps, self.tool_calls,
+        ]
 
     def engine_event(self, engine: str, kind: str, value: float, label: str) -> None:
         """The engines' callback: ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ..."""
         if kind == "cold_start":
-            self.cold_starts.labels(engine).observe(value)
+            self.cold_starts.observe(value, engine)
         elif kind == "wake":
-            self.wakes.labels(engine).observe(value)
+            self.wakes.observe(value, engine)
         elif kind == "sleep":
-            self.sleeps.labels(engine).inc()
+            self.sleeps.inc(1.0, engine)
         elif kind == "stop":
-            self.stops.labels(engine, label).inc()
+            self.stops.inc(1.0, engine, label)
         elif kind == "start_failure":
-            self.start_failures.labels(engine).inc()
+            self.start_failures.inc(1.0, engine)
         elif kind == "swap":
-            self.swaps.labels(engine).inc()
+            self.swaps.inc(1.0, engine)
 
     def request(self, route: str, status: int, seconds: float, tool_calls: int) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        self.requests.inc(1.0, route, str(status))
+        self.duration.observe(seconds, route)
         if tool_calls:
             self.tool_calls.inc(tool_calls)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        out: list[str] = []
+        for metric in self._all:
+            metric.render(out)
+        engines = self.live.engines()
+        _gauge(out, "vllm_gateway_engine_state", "The engine's state (1 for the current one)", "gauge",
+               [((("engine", e.name), ("state", s.value)), 1.0 if s is e.state else 0.0)
+                for e in engines for s in State])
+        _gauge(out, "vllm_gateway_requests_in_flight", "Engine requests being served or waiting", "gauge",
+               [((("engine", e.name),), e.in_flight) for e in engines])
+        _gauge(out, "vllm_gateway_requests_waiting",
+               "Requests waiting for the engine to start, wake or fit on the GPU", "gauge",
+               [((("engine", e.name),), e.waiting) for e in engines])
+        _gauge(out, "vllm_gateway_engine_state_seconds_total", "Time the engine spent in each state",
+               "counter", [((("engine", e.name), ("state", s.value)), seconds)
+                           for e in engines for s, seconds in e.state_seconds.items()])
+        return "".join(out).encode()
 
 
 def accumulate(seconds: dict[State, float], state: State, since: float) -> dict[State, float]:

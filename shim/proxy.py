@@ -16,7 +16,8 @@ from . import toolcalls
 from .chunked import ChunkedError, ChunkedPassthrough
 from .engine import Engine
 from .errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
-from .httpio import READ_BYTES, end_to_end_headers, header, next_event, send
+from .http1 import ServerConnection
+from .httpio import end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
 from .routes import CHAT, Route
 from .upstream import UpstreamConn
@@ -55,9 +56,33 @@ class ClientSide:
         self.method = b""  # of the request being served
         self.control = False  # on the local control socket
         self.linger = False  # drain the client's input before closing
+        self.answered = False  # a request was answered on this connection
 
     async def send(self, event: h11.Event) -> None:
         await send(self.conn, self.stream, event)
+
+    # The bytes of a response head, body data and end: built directly where
+    # the connection is on the fast path, through h11 events otherwise.
+
+    def head_bytes(self, head: Head) -> bytes:
+        status, headers, reason = head
+        if type(self.conn) is ServerConnection:
+            return self.conn.send_head(status, headers, reason)
+        return self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
+
+    def data_bytes(self, data: bytes) -> bytes:
+        if type(self.conn) is ServerConnection:
+            return self.conn.send_data(data)
+        return self.conn.send(h11.Data(data=data)) or b""
+
+    def end_bytes(self) -> bytes:
+        if type(self.conn) is ServerConnection:
+            return self.conn.send_end()
+        return self.conn.send(h11.EndOfMessage()) or b""
+
+
+# A response head to send: status, headers, reason.
+Head = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 async def forward(
@@ -74,17 +99,15 @@ async def forward(
     ex = Exchange(read_timeout_s=engine.cfg.read_timeout_s)
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
-        body = toolcalls.adapt_request(body, fmt)
+        body = toolcalls.adapt_request(body, fmt, parsed)
         if not _client_allows_tool_calls(parsed):
             fmt = None  # as OpenAI and vLLM do: no tools, or "none", means text only
-    headers = [(n, v) for n, v in end_to_end_headers(req.headers) if n not in (b"host", b"content-length")]
-    headers += [
-        (b"host", f"127.0.0.1:{engine.cfg.port}".encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
+    headers = [(b"host", b"127.0.0.1:%d" % engine.cfg.port)]  # first, as h11 would write it
+    headers += [(n, v) for n, v in end_to_end_headers(req.headers) if n not in (b"host", b"content-length")]
+    headers.append((b"content-length", b"%d" % len(body)))
     if header(req.headers, b"x-request-id") is None:
         headers.append((b"x-request-id", request_id.encode()))
-    up_req = h11.Request(method=req.method, target=route.target.encode(), headers=headers)
+    up_req = (req.method, route.target.encode(), headers)
 
     if keepalive_s and parsed is not None and parsed.get("stream") is True and not engine.ready:
         try:
@@ -183,20 +206,21 @@ class _BeforeResponse(Exception):
 
 
 async def _send_request(
-    engine: Engine, up_req: h11.Request, body: bytes, read_timeout_s: float
+    engine: Engine, up_req: tuple[bytes, bytes, list[tuple[bytes, bytes]]], body: bytes,
+    read_timeout_s: float,
 ) -> tuple[UpstreamConn, h11.Response]:
     """Send the request and read the response head. A reused keep-alive
     connection that the engine had closed is replaced at once."""
+    method, target, headers = up_req
     while True:
         up: UpstreamConn | None = None
         try:
             up = await engine.upstream.connect()
             # one write for head and body: the engine wakes once per request
-            c = up.conn
-            wire = (c.send(up_req) or b"") + (c.send(h11.Data(data=body)) or b"")
-            await up.stream.send_all(wire + (c.send(h11.EndOfMessage()) or b""))
-            with trio.fail_after(read_timeout_s):
-                event = await next_event(up.conn, up.stream)
+            await send_all(up.stream, up.conn.send_request(method, target, headers, body))
+            # the engine cannot have answered yet: wait before reading
+            event = await next_event(up.conn, up.stream, trio.current_time() + read_timeout_s,
+                                     wait_first=True)
             if not isinstance(event, h11.Response):
                 raise UpstreamError(f"vllm-gateway: the engine answered with {type(event).__name__}")
             up.conn_response_headers = list(event.headers)
@@ -238,8 +262,7 @@ async def _relay(
     elif fmt is not None and resp.status_code == 200 and ctype.startswith(b"application/json"):
         await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)
     else:
-        await _pump(client, up, ex, None,
-                    h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
+        await _pump(client, up, ex, None, (resp.status_code, headers, resp.reason))
 
 
 async def _pump(
@@ -247,7 +270,7 @@ async def _pump(
     up: UpstreamConn,
     ex: Exchange,
     rewriter: toolcalls.StreamRewriter | None,
-    head: h11.Response | None = None,
+    head: Head | None = None,
 ) -> None:
     """Move the response (its head, if given, then the body) from the engine
     to the client until the end.
@@ -260,7 +283,7 @@ async def _pump(
         await _pump_raw(client, up, ex, head)
         return
     conn = up.conn
-    out: list[bytes] = [] if head is None else [client.conn.send(head)]
+    out: list[bytes] = [] if head is None else [client.head_bytes(head)]
     pending: list[bytes] = []  # body bytes read but not yet framed for the client
     scope = trio.CancelScope()
     with scope:
@@ -279,16 +302,16 @@ async def _pump(
                 data = rewriter.feed(bytes(raw)) if rewriter else raw
                 if data:
                     ex.bytes_out += len(data)
-                    out.append(client.conn.send(h11.Data(data=data)))
+                    out.append(client.data_bytes(data))
             if type(event) is h11.EndOfMessage:
                 if rewriter:
                     tail = rewriter.end()
                     if tail:
                         ex.bytes_out += len(tail)
-                        out.append(client.conn.send(h11.Data(data=tail)))
+                        out.append(client.data_bytes(tail))
                     ex.tool_calls = rewriter.tool_calls
-                out.append(client.conn.send(h11.EndOfMessage()))
-                await client.stream.send_all(b"".join(out))
+                out.append(client.end_bytes())
+                await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
                 return
             if event is not h11.NEED_DATA:
                 continue  # trailers' end (EndOfMessage covers them) or nothing
@@ -305,32 +328,32 @@ async def _flush_and_read(
     next bytes. One scope serves the whole body: its deadline moves with each
     read, and passing it means the engine went silent."""
     if out:
-        await client.stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+        await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
         out.clear()
     scope.deadline = trio.current_time() + ex.read_timeout_s
     try:
-        return await up.stream.receive_some(READ_BYTES)
+        return await receive(up.stream)
     except (OSError, trio.BrokenResourceError) as e:
         await _abort_stream(client, ex, e, at_boundary)
         raise _StreamBroken(str(e)) from None
 
 
-def _both_chunked(client: ClientSide, up: UpstreamConn, head: h11.Response) -> bool:
-    """Whether the engine's body is chunked and h11 will frame ours chunked too."""
+def _both_chunked(client: ClientSide, up: UpstreamConn, head: Head) -> bool:
+    """Whether the engine's body is chunked and our framing of it is chunked too."""
     return (
         header(up.conn_response_headers, b"transfer-encoding") == b"chunked"
         and client.conn.their_http_version == b"1.1"
         and client.method != b"HEAD"
-        and header(head.headers, b"content-length") is None
-        and head.status_code not in (204, 304)
+        and header(head[1], b"content-length") is None
+        and head[0] not in (204, 304)
     )
 
 
-async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: h11.Response) -> None:
+async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: Head) -> None:
     """Relay a chunked body byte for byte: no decoding, no re-framing. Only
-    the last chunk is ours (h11's), so both connections stay reusable."""
+    the last chunk is ours, so both connections stay reusable."""
     passthrough = ChunkedPassthrough()
-    out = [client.conn.send(head) or b""]
+    out = [client.head_bytes(head)]
     data, _closed = up.conn.trailing_data  # body bytes h11 read with the head
     scope = trio.CancelScope()
     with scope:
@@ -339,15 +362,15 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: h1
                 try:
                     forward_now = passthrough.feed(bytes(data))
                 except ChunkedError as e:
-                    await client.stream.send_all(b"".join(out))
+                    await send_all(client.stream, b"".join(out))
                     await _abort_stream(client, ex, e)
                     raise _StreamBroken(str(e)) from None
                 if forward_now:
                     ex.bytes_out += len(forward_now)
                     out.append(forward_now)
                 if passthrough.done:
-                    out.append(client.conn.send(h11.EndOfMessage()) or b"")
-                    await client.stream.send_all(b"".join(out))
+                    out.append(client.end_bytes())
+                    await send_all(client.stream, b"".join(out))
                     up.raw_done = not passthrough.leftover
                     return
             data = await _flush_and_read(client, up, ex, out, scope, passthrough.at_boundary)
@@ -411,9 +434,9 @@ async def _read_whole(up: UpstreamConn, ex: Exchange) -> bytes:
     """The engine's whole response body (to rewrite it or quote it), bounded."""
     chunks: list[bytes] = []
     size = 0
+    deadline = trio.current_time() + ex.read_timeout_s
     while True:
-        with trio.fail_after(ex.read_timeout_s):
-            event = await next_event(up.conn, up.stream)
+        event = await next_event(up.conn, up.stream, deadline)
         if isinstance(event, h11.Data):
             size += len(event.data)
             if size > MAX_REWRITE_BODY_BYTES:
@@ -429,7 +452,7 @@ async def _relay_stream_rewritten(
 ) -> None:
     headers = [(n, v) for n, v in headers if n != b"content-length"]
     await _pump(client, up, ex, toolcalls.StreamRewriter(fmt, request_id),
-                h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
+                (resp.status_code, headers, resp.reason))
 
 
 async def _relay_whole_rewritten(
@@ -438,10 +461,11 @@ async def _relay_whole_rewritten(
 ) -> None:
     body, ex.tool_calls = toolcalls.rewrite_body(await _read_whole(up, ex), fmt, request_id)
     headers = [(n, v) for n, v in headers if n != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    await client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
-    await client.send(h11.Data(data=body))
-    await client.send(h11.EndOfMessage())
+    headers.append((b"content-length", b"%d" % len(body)))
+    # one write, as for responses relayed unchanged
+    wire = client.head_bytes((resp.status_code, headers, resp.reason))
+    wire += client.data_bytes(body) + client.end_bytes()
+    await send_all(client.stream, wire)
     ex.bytes_out = len(body)
 
 

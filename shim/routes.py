@@ -7,6 +7,7 @@ vLLM's dev-mode control endpoints are unreachable in any spelling.
 from __future__ import annotations
 
 import enum
+import functools
 import posixpath
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -70,7 +71,7 @@ class Route:
     path: str  # canonical path
     query: str  # raw query string, without '?'
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         """A bounded name for metrics: arbitrary paths must not make new series."""
         return self.path if self.kind not in (Kind.NOT_FOUND, Kind.METHOD_NOT_ALLOWED) else "other"
@@ -96,7 +97,23 @@ def canonical_path(raw: str) -> str:
     return path
 
 
+# Routes of recent (method, target) pairs: clients send the same few
+# requests over and over. Bounded: any target may come in.
+_ROUTE_CACHE: dict[tuple[str, str], Route] = {}
+_ROUTE_CACHE_MAX = 256
+
+
 def classify(method: str, target: str) -> Route:
+    key = (method, target)
+    route = _ROUTE_CACHE.get(key)
+    if route is None:
+        if len(_ROUTE_CACHE) >= _ROUTE_CACHE_MAX:
+            _ROUTE_CACHE.clear()
+        route = _ROUTE_CACHE[key] = _classify(method, target)
+    return route
+
+
+def _classify(method: str, target: str) -> Route:
     raw_path, _, query = target.partition("?")
     path = canonical_path(raw_path)
     first = path.strip("/").split("/", 1)[0]

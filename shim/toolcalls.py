@@ -139,23 +139,26 @@ def _new_call_id() -> str:
 # Requests
 
 
-def adapt_request(body: bytes, fmt: ToolCallFormat) -> bytes:
+def adapt_request(body: bytes, fmt: ToolCallFormat, parsed: dict[str, Any] | None = None) -> bytes:
     """Make a request with ``tools`` acceptable to an engine without a parser.
 
     The engine refuses tool_choice "auto" (explicit, or implied by ``tools``);
     with "none" it still renders the tools into the prompt, and the gateway
     parses the calls itself. Anything else comes back as the same object.
+    ``parsed``, where given, is the body already parsed (it is not changed).
     """
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body
+    obj: Any = parsed
+    if obj is None:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return body
     if not isinstance(obj, dict) or obj.get("tools") is None:
         return body
     choice = obj.get("tool_choice", "auto")
     if choice is not None and choice != "auto":
         return body
-    obj["tool_choice"] = "none"
+    obj = {**obj, "tool_choice": "none"}
     return _dumps_compact(obj)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from .http1 import UpstreamConnection
 from .httpio import next_event, send
 
 # uvicorn (vLLM's HTTP server) closes idle keep-alive connections after 5 s;
@@ -21,7 +22,7 @@ HEALTH_PROBE_TIMEOUT_S = 2.0
 @dataclass
 class UpstreamConn:
     stream: trio.SocketStream
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    conn: UpstreamConnection = field(default_factory=UpstreamConnection)
     generation: int = 0
     idle_since: float = 0.0
     reused: bool = False
@@ -59,7 +60,7 @@ class Upstream:
     def release(self, c: UpstreamConn) -> None:
         """Put a connection back after a complete exchange, or close it."""
         if c.raw_done and c.generation == self.generation and len(self._idle) < POOL_MAX:
-            c.conn = h11.Connection(h11.CLIENT)
+            c.conn = UpstreamConnection()
             c.raw_done = False
             c.idle_since = trio.current_time()
             c.reused = False
