@@ -184,7 +184,7 @@ def test_signal_cleans_up(sig: signal.Signals, whole_group: bool) -> None:
             os.killpg(proc.pid, sig)
         else:
             proc.send_signal(sig)
-        assert proc.wait(30) == 128 + sig
+        assert proc.wait(120) == 128 + sig
     finally:
         if proc.returncode is None:
             proc.kill()
