@@ -1,7 +1,8 @@
-"""Forwarding one request to the engine and its response back, with h11 on
-both sides. Bodies of requests are buffered (bounded) so that a request can
-wait through a cold start and be retried once; responses stream through as
-they arrive, with backpressure both ways."""
+"""Forwarding one request to the engine and its response back, with h11's
+API on both sides (shim/http1.py: a strict fast path for plain messages,
+h11 itself for the rest). Bodies of requests are buffered (bounded) so that
+a request can wait through a cold start and be retried once; responses
+stream through as they arrive, with backpressure both ways."""
 
 from __future__ import annotations
 
