@@ -5,6 +5,7 @@ Ordinary clients of the public port cannot reach it."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import trio
@@ -25,10 +26,17 @@ async def listener() -> trio.SocketListener:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     path.unlink(missing_ok=True)  # a stale socket of an earlier shim
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    sock.listen(16)
-    return trio.SocketListener(sock)
+    # Bound at once: a path in the runtime folder (a tmpfs) does not block.
+    # trio's own bind of a Unix path runs in a worker thread, which then
+    # stays in the shim's memory and wakes it 10 s later to exit.
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        plain.bind(str(path))
+        plain.listen(16)
+    except OSError:
+        plain.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(plain))
 
 
 async def request(

@@ -33,11 +33,14 @@ from .chunked import ChunkedDecoder, ChunkedError
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _VCHAR = rb"[\x21-\x7e\x80-\xff]"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
-_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: ([\t\x20-\x7e]*))?")
-_HEADER_LINE = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?)[ \t]*"
+_HEADER_LINE = rb"(?:" + _TOKEN + rb":[ \t]*(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*\r\n)"
+# A whole head, CRLF-terminated lines: one C-speed check of every line, then
+# one call that splits the (valid) header lines into names and values.
+_REQUEST_HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n(" + _HEADER_LINE + rb"*)")
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: ([\t\x20-\x7e]*))?\r\n(" + _HEADER_LINE + rb"*)"
 )
+_HEADER_FIELDS = re.compile(rb"([^:]+):[ \t]*(.*?)[ \t]*\r\n")
 # Header names that send a request or a response to h11.
 _UNUSUAL_REQUEST = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 # Content-Length longer than this is h11's business (and refused there).
@@ -62,17 +65,9 @@ class FastHeaders(Headers):
         return iter(self._pairs)
 
 
-def parse_header_lines(lines: list[bytes]) -> list[tuple[bytes, bytes, bytes]] | None:
-    """(raw name, lower-case name, value) per line; None if any line is unusual."""
-    items: list[tuple[bytes, bytes, bytes]] = []
-    match = _HEADER_LINE.fullmatch
-    for line in lines:
-        m = match(line)
-        if m is None:
-            return None
-        raw, value = m.groups()
-        items.append((raw, raw.lower(), value))
-    return items
+def _header_items(block: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(raw name, lower-case name, value) of each line of a checked header block."""
+    return [(raw, raw.lower(), value) for raw, value in _HEADER_FIELDS.findall(block)]
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -86,18 +81,15 @@ def _content_length(value: bytes) -> int | None:
 
 
 def parse_request(head: bytes) -> tuple[h11.Request, int, bool] | None:
-    """A plain request head (CRLF CRLF excluded) -> (request, body length,
-    keep-alive); None when it is not plain."""
-    lines = head.split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
+    """A plain request head (up to its last line's CRLF, the empty line
+    excluded) -> (request, body length, keep-alive); None when it is not plain."""
+    m = _REQUEST_HEAD.fullmatch(head)
     if m is None:
         return None
-    method, target = m.groups()
+    method, target, block = m.groups()
     if method == b"CONNECT":
         return None
-    items = parse_header_lines(lines[1:])
-    if items is None:
-        return None
+    items = _header_items(block)
     hosts = 0
     length: int | None = None
     keep_alive = True
@@ -117,9 +109,17 @@ def parse_request(head: bytes) -> tuple[h11.Request, int, bool] | None:
             return None
     if hosts != 1:
         return None
-    req = h11.Request(method=method, target=target, headers=FastHeaders(items), http_version=b"1.1",
-                      _parsed=True)
-    return req, length or 0, keep_alive
+    return _event(h11.Request, method=method, target=target, headers=FastHeaders(items),
+                  http_version=b"1.1"), length or 0, keep_alive
+
+
+def _event(kind: Any, **fields: Any) -> Any:
+    """An h11 event whose fields were checked already (by the patterns above,
+    which are stricter than h11's): h11's constructors would check again."""
+    event = object.__new__(kind)
+    for name, value in fields.items():
+        object.__setattr__(event, name, value)
+    return event
 
 
 def render_head(first_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -237,7 +237,7 @@ class ServerConnection(h11.Connection):
             return h11.NEED_DATA
         if end + 4 > self._max_head:
             return self._to_h11()
-        parsed = parse_request(buf[:end])
+        parsed = parse_request(buf[:end + 2])
         if parsed is None:
             return self._to_h11()
         req, self._body_left, self._keep_alive = parsed
@@ -491,12 +491,11 @@ class UpstreamConnection(h11.Connection):
                     or b"\n\r\n" in buf or (buf and buf[0] < 0x21):
                 return self._to_h11()
             return h11.NEED_DATA
-        lines = buf[:end].split(b"\r\n")
-        m = _STATUS_LINE.fullmatch(lines[0])
-        items = parse_header_lines(lines[1:]) if m is not None else None
-        if m is None or items is None or self._request is None or self._request[0] == b"HEAD":
+        m = _RESPONSE_HEAD.fullmatch(buf, 0, end + 2)
+        if m is None or self._request is None or self._request[0] == b"HEAD":
             return self._to_h11()
         status = int(m.group(1))
+        items = _header_items(m.group(3))
         if status in (204, 304):
             return self._to_h11()
         length: int | None = None
@@ -519,8 +518,8 @@ class UpstreamConnection(h11.Connection):
                     self._keep_alive = False
         if chunked == (length is not None):  # neither (read to the close) or both
             return self._to_h11()
-        resp = h11.Response(status_code=status, headers=FastHeaders(items), reason=m.group(2) or b"",
-                            http_version=b"1.1", _parsed=True)
+        resp = _event(h11.Response, status_code=status, headers=FastHeaders(items), reason=m.group(2) or b"",
+                      http_version=b"1.1")
         self._buf = buf[end + 4:]
         self.their_http_version = b"1.1"
         self._their = _SEND_BODY

@@ -75,12 +75,14 @@ async def receive(stream: trio.abc.Stream, deadline: float = _FOREVER, wait_firs
             raise trio.TooSlowError
 
 
-async def send_all(stream: trio.abc.Stream, data: bytes) -> None:
+async def send_all(stream: trio.abc.Stream, data: bytes, deadline: float = _FOREVER) -> None:
     """Write all of data; like trio's send_all, but a write that completes at
-    once does not go through the scheduler."""
+    once does not go through the scheduler. Waiting for the peer to read
+    past the deadline raises trio.TooSlowError."""
     global _streak
     if not isinstance(stream, trio.SocketStream) or stream.socket.did_shutdown_SHUT_WR:
-        await stream.send_all(data)
+        with trio.fail_at(deadline):
+            await stream.send_all(data)
         return
     fd = stream.socket.fileno()
     view: memoryview | None = None
@@ -101,7 +103,13 @@ async def send_all(stream: trio.abc.Stream, data: bytes) -> None:
         if view is None:
             view = memoryview(data)
         _streak = 0
-        await trio.lowlevel.wait_writable(fd)
+        if deadline == _FOREVER:
+            await trio.lowlevel.wait_writable(fd)
+            continue
+        with trio.CancelScope(deadline=deadline) as scope:
+            await trio.lowlevel.wait_writable(fd)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
 
 
 def _stream_error(fd: int, e: OSError) -> Exception:

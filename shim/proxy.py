@@ -1,12 +1,14 @@
-"""Forwarding one request to the engine and its response back, with h11 on
-both sides. Bodies of requests are buffered (bounded) so that a request can
-wait through a cold start and be retried once; responses stream through as
-they arrive, with backpressure both ways."""
+"""Forwarding one request to the engine and its response back, with h11's
+API on both sides (shim/http1.py: a strict fast path for plain messages,
+h11 itself for the rest). Bodies of requests are buffered (bounded) so that
+a request can wait through a cold start and be retried once; responses
+stream through as they arrive, with backpressure both ways."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import h11
@@ -285,57 +287,68 @@ async def _pump(
     conn = up.conn
     out: list[bytes] = [] if head is None else [client.head_bytes(head)]
     pending: list[bytes] = []  # body bytes read but not yet framed for the client
-    scope = trio.CancelScope()
-    with scope:
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.ProtocolError as e:
-                await _abort_stream(client, ex, e)
-                raise _StreamBroken(str(e)) from None
-            if type(event) is h11.Data:
-                pending.append(event.data)
-                continue
-            if pending:
-                raw = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                data = rewriter.feed(bytes(raw)) if rewriter else raw
-                if data:
-                    ex.bytes_out += len(data)
-                    out.append(client.data_bytes(data))
-            if type(event) is h11.EndOfMessage:
-                if rewriter:
-                    tail = rewriter.end()
-                    if tail:
-                        ex.bytes_out += len(tail)
-                        out.append(client.data_bytes(tail))
-                    ex.tool_calls = rewriter.tool_calls
-                out.append(client.end_bytes())
-                await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
-                return
-            if event is not h11.NEED_DATA:
-                continue  # trailers' end (EndOfMessage covers them) or nothing
-            conn.receive_data(await _flush_and_read(client, up, ex, out, scope))  # b"": the end
-    await _abort_stream(client, ex, trio.TooSlowError())
-    raise _StreamBroken("timeout", hung=True)
+    deadline = math.inf
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.ProtocolError as e:
+            await _abort_stream(client, ex, e)
+            raise _StreamBroken(str(e)) from None
+        if type(event) is h11.Data:
+            pending.append(event.data)
+            continue
+        if pending:
+            raw = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            data = rewriter.feed(bytes(raw)) if rewriter else raw
+            if data:
+                ex.bytes_out += len(data)
+                out.append(client.data_bytes(data))
+        if type(event) is h11.EndOfMessage:
+            if rewriter:
+                tail = rewriter.end()
+                if tail:
+                    ex.bytes_out += len(tail)
+                    out.append(client.data_bytes(tail))
+                ex.tool_calls = rewriter.tool_calls
+            out.append(client.end_bytes())
+            await _send_last(client, ex, out, deadline)
+            return
+        if event is not h11.NEED_DATA:
+            continue  # trailers' end (EndOfMessage covers them) or nothing
+        data, deadline = await _flush_and_read(client, up, ex, out, deadline)
+        conn.receive_data(data)  # b"": the end
 
 
 async def _flush_and_read(
-    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], scope: trio.CancelScope,
+    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], deadline: float,
     at_boundary: bool = True,
-) -> bytes:
+) -> tuple[bytes, float]:
     """Write what is pending to the client in one go, then read the engine's
-    next bytes. One scope serves the whole body: its deadline moves with each
-    read, and passing it means the engine went silent."""
-    if out:
-        await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-    scope.deadline = trio.current_time() + ex.read_timeout_s
+    next bytes; also the deadline of that read. Each read moves the deadline
+    (the write to the client runs under the previous one); waiting past it
+    means the engine went silent. No timer is set while data is at hand."""
     try:
-        return await receive(up.stream)
+        if out:
+            await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out), deadline)
+            out.clear()
+        deadline = trio.current_time() + ex.read_timeout_s
+        return await receive(up.stream, deadline), deadline
     except (OSError, trio.BrokenResourceError) as e:
         await _abort_stream(client, ex, e, at_boundary)
         raise _StreamBroken(str(e)) from None
+    except trio.TooSlowError:
+        await _abort_stream(client, ex, trio.TooSlowError(), at_boundary)
+        raise _StreamBroken("timeout", hung=True) from None
+
+
+async def _send_last(client: ClientSide, ex: Exchange, out: list[bytes], deadline: float) -> None:
+    """The body's last write, under the last read's deadline."""
+    try:
+        await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out), deadline)
+    except trio.TooSlowError:
+        await _abort_stream(client, ex, trio.TooSlowError())
+        raise _StreamBroken("timeout", hung=True) from None
 
 
 def _both_chunked(client: ClientSide, up: UpstreamConn, head: Head) -> bool:
@@ -354,32 +367,29 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
     the last chunk is ours, so both connections stay reusable."""
     passthrough = ChunkedPassthrough()
     out = [client.head_bytes(head)]
-    data, _closed = up.conn.trailing_data  # body bytes h11 read with the head
-    scope = trio.CancelScope()
-    with scope:
-        while True:
-            if data:
-                try:
-                    forward_now = passthrough.feed(bytes(data))
-                except ChunkedError as e:
-                    await send_all(client.stream, b"".join(out))
-                    await _abort_stream(client, ex, e)
-                    raise _StreamBroken(str(e)) from None
-                if forward_now:
-                    ex.bytes_out += len(forward_now)
-                    out.append(forward_now)
-                if passthrough.done:
-                    out.append(client.end_bytes())
-                    await send_all(client.stream, b"".join(out))
-                    up.raw_done = not passthrough.leftover
-                    return
-            data = await _flush_and_read(client, up, ex, out, scope, passthrough.at_boundary)
-            if not data:
-                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
-                                    passthrough.at_boundary)
-                raise _StreamBroken("the engine closed mid-response")
-    await _abort_stream(client, ex, trio.TooSlowError(), passthrough.at_boundary)
-    raise _StreamBroken("timeout", hung=True)
+    data, _closed = up.conn.trailing_data  # body bytes read with the head
+    deadline = math.inf
+    while True:
+        if data:
+            try:
+                forward_now = passthrough.feed(bytes(data))
+            except ChunkedError as e:
+                await send_all(client.stream, b"".join(out))
+                await _abort_stream(client, ex, e)
+                raise _StreamBroken(str(e)) from None
+            if forward_now:
+                ex.bytes_out += len(forward_now)
+                out.append(forward_now)
+            if passthrough.done:
+                out.append(client.end_bytes())
+                await _send_last(client, ex, out, deadline)
+                up.raw_done = not passthrough.leftover
+                return
+        data, deadline = await _flush_and_read(client, up, ex, out, deadline, passthrough.at_boundary)
+        if not data:
+            await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
+                                passthrough.at_boundary)
+            raise _StreamBroken("the engine closed mid-response")
 
 
 async def _relay_after_keepalive(

@@ -43,6 +43,7 @@ from .lifecycle import State
 from .metrics import CONTENT_TYPE, EngineLive, Live, Metrics, accumulate, merge_expositions
 from .notify import Notifier
 from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
+from .reqlog import RequestLog
 from .routes import GENERATION, JSON_BODY, Kind, Route, classify
 from .security import apply_max_tokens, check_admin, check_client
 from .status import ShimStatus, format_statuses
@@ -50,6 +51,8 @@ from .upstream import call
 from .yielding import HOLDER
 
 log = logging.getLogger("vllm_gateway.server")
+# log.info for the line each request writes, without its per-call overhead
+_request_log = RequestLog(log, __file__, "_serve")
 
 # Bounds on what a client may send. Headers of OpenAI clients are ~1 KiB;
 # bodies carry prompts and base64 images, so tens of MiB.
@@ -370,12 +373,8 @@ class Gateway:
         }
         if ex.waited_s > 0:
             fields["COLD_START_MS"] = round(ex.waited_s * 1000)
-        # log.info without its search of the call stack for the caller's line
-        # (a tenth of the cost of each request's line)
-        log.handle(log.makeRecord(
-            log.name, logging.INFO, __file__, sys._getframe().f_lineno, "%s %s %d %dB %.1fms id=%s%s%s",
-            (method, route.path, ex.status, ex.bytes_out, ms, request_id, cold, tools), None,
-            "_serve", fields))
+        _request_log.info(sys._getframe().f_lineno, "%s %s %d %dB %.1fms id=%s%s%s",
+                          (method, route.path, ex.status, ex.bytes_out, ms, request_id, cold, tools), fields)
 
     async def _dispatch(
         self, client: ClientSide, req: h11.Request, route: Route, body: bytes, request_id: str

@@ -46,6 +46,19 @@ class SSEDecoder:
         self._scan = pos - start
         return events
 
+    def whole(self, data: bytes) -> bool:
+        """Whether `feed(data)` would return all of data, as events in the
+        common shape (LF line ends, single empty lines), holding nothing
+        back; then passing data on unchanged is the same as feeding it and
+        joining the events. Changes nothing."""
+        return (
+            not self._buf
+            and data.endswith(b"\n\n")
+            and not data.startswith(b"\n")
+            and b"\r" not in data
+            and b"\n\n\n" not in data
+        )
+
     def end(self) -> bytes:
         """The body is finished: return bytes of an unterminated last event."""
         rest, self._buf, self._scan = self._buf, b"", 0

@@ -471,6 +471,12 @@ class StreamRewriter:
 
     def feed(self, data: bytes) -> bytes:
         """Upstream bytes in; bytes to send to the client now out (maybe b"")."""
+        if self._scanner.idle:
+            # The common case: whole events in which no tag can start. They
+            # pass unchanged, without being split and joined again.
+            first, escaped = self._triggers
+            if first not in data and escaped not in data and self._decoder.whole(data):
+                return data
         try:
             events = self._decoder.feed(data)
         except Exception:  # pragma: no cover - the decoder only slices bytes

@@ -70,6 +70,7 @@ class Upstream:
             c.generation == self.generation
             and c.conn.our_state is h11.DONE
             and c.conn.their_state is h11.DONE
+            and not c.conn.trailing_data[0]  # bytes past the response: out of step, drop it
             and len(self._idle) < POOL_MAX
         ):
             c.conn.start_next_cycle()

@@ -69,3 +69,17 @@ def test_any_split_same_events(parts: list[bytes], cuts: list[int]) -> None:
     assert got == expected
     events, rest = got
     assert b"".join(events) + rest == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"data: x", b"\n", b"\r\n", b": c", b"\r"])),
+    st.lists(st.sampled_from([b"data: x", b"\n", b"\r\n", b": c", b"\r"])),
+)
+def test_whole_means_feed_returns_all(before: list[bytes], parts: list[bytes]) -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b"".join(before))
+    data = b"".join(parts)
+    if decoder.whole(data):
+        assert b"".join(decoder.feed(data)) == data
+        assert decoder.end() == b""
