@@ -12,6 +12,10 @@ encoding; nothing else is parsed, so the client stays cheap.
           included) and prints events/s and time to first event (request
           written -> first byte of the first event)
 
+With `--cpu-pid PID`, also the CPU time (user + system, from /proc) that
+process spent per completed request in the measured window: the proxy's own
+cost, steadier than throughput on a shared machine.
+
 Prints one JSON object. usage: load.py chat|stream --url http://H:P --conns N --duration S
 """
 
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import socket
 import sys
 import time
@@ -52,6 +58,13 @@ def request_bytes(host: str, port: int, stream: bool, tools: bool = False) -> by
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(xs: list[float], p: float) -> float | None:
@@ -159,7 +172,8 @@ class StreamConn(Conn):
 
 
 async def run(
-    mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False
+    mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False,
+    cpu_pid: int | None = None,
 ) -> dict[str, object]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
@@ -167,16 +181,18 @@ async def run(
     stats = Stats()
     loop = asyncio.get_running_loop()
     protos: list[Conn] = []
-    cls = StreamConn if mode == "stream" else Conn
+    cls: type[Conn] = StreamConn if mode == "stream" else Conn
     for _ in range(conns):
         lost: asyncio.Future[None] = loop.create_future()
-        _, proto = await loop.create_connection(lambda lost=lost: cls(req, stats, lost), host, port)
+        _, proto = await loop.create_connection(functools.partial(cls, req, stats, lost), host, port)
         protos.append(proto)
     await asyncio.sleep(warmup)
     stats.recording = True
     t0 = time.perf_counter()
+    cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     await asyncio.sleep(duration)
     stats.recording = False
+    cpu = cpu_seconds(cpu_pid) - cpu0 if cpu_pid else 0.0
     elapsed = time.perf_counter() - t0
     dropped = 0
     for p in protos:
@@ -198,6 +214,8 @@ async def run(
         "p50_ms": (percentile(stats.latencies, 50) or 0) * ms,
         "p99_ms": (percentile(stats.latencies, 99) or 0) * ms,
     }
+    if cpu_pid and stats.done:
+        result["cpu_us_per_request"] = cpu / stats.done * 1e6
     if mode == "stream":
         result.update(
             {
@@ -218,8 +236,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--tools", action="store_true", help="offer a tool in every request")
+    p.add_argument("--cpu-pid", type=int, help="report this process's CPU time per request")
     a = p.parse_args()
-    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup, a.tools))))
+    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup, a.tools, a.cpu_pid))))
     return 0
 
 

@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shim.sse import SSEDecoder
 from shim.toolcalls import StreamRewriter, get_format
 
-FMT = get_format("nemotron")
-assert FMT is not None
+_FMT = get_format("nemotron")
+assert _FMT is not None
+FMT = _FMT
 READ_BYTES = 4096  # roughly what one socket read brings in a busy stream
 
 

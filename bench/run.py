@@ -166,7 +166,8 @@ class Procs:
 # Load
 
 
-def wrk(url: str, conns: int, seconds: float, tools: bool) -> dict[str, float]:
+def wrk(url: str, conns: int, seconds: float, tools: bool, cpu_pid: int | None = None) -> dict[str, float]:
+    cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     out = subprocess.run(
         [
             "wrk",
@@ -183,10 +184,13 @@ def wrk(url: str, conns: int, seconds: float, tools: bool) -> dict[str, float]:
         timeout=seconds + 30,
         check=True,
     ).stdout
+    cpu = cpu_seconds(cpu_pid) - cpu0 if cpu_pid else 0.0
     units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
     res: dict[str, float] = {"errors": 0.0}
     for line in out.splitlines():
         parts = line.split()
+        if " requests in " in line and parts[0].isdigit() and cpu_pid and int(parts[0]):
+            res["cpu_us_per_request"] = cpu / int(parts[0]) * 1e6
         if line.startswith("Requests/sec:"):
             res["rps"] = float(parts[1])
         elif len(parts) == 2 and parts[0] in ("50%", "99%"):
@@ -201,7 +205,8 @@ def wrk(url: str, conns: int, seconds: float, tools: bool) -> dict[str, float]:
 
 
 def loadpy(
-    mode: str, url: str, conns: int, seconds: float, warmup: float, tools: bool = False
+    mode: str, url: str, conns: int, seconds: float, warmup: float, tools: bool = False,
+    cpu_pid: int | None = None,
 ) -> dict[str, Any]:
     out = subprocess.run(
         [
@@ -217,6 +222,7 @@ def loadpy(
             "--warmup",
             str(warmup),
             *(["--tools"] if tools else []),
+            *(["--cpu-pid", str(cpu_pid)] if cpu_pid else []),
         ],
         capture_output=True,
         text=True,
@@ -227,16 +233,28 @@ def loadpy(
     return result
 
 
-def measure(port: int, d: Durations, use_wrk: bool, tools: bool = False) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    port: int, d: Durations, use_wrk: bool, tools: bool = False, pid: int | None = None
+) -> dict[str, float]:
+    """The figures of one peer; with `pid`, also that process's CPU time per
+    request at 32 connections and per stream at 64."""
     url = f"http://127.0.0.1:{port}"
     check_peer(port, tools)
     r: dict[str, float] = {}
     if use_wrk:
-        c32 = wrk(url, 32, d.chat32, tools)
+        c32 = wrk(url, 32, d.chat32, tools, pid)
         c1 = wrk(url, 1, d.chat1, tools)
     else:
-        c32 = loadpy("chat", url, 32, d.chat32, d.warmup, tools)
+        c32 = loadpy("chat", url, 32, d.chat32, d.warmup, tools, pid)
         c1 = loadpy("chat", url, 1, d.chat1, d.warmup, tools)
+    if "cpu_us_per_request" in c32:
+        r["cpu_req"] = c32["cpu_us_per_request"]
     r.update(
         rps32=c32["rps"],
         p50_32=c32["p50_ms"],
@@ -245,8 +263,10 @@ def measure(port: int, d: Durations, use_wrk: bool, tools: bool = False) -> dict
         p99_1=c1["p99_ms"],
         errors=c32["errors"] + c1["errors"],
     )
-    s64 = loadpy("stream", url, 64, d.stream64, d.warmup, tools)
+    s64 = loadpy("stream", url, 64, d.stream64, d.warmup, tools, pid)
     s1 = loadpy("stream", url, 1, d.stream1, d.warmup, tools)
+    if "cpu_us_per_request" in s64:
+        r["cpu_stream"] = s64["cpu_us_per_request"]
     r.update(
         eps64=s64["events_per_s"],
         ttfe_p50_64=s64["ttfe_p50_ms"],
@@ -459,6 +479,26 @@ def peer_table(res: dict[str, dict[str, float]]) -> list[str]:
     return rows
 
 
+def cpu_table(res: dict[str, dict[str, float]]) -> list[str]:
+    """Each proxy's own CPU time per request and per stream (user + system):
+    what the throughput figures cost, steadier than they are on a shared machine."""
+    p = res.get("socket-proxyd", {})
+    rows = [
+        "| peer | CPU µs per request @32 | vs proxyd | CPU µs per stream @64 | vs proxyd |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in PEERS[1:]:
+        r = res.get(name, {})
+        if "cpu_req" not in r and "cpu_stream" not in r:
+            continue
+        req, stream = r.get("cpu_req"), r.get("cpu_stream")
+        rows.append(
+            f"| {name} | {fmt(req) if req else '-'} | {ratio(req, p.get('cpu_req')) if req else '-'} "
+            f"| {fmt(stream) if stream else '-'} | {ratio(stream, p.get('cpu_stream')) if stream else '-'} |"
+        )
+    return rows
+
+
 def targets(
     res: dict[str, dict[str, float]], extra: dict[str, Any]
 ) -> list[tuple[str, str, str, bool | None]]:
@@ -618,10 +658,10 @@ def main() -> int:
         procs.start("upstream", [*engine_cmd(), "--port", str(up_port), "--procs", str(a.upstream_procs)])
         wait_port(up_port)
 
-        def peer(name: str, port: int, tools: bool = False) -> None:
+        def peer(name: str, port: int, tools: bool = False, pid: int | None = None) -> None:
             log(f"measuring {name}")
             try:
-                res[name] = measure(port, d, use_wrk, tools)
+                res[name] = measure(port, d, use_wrk, tools, pid)
             except Exception as e:  # a peer that fails leaves a gap, not a crashed run
                 log(f"{name} failed: {e}")
                 notes.append(f"{name}: not measured: {e}")
@@ -633,7 +673,7 @@ def main() -> int:
             "proxyd", ["systemd-socket-activate", "-l", f"127.0.0.1:{pp}", PROXYD, f"127.0.0.1:{up_port}"]
         )
         wait_port(pp)
-        peer("socket-proxyd", pp)
+        peer("socket-proxyd", pp, pid=proxyd.pid)
         procs.stop(proxyd)
 
         fp = free_port()
@@ -649,7 +689,7 @@ def main() -> int:
             ],
         )
         wait_port(fp)
-        peer("fastapi+httpx", fp)
+        peer("fastapi+httpx", fp, pid=fa.pid)
         procs.stop(fa)
 
         # The gateway, warm: its engine is the same stand-in, started by the shim.
@@ -657,7 +697,7 @@ def main() -> int:
         g = Shim(procs, work, "off", engine_cmd(), exit_after=f"{exit_after:g}s")
         shims.append(g)
         g.start()
-        peer("vllm-gateway", g.port)
+        peer("vllm-gateway", g.port, pid=g.proc.pid if g.proc else None)
         pid = g.proc.pid if g.proc else 0
         profile_dir = out / "profiles"
         spy_bin = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
@@ -710,7 +750,7 @@ def main() -> int:
         gr = Shim(procs, work, "rewrite", engine_cmd(), fmt="nemotron")
         shims.append(gr)
         gr.start()
-        peer("vllm-gateway+rewrite", gr.port, tools=True)
+        peer("vllm-gateway+rewrite", gr.port, tools=True, pid=gr.proc.pid if gr.proc else None)
         gr.stop()
 
         # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
@@ -757,15 +797,18 @@ def main() -> int:
 
     elapsed = time.monotonic() - started
     pt = peer_table(res)
+    ct = cpu_table(res)
     ts = targets(res, extra)
     tt = target_rows(ts)
     print("\n".join(pt))
+    print()
+    print("\n".join(ct))
     print()
     print("\n".join(tt))
     for n in notes:
         print(f"note: {n}")
     images = plots(res, extra, out)
-    write_doc(out / "benchmarks.md", a, d, use_wrk, pt, tt, extra, notes, images, elapsed)
+    write_doc(out / "benchmarks.md", a, d, use_wrk, pt, ct, tt, extra, notes, images, elapsed)
     log(f"wrote {out / 'benchmarks.md'} in {elapsed:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -777,6 +820,7 @@ def write_doc(
     d: Durations,
     use_wrk: bool,
     pt: list[str],
+    ct: list[str],
     tt: list[str],
     extra: dict[str, Any],
     notes: list[str],
@@ -813,6 +857,12 @@ def write_doc(
         "## Proxying",
         "",
         *pt,
+        "",
+        "Each proxy's own CPU time (user + system, from /proc) per request at 32 connections and per "
+        f"{EVENTS}-event stream at 64: the cost behind the throughput above, and the steadier figure when "
+        "other work shares the machine.",
+        "",
+        *ct,
         "",
         "## Targets",
         "",
