@@ -10,12 +10,46 @@ chunks per read) no copy of the data.
 from __future__ import annotations
 
 import re
+from itertools import repeat
 
 # A chunk-size line is a hex size and optional extensions; vLLM's are ~6 bytes.
 MAX_SIZE_LINE_BYTES = 1024
 MAX_TRAILER_BYTES = 16 * 1024
 # The common size line: plain hex and CRLF ("1a3\r\n"), matched in place.
 _PLAIN_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
+
+
+# The sizes of a read's whole chunks, one per line, all plain hex.
+_PLAIN_SIZES = re.compile(rb"[0-9a-fA-F]{1,16}(?:\n[0-9a-fA-F]{1,16})*")
+
+
+def _whole_chunks(buf: bytes) -> tuple[list[bytes], int] | None:
+    """The common read, checked at C speed: whole chunks with plain hex
+    sizes and no CRLF inside their data, maybe ending with a bare last chunk
+    (no trailers, nothing after it). Their data, and where the last chunk
+    begins (-1: not in this read); None for anything else.
+
+    Splitting at every CRLF gives size, data, size, data...; where each size
+    equals the length of the data after it, no chunk's data held a CRLF, so
+    the split is the parse. A walk chunk by chunk costs ~1 µs a chunk in
+    Python, and an engine's stream is one chunk per token.
+    """
+    if not buf.endswith(b"\r\n"):
+        return None
+    parts = buf.split(b"\r\n")
+    del parts[-1]  # what followed the last CRLF: nothing
+    sizes, datas = parts[0::2], parts[1::2]
+    if len(sizes) != len(datas) or _PLAIN_SIZES.fullmatch(b"\n".join(sizes)) is None:
+        return None
+    if list(map(int, sizes, repeat(16, len(sizes)))) != list(map(len, datas)):
+        return None
+    empty = datas.count(b"")  # a size 0: the last chunk
+    if not empty:
+        return datas, -1
+    if empty > 1 or datas[-1]:
+        return None
+    del datas[-1]
+    return datas, len(buf) - len(sizes[-1]) - 4
 
 
 class ChunkedError(Exception):
@@ -50,6 +84,14 @@ class ChunkedPassthrough:
         if self._in_trailers:
             self._trailers(buf, 0)
             return b""
+        if not (self._data_left or self._crlf_left):
+            whole = _whole_chunks(buf)
+            if whole is not None:
+                last = whole[1]
+                if last < 0:
+                    return buf
+                self.done = True
+                return buf[:last]
         pos = 0
         n = len(buf)
         plain = _PLAIN_SIZE_LINE.match
@@ -150,6 +192,12 @@ class ChunkedDecoder:
         if self._in_trailers:
             self._trailers(buf, 0)
             return b""
+        if not (self._data_left or self._crlf_left):
+            whole = _whole_chunks(buf)
+            if whole is not None:
+                datas, last = whole
+                self.done = last >= 0
+                return datas[0] if len(datas) == 1 else b"".join(datas)
         out: list[bytes] = []
         pos = 0
         n = len(buf)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shim.chunked import ChunkedError, ChunkedPassthrough
+from shim.chunked import ChunkedDecoder, ChunkedError, ChunkedPassthrough
 
 
 def encode(chunks: list[bytes], trailers: bytes = b"") -> bytes:
@@ -63,6 +63,31 @@ def test_whole_chunks_are_passed_without_a_copy() -> None:
     p = ChunkedPassthrough()
     piece = encode([b"hello"])[:-5]  # without the last chunk
     assert p.feed(piece) is piece
+
+
+EVENTS = [b'data: {"n": %d}\n\n' % i for i in range(50)] + [b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_a_whole_event_stream_in_one_read(upper: bool) -> None:
+    # the common read: whole chunks without CRLF in their data, then the last chunk
+    wire = b"".join((b"%X\r\n" if upper else b"%x\r\n") % len(e) + e + b"\r\n" for e in EVENTS)
+    p = ChunkedPassthrough()
+    assert p.feed(wire) is wire
+    assert p.feed(b"000\r\n\r\n") == b"" and p.done and p.leftover == b""
+    d = ChunkedDecoder()
+    assert d.feed(wire + b"0\r\n\r\n") == b"".join(EVENTS)
+    assert d.done and d.leftover == b""
+
+
+@pytest.mark.parametrize("after", [b"5\r\nhello\r\n", b"0\r\n\r\n", b"HTTP/1.1 200 OK\r\n"])
+def test_what_follows_the_last_chunk_is_left_over(after: bytes) -> None:
+    # bytes past the body that look like chunks too must not be taken as body
+    wire = encode([b"hello", b"world"]) + after
+    out, p = run([wire])
+    assert p.done and p.leftover == after and decode_like_h11(out) == b"helloworld"
+    d = ChunkedDecoder()
+    assert d.feed(wire) == b"helloworld" and d.done and d.leftover == after
 
 
 def test_byte_by_byte() -> None:
