@@ -699,30 +699,25 @@ def main() -> int:
         g.start()
         peer("vllm-gateway", g.port, pid=g.proc.pid if g.proc else None)
         pid = g.proc.pid if g.proc else 0
-        profile_dir = out / "profiles"
         spy_bin = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
-        if a.profile and Path(spy_bin).exists():
+
+        def profile(shim: Shim, tools: bool) -> None:
+            """py-spy profiles of a shim under the 32-connection and 64-stream loads."""
+            if not a.profile or not Path(spy_bin).exists() or shim.proc is None:
+                return
+            profile_dir = out / "profiles"
             profile_dir.mkdir(exist_ok=True)
             for mode, conns in (("chat", 32), ("stream", 64)):
+                folded = profile_dir / f"shim-{shim.name}-{mode}.folded.txt"
                 spy = procs.start(
-                    f"py-spy-{mode}",
-                    [
-                        spy_bin,
-                        "record",
-                        "-p",
-                        str(pid),
-                        "-d",
-                        "6",
-                        "-r",
-                        "200",
-                        "-f",
-                        "raw",
-                        "-o",
-                        str(profile_dir / f"shim-{mode}.folded.txt"),
-                    ],
+                    f"py-spy-{shim.name}-{mode}",
+                    [spy_bin, "record", "-p", str(shim.proc.pid), "-d", "6", "-r", "200", "-f", "raw",
+                     "-o", str(folded)],
                 )
-                loadpy(mode, f"http://127.0.0.1:{g.port}", conns, 6, 0.2, tools=False)
+                loadpy(mode, f"http://127.0.0.1:{shim.port}", conns, 6, 0.2, tools=tools)
                 spy.wait(30)
+
+        profile(g, tools=False)
         extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
         time.sleep(0.5)
         log(f"idle footprint: engine ready, {d.idle_s:g} s")
@@ -751,6 +746,7 @@ def main() -> int:
         shims.append(gr)
         gr.start()
         peer("vllm-gateway+rewrite", gr.port, tools=True, pid=gr.proc.pid if gr.proc else None)
+        profile(gr, tools=True)
         gr.stop()
 
         # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
@@ -921,8 +917,8 @@ def write_doc(
         "- The FastAPI + httpx peer is slower at 32 connections than at 1 to 4 (about 550-650 req/s there "
         "on this machine): httpx's connection pool costs more as concurrency grows. That is the design "
         "as it was used, so it stays the yardstick.",
-        "- `scripts/bench --profile` also records py-spy profiles (folded stacks) of the shim under the "
-        "32-connection and 64-stream loads into OUT/profiles.",
+        "- `scripts/bench --profile` also records py-spy profiles (folded stacks) of both shims "
+        "(rewriting off and on) under the 32-connection and 64-stream loads into OUT/profiles.",
         "- Everything runs on the same machine as the load client: on a small machine the client, the "
         "peer and the upstream share the CPUs, so absolute figures are low and ratios taken within one "
         "run are what to compare.",
