@@ -5,7 +5,7 @@ shim/http1.py); this only moves bytes."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import h11
 import trio
@@ -66,13 +66,7 @@ async def receive(stream: trio.abc.Stream, deadline: float = _FOREVER, wait_firs
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         _streak = 0
-        if deadline == _FOREVER:
-            await trio.lowlevel.wait_readable(fd)
-            continue
-        with trio.CancelScope(deadline=deadline) as scope:
-            await trio.lowlevel.wait_readable(fd)
-        if scope.cancelled_caught:
-            raise trio.TooSlowError
+        await _wait(trio.lowlevel.wait_readable, fd, deadline)
 
 
 async def send_all(stream: trio.abc.Stream, data: bytes, deadline: float = _FOREVER) -> None:
@@ -103,13 +97,19 @@ async def send_all(stream: trio.abc.Stream, data: bytes, deadline: float = _FORE
         if view is None:
             view = memoryview(data)
         _streak = 0
-        if deadline == _FOREVER:
-            await trio.lowlevel.wait_writable(fd)
-            continue
-        with trio.CancelScope(deadline=deadline) as scope:
-            await trio.lowlevel.wait_writable(fd)
-        if scope.cancelled_caught:
-            raise trio.TooSlowError
+        await _wait(trio.lowlevel.wait_writable, fd, deadline)
+
+
+async def _wait(wait: Callable[[int], Awaitable[None]], fd: int, deadline: float) -> None:
+    """Wait until the socket is ready; past the deadline, trio.TooSlowError.
+    A cancel scope only where there is a deadline to keep."""
+    if deadline == _FOREVER:
+        await wait(fd)
+        return
+    with trio.CancelScope(deadline=deadline) as scope:
+        await wait(fd)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
 
 
 def _stream_error(fd: int, e: OSError) -> Exception:

@@ -16,12 +16,18 @@ class _Keep(logging.Handler):
         self.records.append(record)
 
 
-def test_same_record_as_log_info() -> None:
-    log = logging.getLogger("test.reqlog")
+def _kept(name: str, level: int) -> tuple[logging.Logger, _Keep]:
+    """A logger of its own whose records are kept, not printed."""
+    log = logging.getLogger(name)
     keep = _Keep()
-    log.addHandler(keep)
-    log.setLevel(logging.INFO)
+    log.handlers[:] = [keep]
+    log.setLevel(level)
     log.propagate = False
+    return log, keep
+
+
+def test_same_record_as_log_info() -> None:
+    log, keep = _kept("test.reqlog", logging.INFO)
     try:
         fast = RequestLog(log, __file__, "test_same_record_as_log_info")
         for i in range(3):
@@ -42,10 +48,6 @@ def test_same_record_as_log_info() -> None:
 
 
 def test_quiet_when_info_is_off() -> None:
-    log = logging.getLogger("test.reqlog.quiet")
-    keep = _Keep()
-    log.addHandler(keep)
-    log.setLevel(logging.WARNING)
-    log.propagate = False
+    log, keep = _kept("test.reqlog.quiet", logging.WARNING)
     RequestLog(log, __file__, "f").info(1, "x", (), {"A": 1})
     assert keep.records == []
