@@ -1,0 +1,48 @@
+"""`scripts/bench --quick` still works from end to end: every peer measured,
+the report and the plots written. The figures themselves are never checked
+(speed does not fail a test on a loaded machine); that the benchmark runs is.
+
+It makes its own sandbox; the `sandbox` fixture only gives this test the
+tier's rule: skipped where no sandbox can be made, failed under CI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.sandboxing import Sandbox
+
+pytestmark = pytest.mark.sandbox
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = ["direct", "socket-proxyd", "fastapi+httpx", "vllm-gateway", "vllm-gateway+rewrite"]
+
+
+def test_quick_bench_measures_every_peer(sandbox: Sandbox, tmp_path: Path) -> None:
+    run = subprocess.run(
+        [str(REPO / "scripts" / "bench"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "- command: `scripts/bench --quick --out" in report
+    # the proxying table: a row of 14 figures a peer
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines()
+            if line.startswith("| ") and line.count("|") == 15}
+    for peer in PEERS:
+        assert peer in rows, f"{peer} missing from the report"
+        assert "not measured" not in rows[peer], rows[peer]
+    assert "not measured" not in report and "run stopped early" not in report, report
+    # every figure of the gateway's rows is there, errors included (0: the
+    # warm-up checks that streams arrive whole)
+    for peer in ("vllm-gateway", "vllm-gateway+rewrite"):
+        cells = [c.strip() for c in rows[peer].strip("|").split("|")]
+        assert len(cells) == 14 and "-" not in cells and cells[-1] == "0", rows[peer]
+    assert "| shim RSS after load |" in report
+    assert "| processes left when fully idle | 0 | 0 | PASS |" in report
+    assert "cold-start lag over 3 starts" in report
+    for png in ("bench-throughput.png", "bench-latency.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
