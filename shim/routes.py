@@ -60,8 +60,13 @@ ENGINE_POST = frozenset({
 })
 ENGINE_GET = frozenset({"/version"})
 JSON_BODY = ENGINE_POST - {"/v1/audio/transcriptions", "/v1/audio/translations"}
-# Endpoints that generate tokens: the max_tokens guardrail applies to them.
-GENERATION = frozenset({"/v1/chat/completions", "/v1/completions"})
+# Endpoints that generate tokens, and the fields that bound how many: the
+# max_tokens guardrail checks them, and sets the first where none is given.
+GENERATION: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/completions": ("max_tokens", "max_completion_tokens"),
+    "/v1/responses": ("max_output_tokens",),
+}
 CHAT = "/v1/chat/completions"
 
 

@@ -9,8 +9,6 @@ from collections.abc import Iterable, Sequence
 
 from .errors import BadRequest, Forbidden, GatewayError, Unauthorized
 
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
-
 
 def bearer(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
@@ -47,13 +45,14 @@ def check_admin(headers: Iterable[tuple[bytes, bytes]], admin_key: str | None, c
 
 
 def apply_max_tokens(
-    body: dict[str, object], raw: bytes, limit: int | None, policy: str
+    body: dict[str, object], raw: bytes, limit: int | None, policy: str, fields: Sequence[str]
 ) -> bytes:
-    """Enforce the engine's max_tokens: refuse or lower what asks for more,
-    and set the limit where the request sets none. Returns the body to send."""
+    """Enforce the engine's max_tokens on the body's token `fields`: refuse
+    or lower what asks for more, and set the first field to the limit where
+    the request sets none. Returns the body to send."""
     if limit is None:
         return raw
-    asked = [(f, body[f]) for f in TOKEN_FIELDS if body.get(f) is not None]
+    asked = [(f, body[f]) for f in fields if body.get(f) is not None]
     changed = False
     for field, value in asked:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -64,7 +63,7 @@ def apply_max_tokens(
             body[field] = limit
             changed = True
     if not asked:
-        body["max_tokens"] = limit
+        body[fields[0]] = limit
         changed = True
     return json.dumps(body, ensure_ascii=False).encode() if changed else raw
 

@@ -417,9 +417,10 @@ class Gateway:
             parsed = checked
             model = parsed.get("model")
             engine = self._engine_for(model)
-            if route.path in GENERATION:
+            token_fields = GENERATION.get(route.path)
+            if token_fields is not None:
                 cfg = engine.cfg
-                body = apply_max_tokens(parsed, body, cfg.max_tokens, cfg.max_tokens_policy)
+                body = apply_max_tokens(parsed, body, cfg.max_tokens, cfg.max_tokens_policy, token_fields)
             model_name = model if isinstance(model, str) else None
         else:
             model_name = None

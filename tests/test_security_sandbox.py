@@ -107,15 +107,23 @@ def test_max_tokens_guardrail_rejects_or_caps(gw: Gateway, tmp_path: Path) -> No
     gw.configure(["--startup-delay", "1", "--log-requests", str(log)], max_tokens=64)
     code, _, body = gw.request("POST", "/v1/chat/completions", {**CHAT, "max_tokens": 100_000})
     assert code == 400 and b"over this gateway's limit of 64" in body
+    code, _, body = gw.request("POST", "/v1/responses", {"model": "tiny", "input": "x",
+                                                         "max_output_tokens": 100_000})
+    assert code == 400 and b"max_output_tokens=100000 is over this gateway's limit of 64" in body
     assert gw.active("vllm.service") == "inactive"
     assert gw.chat()[0] == 200  # no limit asked: the gateway's applies
     gw.configure(["--startup-delay", "1", "--log-requests", str(log)], max_tokens=64,
                  max_tokens_policy="cap")
     assert gw.request("POST", "/v1/completions", {"model": "tiny", "prompt": "x",
                                                   "max_tokens": 5000})[0] == 200
+    # the stand-in engine serves no /v1/responses (404), but records what it was sent
+    gw.request("POST", "/v1/responses", {"model": "tiny", "input": "x", "max_output_tokens": 5000})
+    gw.request("POST", "/v1/responses", {"model": "tiny", "input": "x"})
     seen = [json.loads(line) for line in log.read_text().splitlines()]
     bodies = [r["body"] for r in seen if r["path"] in ("/v1/chat/completions", "/v1/completions")]
     assert [b["max_tokens"] for b in bodies] == [64, 64]
+    responses = [r["body"] for r in seen if r["path"] == "/v1/responses"]
+    assert [b["max_output_tokens"] for b in responses] == [64, 64]
 
 
 def test_requests_missing_what_the_engine_needs_are_refused_before_a_cold_start(gw: Gateway) -> None:
