@@ -450,15 +450,17 @@ class StreamRewriter:
     """Rewrite an engine's chat.completion.chunk SSE stream, sans I/O.
 
     ``feed`` the upstream body bytes in any split and send what it returns;
-    call ``end`` once the upstream body is finished and send that too. Only
-    choice 0 is rewritten; everything else passes through unchanged.
+    call ``end`` once the upstream body is finished and send that too. Each
+    choice (``n`` > 1) has its own scanner; a chunk is rewritten for its
+    first choice with a delta, as vLLM sends one choice a chunk.
     """
 
     def __init__(self, fmt: ToolCallFormat, request_id: str = "-") -> None:
         self._fmt = fmt
         self._rid = request_id
         self._decoder = SSEDecoder()
-        self._scanner = _Scanner(fmt, request_id)
+        self._scanners: dict[int, _Scanner] = {}  # by choice index
+        self._ended: set[int] = set()  # choices that had their finish_reason
         # Byte strings whose presence in an event may mean the open tag: its
         # first character, raw or as a JSON \\u escape (the escape's first five
         # characters cover both hex cases in one test).
@@ -466,12 +468,18 @@ class StreamRewriter:
         self._triggers = (fmt.open_tag[0].encode(), f"\\u{code[:3]}".encode())
         self._template: dict[str, Any] = {}
         self._eol = b"\n"
-        self._finished = False
+        self._finished = False  # every choice flushed: [DONE] or the end
         self.tool_calls = 0
+
+    @property
+    def _idle(self) -> bool:
+        """Output equals input so far, in every choice."""
+        return all(sc.idle for sc in self._scanners.values())
 
     def feed(self, data: bytes) -> bytes:
         """Upstream bytes in; bytes to send to the client now out (maybe b"")."""
-        if self._scanner.idle:
+        idle = self._idle
+        if idle:
             # The common case: whole events in which no tag can start. They
             # pass unchanged, without being split and joined again.
             first, escaped = self._triggers
@@ -484,7 +492,7 @@ class StreamRewriter:
             return data
         if not events:
             return b""
-        if self._scanner.idle:
+        if idle:
             # The plain path: no tag can start in these events, pass them on.
             joined = b"".join(events)
             first, escaped = self._triggers
@@ -505,7 +513,7 @@ class StreamRewriter:
     # -- internals --
 
     def _event_safe(self, event: bytes) -> bytes:
-        if self._scanner.idle:
+        if self._idle:
             first, escaped = self._triggers
             if first not in event and escaped not in event:
                 return event
@@ -523,14 +531,17 @@ class StreamRewriter:
             return b""
 
     def _flush(self) -> bytes:
-        """End of the generation without a finish_reason: send what is held."""
+        """End of the generation: send what the choices without a
+        finish_reason still hold."""
         self._finished = True
-        text = "".join(op[1] for op in self._scanner.finish() if op[0] == "text")
-        if not text:
-            return b""
-        chunk = dict(self._template)
-        chunk["choices"] = [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
-        return self._encode([], chunk)
+        out = b""
+        for index in sorted(self._scanners.keys() - self._ended):
+            text = "".join(op[1] for op in self._scanners[index].finish() if op[0] == "text")
+            if text:
+                chunk = dict(self._template)
+                chunk["choices"] = [{"index": index, "delta": {"content": text}, "finish_reason": None}]
+                out += self._encode([], chunk)
+        return out
 
     def _encode(self, others: list[bytes], chunk: dict[str, Any]) -> bytes:
         eol = self._eol
@@ -564,16 +575,14 @@ class StreamRewriter:
         if not isinstance(choices, list):
             return event
         pos = next(
-            (
-                k
-                for k, c in enumerate(choices)
-                if isinstance(c, dict) and c.get("index", 0) == 0 and isinstance(c.get("delta"), dict)
-            ),
-            -1,
+            (k for k, c in enumerate(choices) if isinstance(c, dict) and isinstance(c.get("delta"), dict)), -1
         )
         if pos < 0:
             return event
         choice: dict[str, Any] = choices[pos]
+        index = choice.get("index", 0)
+        if type(index) is not int or index < 0 or index in self._ended:
+            return event
         delta: dict[str, Any] = choice["delta"]
         if delta.get("tool_calls"):
             return event
@@ -583,11 +592,14 @@ class StreamRewriter:
         finish = choice.get("finish_reason")
         self._eol = eol
         self._template = {k: v for k, v in chunk.items() if k in ("id", "object", "created", "model")}
-        ops = self._scanner.feed(content) if content else []
+        scanner = self._scanners.get(index)
+        if scanner is None:
+            scanner = self._scanners[index] = _Scanner(self._fmt, self._rid)
+        ops = scanner.feed(content) if content else []
         if finish is not None:
-            ops += self._scanner.finish()
-            self._finished = True
-            if self._scanner.calls:
+            ops += scanner.finish()
+            self._ended.add(index)
+            if scanner.calls:
                 finish = "tool_calls"
         if finish == choice.get("finish_reason") and all(op[0] == "text" for op in ops):
             if "".join(op[1] for op in ops) == content:

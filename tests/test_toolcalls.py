@@ -39,13 +39,13 @@ def block(fmt: ToolCallFormat, calls: list[Call]) -> str:
 # -- a vLLM-shaped stream and what an OpenAI client makes of it --
 
 
-def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
     obj = {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
         "created": 1700000000,
         "model": "nemotron",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
         **extra,
     }
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
@@ -68,13 +68,13 @@ def run_stream(fmt: ToolCallFormat, data: bytes, cuts: list[int], rid: str = "-"
         out.append(rewriter.feed(data[start:cut]))
         start = max(start, cut)
     out.append(rewriter.end())
-    made = [c for c in client_view(b"".join(out))[1] if c[0].startswith("call_")]
+    made = [c for i in range(4) for c in client_view(b"".join(out), i)[1] if c[0].startswith("call_")]
     assert rewriter.tool_calls == len(made)
     return b"".join(out)
 
 
-def client_view(out: bytes) -> tuple[str, list[tuple[str, str, str]], str | None, bool]:
-    """(content, [(id, name, arguments)], finish_reason, saw [DONE])."""
+def client_view(out: bytes, index: int = 0) -> tuple[str, list[tuple[str, str, str]], str | None, bool]:
+    """Of choice `index`: (content, [(id, name, arguments)], finish_reason, saw [DONE])."""
     content = ""
     calls: dict[int, list[str]] = {}
     finish = None
@@ -92,7 +92,7 @@ def client_view(out: bytes) -> tuple[str, list[tuple[str, str, str]], str | None
         except ValueError:
             continue  # passed on as it came
         for choice in choices:
-            if choice["index"] != 0:
+            if choice["index"] != index:
                 continue
             delta = choice["delta"]
             content += delta.get("content") or ""
@@ -301,18 +301,49 @@ def test_stream_plain_text_passes_byte_for_byte() -> None:
     assert run_stream(MISTRAL, data, list(range(len(data)))) == data
 
 
-def test_stream_passes_engine_tool_calls_usage_and_other_choices() -> None:
+def test_stream_passes_engine_tool_calls_usage_and_junk() -> None:
     engine_call = chunk(
         {"tool_calls": [{"index": 0, "id": "x", "type": "function", "function": {"name": "f"}}]}
     )
     usage = b'data: {"id":"chatcmpl-1","choices":[],"usage":{"total_tokens":3}}\n\n'
-    other = (
-        b'data: {"id":"c","choices":[{"index":1,"delta":{"content":"<TOOLCALL>[{\\"name\\": \\"f\\"}]'
+    odd_index = (
+        b'data: {"id":"c","choices":[{"index":"1","delta":{"content":"<TOOLCALL>[{\\"name\\": \\"f\\"}]'
         b'</TOOLCALL>"},"finish_reason":null}]}\n\n'
     )
     junk = b"data: {not json <\n\n"
-    data = engine_call + usage + other + junk + b"data: [DONE]\n\n"
+    data = engine_call + usage + odd_index + junk + b"data: [DONE]\n\n"
     assert run_stream(NEMOTRON, data, []) == data
+
+
+def test_stream_with_several_choices_rewrites_each() -> None:
+    """n=2: vLLM sends one choice a chunk, the choices' pieces interleaved."""
+    texts = [
+        "Let me check. " + block(NEMOTRON, [("get_weather", {"city": "Oslo"})]),
+        "Plain answer, 1 < 2, <TOOL",  # held at the end: no finish_reason comes for it
+        block(NEMOTRON, [("a", {"x": 1}), ("b", {})]),
+    ]
+    pieces = [[t[i : i + 5] for i in range(0, len(t), 5)] for t in texts]
+    data = b"".join(chunk({"role": "assistant", "content": ""}, index=i) for i in range(3))
+    for step in range(max(map(len, pieces))):
+        for i, p in enumerate(pieces):
+            if step < len(p):
+                data += chunk({"content": p[step]}, index=i)
+    data += chunk({"content": ""}, "stop", index=0) + chunk({"content": ""}, "stop", index=2)
+    data += b"data: [DONE]\n\n"
+    for cuts in ([], list(range(0, len(data), 7))):
+        out = run_stream(NEMOTRON, data, cuts)
+        first, second, third = (client_view(out, i) for i in range(3))
+        assert first[0] == "Let me check. " and named(first[1]) == [("get_weather", {"city": "Oslo"})]
+        assert first[2] == "tool_calls" and first[3]
+        assert second[:3] == (texts[1], [], None)
+        assert third[0] == "" and named(third[1]) == [("a", {"x": 1}), ("b", {})]
+        assert third[2] == "tool_calls"
+        ids = [c[0] for view in (first, third) for c in view[1]]
+        assert len(set(ids)) == 3
+        # the held tail of choice 1 goes out before [DONE], under its own index
+        assert out.endswith(b"data: [DONE]\n\n")
+        tail = json.loads(out.split(b"\n\n")[-3][6:])
+        assert tail["choices"] == [{"index": 1, "delta": {"content": "<TOOL"}, "finish_reason": None}]
 
 
 def test_stream_crlf_events() -> None:
