@@ -144,8 +144,12 @@ def adapt_request(body: bytes, fmt: ToolCallFormat, parsed: dict[str, Any] | Non
 
     The engine refuses tool_choice "auto" (explicit, or implied by ``tools``);
     with "none" it still renders the tools into the prompt, and the gateway
-    parses the calls itself. Anything else comes back as the same object.
-    ``parsed``, where given, is the body already parsed (it is not changed).
+    parses the calls itself. The tags around a call are special tokens in
+    some models (Nemotron Nano v2, Mistral, some Hermes), which the engine
+    drops from the text by default: wherever calls may come, the request
+    asks for them to be kept (``skip_special_tokens: false``, as vLLM's own
+    parsers do). Anything else comes back as the same object. ``parsed``,
+    where given, is the body already parsed (it is not changed).
     """
     obj: Any = parsed
     if obj is None:
@@ -156,9 +160,11 @@ def adapt_request(body: bytes, fmt: ToolCallFormat, parsed: dict[str, Any] | Non
     if not isinstance(obj, dict) or obj.get("tools") is None:
         return body
     choice = obj.get("tool_choice", "auto")
-    if choice is not None and choice != "auto":
+    if choice == "none":
         return body
-    obj = {**obj, "tool_choice": "none"}
+    obj = {**obj, "skip_special_tokens": False}
+    if choice is None or choice == "auto":
+        obj["tool_choice"] = "none"
     return _dumps_compact(obj)
 
 

@@ -192,6 +192,22 @@ def test_fake_reply_overrides_text_with_toolcall_and_unicode(start: Start) -> No
     assert body["choices"][0]["message"]["content"] == reply
 
 
+def test_special_tokens_are_dropped_unless_the_request_keeps_them(start: Start) -> None:
+    fake = start("--special-tokens", "<TOOLCALL>,</TOOLCALL>")
+    reply = 'Sure. <TOOLCALL>[{"name": "f", "arguments": {}}]</TOOLCALL>'
+    for stream in (False, True):
+        req = {**CHAT, "stream": stream, "fake_reply": reply}
+        for keep, expected in ((None, 'Sure. [{"name": "f", "arguments": {}}]'), (False, reply)):
+            _, _, payload = fake.request("POST", "/v1/chat/completions",
+                                         req if keep is None else {**req, "skip_special_tokens": keep})
+            if stream:
+                chunks = chunk_json(sse_data(payload))
+                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            else:
+                text = json.loads(payload)["choices"][0]["message"]["content"]
+            assert text == expected
+
+
 def test_max_tokens_finishes_with_length(start: Start) -> None:
     fake = start("--reply-text", REPLY)
     status, body = fake.json("POST", "/v1/chat/completions", {**CHAT, "max_tokens": 3})

@@ -151,10 +151,15 @@ def test_adapt_request() -> None:
         out = json.loads(adapt_request(body, NEMOTRON))
         assert out["tool_choice"] == "none"
         assert out["tools"] == tools and out["stream"] is True
+        # the tags may be special tokens, which the engine drops unless told not to
+        assert out["skip_special_tokens"] is False
+    named = {"type": "function", "function": {"name": "f"}}
+    for choice in ("required", named):
+        asked = {"model": "m", "tools": tools, "tool_choice": choice, "skip_special_tokens": True}
+        out = json.loads(adapt_request(json.dumps(asked).encode(), NEMOTRON))
+        assert out == {**asked, "skip_special_tokens": False}
     keep = [
-        {"model": "m", "tools": tools, "tool_choice": "required"},
         {"model": "m", "tools": tools, "tool_choice": "none"},
-        {"model": "m", "tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}},
         {"model": "m", "messages": [{"role": "user", "content": "東京"}]},
         {"model": "m", "tool_choice": "auto"},
         [1, 2],

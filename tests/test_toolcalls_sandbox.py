@@ -26,12 +26,15 @@ TWO_CALLS = (
 # A "<" and a tail that begins the tag make the rewriter hold text back.
 PLAIN = 'Sunny, 3 < 5 and <b>bold</b>; the tag <TOOL is not one, nor "<TOOLCALL".'
 MALFORMED = '<TOOLCALL>[{"name": "get_weather", "arguments": {"city": }}]</TOOLCALL> sorry'
+# As in Nemotron Nano v2's tokenizer, the tags are special tokens: the engine
+# drops them from its output unless the request sets skip_special_tokens false.
+SPECIAL_TOKENS = ["--special-tokens", "<TOOLCALL>,</TOOLCALL>"]
 
 
 @pytest.fixture(scope="module")
 def gw(sandbox: Sandbox) -> Iterator[Gateway]:
     g = Gateway(sandbox)
-    g.configure(["--log-requests", request_log(g)], tool_call_format="nemotron")
+    g.configure(["--log-requests", request_log(g), *SPECIAL_TOKENS], tool_call_format="nemotron")
     yield g
 
 
@@ -93,16 +96,22 @@ class Streamed:
         return reason
 
 
-def stream_chat(client: openai.OpenAI, reply: str, marker: str, **kw: Any) -> Streamed:
+def reply_body(reply: str, keep_special: bool) -> dict[str, Any]:
+    """The fake engine's reply; `keep_special`: the client itself asks for the tags."""
+    return {"fake_reply": reply, **({"skip_special_tokens": False} if keep_special else {})}
+
+
+def stream_chat(client: openai.OpenAI, reply: str, marker: str, keep_special: bool = False,
+                **kw: Any) -> Streamed:
     return Streamed(client.chat.completions.create(
         model="tiny", messages=ask(marker), stream=True,  # type: ignore[arg-type]
-        extra_body={"fake_reply": reply}, **kw))
+        extra_body=reply_body(reply, keep_special), **kw))
 
 
-def whole_chat(client: openai.OpenAI, reply: str, marker: str, **kw: Any) -> Any:
+def whole_chat(client: openai.OpenAI, reply: str, marker: str, keep_special: bool = False, **kw: Any) -> Any:
     return client.chat.completions.create(
         model="tiny", messages=ask(marker),  # type: ignore[arg-type]
-        extra_body={"fake_reply": reply}, **kw)
+        extra_body=reply_body(reply, keep_special), **kw)
 
 
 def test_whole_tool_call_through_the_openai_client(gw: Gateway, client: openai.OpenAI) -> None:
@@ -118,10 +127,11 @@ def test_whole_tool_call_through_the_openai_client(gw: Gateway, client: openai.O
     assert json.loads(calls[0].function.arguments) == ARGS
     assert calls[0].id.startswith("call_")
     # The engine has no tool parser: it got "none" in place of the implied "auto",
-    # with the tools still there for its prompt.
+    # with the tools still there for its prompt, and was asked to keep the tags.
     sent = received(gw, marker)
     assert sent["tool_choice"] == "none"
     assert sent["tools"] == [WEATHER_TOOL]
+    assert sent["skip_special_tokens"] is False
 
 
 def test_explicit_auto_reaches_the_engine_as_none(gw: Gateway, client: openai.OpenAI) -> None:
@@ -225,28 +235,37 @@ def test_tool_choice_other_than_auto_reaches_the_engine_unchanged(
     sent = received(gw, marker)
     assert sent["tool_choice"] == choice
     assert sent["tools"] == [WEATHER_TOOL]
+    assert sent["skip_special_tokens"] is False
 
 
 @pytest.mark.parametrize("extra", [
     {"tools": [WEATHER_TOOL], "tool_choice": "none"},
     {},
 ], ids=["tool_choice_none", "no_tools"])
-def test_no_tool_calls_when_the_client_allows_none(client: openai.OpenAI, extra: dict[str, Any]) -> None:
-    whole = whole_chat(client, ONE_CALL, new_marker(), **extra).choices[0]
+def test_no_tool_calls_when_the_client_allows_none(
+    gw: Gateway, client: openai.OpenAI, extra: dict[str, Any],
+) -> None:
+    marker = new_marker()
+    whole = whole_chat(client, ONE_CALL, marker, keep_special=True, **extra).choices[0]
     assert not whole.message.tool_calls
     assert whole.message.content == ONE_CALL
     assert whole.finish_reason == "stop"
-    s = stream_chat(client, ONE_CALL, new_marker(), **extra)
+    s = stream_chat(client, ONE_CALL, new_marker(), keep_special=True, **extra)
     assert s.calls == {}
     assert s.content == ONE_CALL
+    # no calls to parse: the engine's output is left as the client asked for it
+    marker = new_marker()
+    plain = whole_chat(client, ONE_CALL, marker, **extra).choices[0].message.content
+    assert plain == ONE_CALL.removeprefix("<TOOLCALL>").removesuffix("</TOOLCALL>")
+    assert "skip_special_tokens" not in received(gw, marker)
 
 
 def test_completions_are_never_rewritten(client: openai.OpenAI) -> None:
-    whole = client.completions.create(model="tiny", prompt="hi", extra_body={"fake_reply": ONE_CALL})
+    kept = reply_body(ONE_CALL, keep_special=True)
+    whole = client.completions.create(model="tiny", prompt="hi", extra_body=kept)
     assert whole.choices[0].text == ONE_CALL
     assert whole.choices[0].finish_reason == "stop"
-    stream = client.completions.create(model="tiny", prompt="hi", stream=True,
-                                       extra_body={"fake_reply": ONE_CALL})
+    stream = client.completions.create(model="tiny", prompt="hi", stream=True, extra_body=kept)
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ONE_CALL
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
@@ -254,13 +273,13 @@ def test_completions_are_never_rewritten(client: openai.OpenAI) -> None:
 
 # Reconfigures the engine: keep it last in the module.
 def test_off_passes_tool_text_through_raw(gw: Gateway, client: openai.OpenAI) -> None:
-    gw.configure(["--log-requests", request_log(gw)], tool_call_format="off")
+    gw.configure(["--log-requests", request_log(gw), *SPECIAL_TOKENS], tool_call_format="off")
     marker = new_marker()
-    s = stream_chat(client, ONE_CALL, marker)
+    s = stream_chat(client, ONE_CALL, marker, keep_special=True)
     assert s.content == ONE_CALL
     assert s.calls == {}
     assert s.finish_reason == "stop"
-    whole = whole_chat(client, ONE_CALL, new_marker()).choices[0]
+    whole = whole_chat(client, ONE_CALL, new_marker(), keep_special=True).choices[0]
     assert whole.message.content == ONE_CALL
     assert not whole.message.tool_calls
     assert whole.finish_reason == "stop"
