@@ -18,6 +18,8 @@ class Kind(enum.Enum):
     METRICS = "metrics"
     MODELS = "models"
     STATUS = "status"
+    PAGE = "page"  # the status page's files (shim/page.py)
+    EVENTS = "events"  # its event stream
     ADMIN_START = "admin_start"
     ADMIN_STOP = "admin_stop"
     ADMIN_SLEEP = "admin_sleep"
@@ -49,6 +51,11 @@ OWN: dict[str, tuple[str, Kind]] = {
     "/gateway/wake": ("POST", Kind.ADMIN_WAKE),
     "/gateway/yield": ("POST", Kind.ADMIN_YIELD),
     "/gateway/release": ("POST", Kind.ADMIN_RELEASE),
+    "/gateway": ("GET", Kind.PAGE),
+    "/gateway/app.js": ("GET", Kind.PAGE),
+    "/gateway/app.css": ("GET", Kind.PAGE),
+    "/gateway/favicon.svg": ("GET", Kind.PAGE),
+    "/gateway/events": ("GET", Kind.EVENTS),
 }
 
 # Engine endpoints, by method. Those in JSON_BODY are checked before the

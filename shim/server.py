@@ -42,6 +42,7 @@ from .httpio import header, next_event
 from .lifecycle import State
 from .metrics import CONTENT_TYPE, EngineLive, Live, Metrics, accumulate, merge_expositions
 from .notify import Notifier
+from .page import Page
 from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
 from .reqlog import RequestLog
 from .routes import GENERATION, JSON_BODY, Kind, Route, classify
@@ -115,6 +116,17 @@ class Activity:
         changed, self.changed = self.changed, trio.Event()
         changed.set()
 
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """An open status page's stream: not a client that keeps the shim up."""
+        self.connections -= 1
+        if self.connections == 0:
+            self.bump()
+        try:
+            yield
+        finally:
+            self.connections += 1
+
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig, fleet: Fleet, notifier: Notifier) -> None:
@@ -135,6 +147,7 @@ class Gateway:
         ]))
         for e in self.engines.values():
             e.on_event = functools.partial(self.metrics.engine_event, e.cfg.name)
+        self.page = Page(cfg, fleet, self.status_now, self.activity.detached)
 
     # ---- status ----
 
@@ -153,6 +166,7 @@ class Gateway:
     def engine_changed(self) -> None:
         """The engine's state changed: wake the status loop and the idle exit."""
         self.activity.bump()
+        self.page.bump()
 
     def status_json(self) -> dict[str, object]:
         """The gateway's state; with one engine, that engine's fields at the
@@ -202,6 +216,20 @@ class Gateway:
             "draining": e.draining,
             "last_memory_check": None if check is None else check.as_json(),
         }
+
+    async def status_now(self) -> dict[str, object]:
+        """`status_json`, with the start phase of starting engines from their journal."""
+        status = self.status_json()
+        for name, e in self.engines.items():
+            if e.in_state(State.STARTING):
+                lines = await journal.tail(e.cfg.unit, e.state_since)
+                phase = journal.start_phase(lines)
+                if not self.cfg.several:
+                    status["start_phase"] = phase
+                engines = status["engines"]
+                assert isinstance(engines, dict)
+                engines[name]["start_phase"] = phase
+        return status
 
     async def status_loop(self) -> None:
         """Keep systemd's STATUS current: sent on every change (engine state,
@@ -319,8 +347,8 @@ class Gateway:
     def _check_access(self, client: ClientSide, req: h11.Request, route: Route) -> None:
         if len(req.target) > MAX_TARGET_BYTES:
             raise URITooLong(f"vllm-gateway: the request target is longer than {MAX_TARGET_BYTES} bytes")
-        if route.kind is Kind.HEALTH:
-            return  # liveness probes need no key
+        if route.kind in (Kind.HEALTH, Kind.PAGE, Kind.EVENTS):
+            return  # liveness probes need no key; the page's data stream checks its own
         if route.kind in ADMIN_KINDS:
             check_admin(req.headers, self.cfg.admin_key, client.control)
         elif not client.control:
@@ -349,6 +377,8 @@ class Gateway:
             or self._next_request_id()
         method = req.method.decode("ascii", "replace")
         ex = Exchange()
+        if route.kind is Kind.ENGINE:
+            self.page.bump()  # one more in flight
         with self.activity.request() if route.kind is Kind.ENGINE else nullcontext():
             try:
                 ex = await self._dispatch(client, req, route, body, request_id)
@@ -362,6 +392,7 @@ class Gateway:
         ms = seconds * 1000
         label = route.label
         self.metrics.request(label, ex.status, seconds, ex.tool_calls)
+        self.page.request_done(method, route.path, label, ex.model, ex.status, seconds, ex.waited_s)
         if not log.isEnabledFor(logging.INFO):
             return
         cold = f" cold_start_ms={ex.waited_s * 1000:.0f}" if ex.waited_s > 0 else ""
@@ -391,17 +422,11 @@ class Gateway:
                 health["engines"] = {name: e.state.value for name, e in self.engines.items()}
             return await self._json(client, 200, health)
         if kind is Kind.STATUS:
-            status = self.status_json()
-            for name, e in self.engines.items():
-                if e.in_state(State.STARTING):
-                    lines = await journal.tail(e.cfg.unit, e.state_since)
-                    phase = journal.start_phase(lines)
-                    if not self.cfg.several:
-                        status["start_phase"] = phase
-                    engines = status["engines"]
-                    assert isinstance(engines, dict)
-                    engines[name]["start_phase"] = phase
-            return await self._json(client, 200, status)
+            return await self._json(client, 200, await self.status_now())
+        if kind is Kind.PAGE:
+            return await self.page.serve_file(client, route.path, req.headers)
+        if kind is Kind.EVENTS:
+            return await self.page.serve_events(client, req.headers)
         if kind is Kind.METRICS:
             return await self._metrics(client)
         if kind in ADMIN_KINDS:

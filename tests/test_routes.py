@@ -48,7 +48,7 @@ def test_engine_get_endpoints(path: str) -> None:
 @pytest.mark.parametrize(
     "target",
     ["/", "/v1", "/v1/", "/docs", "/openapi.json", "/v1/chat", "/v1/chat/completions/x",
-     "/v1/models/extra", "/gateway", "/gateway/restart", "/favicon.ico", "*", "/%2e%2e",
+     "/v1/models/extra", "/gateway/nothing", "/gateway/restart", "/favicon.ico", "*", "/%2e%2e",
      "/v2/chat/completions"],
 )
 @pytest.mark.parametrize("method", ["GET", "POST"])
