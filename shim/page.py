@@ -81,6 +81,8 @@ PHASE_REFRESH_S = 2.0
 # At most one snapshot per stream this often: a burst of requests makes one
 # update, not hundreds.
 MIN_INTERVAL_S = 0.25
+# The last words to a page when the shim exits may take this long.
+GOODBYE_S = 1.0
 # Open streams allowed at once; each holds a socket and a task. Beyond: 503.
 MAX_STREAMS = 64
 # Recent cold starts and wakes kept per engine, for the page's small chart.
@@ -229,7 +231,12 @@ class Page:
             with self._detached():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_until_hangup, client, nursery.cancel_scope)
-                    await self._stream(client, ex)
+                    try:
+                        await self._stream(client, ex)
+                    except trio.Cancelled:
+                        if not nursery.cancel_scope.cancel_called:  # not a hang-up: the shim exits
+                            await _goodbye(client)
+                        raise
         finally:
             self.streams -= 1
         return ex
@@ -312,6 +319,17 @@ async def _memory_current(e: Engine) -> int | None:
         return await e.systemd.memory_current(e.cfg.unit)
     except SystemdError:
         return None
+
+
+async def _goodbye(client: ClientSide) -> None:
+    """End the stream properly, so that the page can tell the shim's exit
+    from a broken connection."""
+    with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_S):
+        try:
+            await client.send(h11.Data(data=sse_event("exit", {"at": round(time.time(), 3)})))
+            await client.send(h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            pass
 
 
 async def _until_hangup(client: ClientSide, scope: trio.CancelScope) -> None:

@@ -264,6 +264,26 @@ async def test_idle_pages_cost_nothing_but_keepalives(autojump_clock: trio.testi
     assert gw.page.streams == 0
 
 
+async def test_a_shim_that_exits_ends_the_stream_with_a_goodbye() -> None:
+    async with gateway() as (gw, _), trio.open_nursery() as nursery:
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        serving = trio.CancelScope()
+
+        async def serve() -> None:
+            with serving:
+                await gw.handle(server_stream)
+
+        nursery.start_soon(serve)
+        stream = Stream(Client(client_stream))
+        await stream.open()
+        assert (await stream.event())[0] == "status"
+        serving.cancel()  # as the idle exit does
+        name, goodbye = await stream.event()
+        assert name == "exit" and goodbye["at"] > 0
+        assert isinstance(await stream._next(), h11.EndOfMessage)
+    assert gw.page.streams == 0
+
+
 async def test_a_burst_of_changes_makes_few_snapshots(autojump_clock: trio.testing.MockClock) -> None:
     async with gateway() as (gw, _), trio.open_nursery() as nursery, connection(gw, nursery) as c:
         stream = Stream(c)

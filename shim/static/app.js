@@ -17,6 +17,7 @@ const page = {
   retryMs: 1000,
   retryTimer: 0,
   idle: false, // the stream ended while every engine was stopped
+  exiting: false, // the shim said that it exits
 };
 
 // ---- small helpers ----
@@ -30,7 +31,7 @@ function h(tag, attrs, ...children) {
     else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? '' : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
   }
   return el;
@@ -90,6 +91,7 @@ async function connect() {
   const abort = new AbortController();
   page.abort = abort;
   page.idle = false;
+  page.exiting = false;
   setConnection('connecting…', 'lost');
   let resp;
   try {
@@ -129,7 +131,7 @@ async function connect() {
   } catch (e) {
     if (abort.signal.aborted) return;
   }
-  if (!abort.signal.aborted) lost('the stream ended');
+  if (!abort.signal.aborted) lost(page.exiting ? 'the gateway exited' : 'the stream ended');
 }
 
 function onEvent(block) {
@@ -139,6 +141,10 @@ function onEvent(block) {
     if (line.startsWith(':')) continue; // a keep-alive comment
     if (line.startsWith('event:')) name = line.slice(6).trim();
     else if (line.startsWith('data:')) data.push(line.slice(5).trimStart());
+  }
+  if (name === 'exit') {
+    page.exiting = true; // the shim exits: the stream's end is no fault
+    return;
   }
   if (name !== 'status' || !data.length) return;
   const snap = JSON.parse(data.join('\n'));
