@@ -27,15 +27,12 @@ START_S = 120.0
 # The fake engine takes this long to start: long enough for the page to show it.
 STARTUP_DELAY_S = 4.0
 HOLD_MB = 150
+API_KEY = "sk-page-test-0123456789"
 
 
 @pytest.fixture(scope="module")
 def gw(sandbox: Sandbox) -> Iterator[Gateway]:
-    g = Gateway(sandbox)
-    g.configure(["--startup-delay", str(STARTUP_DELAY_S), "--hold-rss-mb", str(HOLD_MB)],
-                gateway={"fake_gpu": {"slice": "page-gpu.slice", "memory": "1GiB"}},
-                memory="400MiB", sleep_after="10m", stop_after="30m")
-    yield g
+    yield Gateway(sandbox)
 
 
 @pytest.fixture
@@ -64,6 +61,9 @@ def keep(b: Browser, tmp_path: Path, name: str) -> None:
 def test_the_page_follows_a_cold_start_and_stops_the_engine_with_the_admin_key(
     gw: Gateway, browser: Browser, tmp_path: Path
 ) -> None:
+    gw.configure(["--startup-delay", str(STARTUP_DELAY_S), "--hold-rss-mb", str(HOLD_MB)],
+                 gateway={"fake_gpu": {"slice": "page-gpu.slice", "memory": "1GiB"}},
+                 memory="400MiB", sleep_after="10m", stop_after="30m")
     b = browser
     b.open(f"http://127.0.0.1:{gw.port}/gateway/")
     b.wait_for("document.getElementById('connection').textContent === 'live'", START_S, "the stream")
@@ -148,6 +148,24 @@ def enter_key(b: Browser, key: str) -> None:
     b.type_text(key)
     b.press("Enter", 13)
     b.wait_for("document.getElementById('key-input').value === ''", START_S, "the key to be taken")
+
+
+def test_with_api_keys_the_page_asks_for_a_key_first(gw: Gateway, browser: Browser) -> None:
+    gw.configure(["--startup-delay", "0.5"], gateway={"api_keys": [API_KEY]})
+    b = browser
+    b.open(f"http://127.0.0.1:{gw.port}/gateway/")
+    text = b.wait_for("!document.getElementById('access').hidden "
+                      "&& document.getElementById('access-text').textContent", START_S, "the key prompt")
+    assert "needs a key" in text
+    assert b.evaluate("document.querySelectorAll('[data-engine]').length") == 0
+    enter_key(b, API_KEY)
+    b.wait_for("document.getElementById('connection').textContent === 'live'", START_S, "the stream")
+    b.wait_for("!!document.querySelector('[data-engine=\"main\"]')", START_S, "the engine's card")
+    assert state(b) == "stopped"
+    assert b.evaluate("sessionStorage.getItem('vllm-gateway-key')") == API_KEY
+    assert API_KEY not in gw.journal("vllm-gateway")
+    errors = b.errors()
+    assert len(errors) == 1 and "401" in errors[0] and "/gateway/events" in errors[0], errors
 
 
 def test_the_stream_does_not_keep_the_gateway_alive(gw: Gateway, browser: Browser) -> None:
