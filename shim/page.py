@@ -200,13 +200,17 @@ class Page:
     ) -> Exchange:
         f = self.files[path]
         if any(name == b"if-none-match" and f.etag in value for name, value in headers):
-            await client.send(h11.Response(status_code=304, headers=[(b"etag", f.etag), *SECURITY_HEADERS]))
+            await client.send(h11.Response(status_code=304, headers=[
+                (b"etag", f.etag), *SECURITY_HEADERS, (b"connection", b"close")]))
             await client.send(h11.EndOfMessage())
             return Exchange(status=304)
         body = b"" if client.method == b"HEAD" else f.body
         await client.send(h11.Response(status_code=200, headers=[
             (b"content-type", f.content_type), (b"content-length", str(len(f.body)).encode()),
             (b"etag", f.etag), (b"cache-control", b"no-cache"), *SECURITY_HEADERS,
+            # a browser keeps an idle connection open for minutes, which
+            # would hold the shim up past exit_after: the page loads once
+            (b"connection", b"close"),
         ]))
         await client.send(h11.Data(data=body))
         await client.send(h11.EndOfMessage())
@@ -229,12 +233,13 @@ class Page:
         self.streams += 1
         try:
             with self._detached():
+                hung_up = trio.Event()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_until_hangup, client, nursery.cancel_scope)
+                    nursery.start_soon(_until_hangup, client, hung_up, nursery.cancel_scope)
                     try:
                         await self._stream(client, ex)
                     except trio.Cancelled:
-                        if not nursery.cancel_scope.cancel_called:  # not a hang-up: the shim exits
+                        if not hung_up.is_set():  # the shim exits
                             await _goodbye(client)
                         raise
         finally:
@@ -332,11 +337,12 @@ async def _goodbye(client: ClientSide) -> None:
             pass
 
 
-async def _until_hangup(client: ClientSide, scope: trio.CancelScope) -> None:
+async def _until_hangup(client: ClientSide, hung_up: trio.Event, scope: trio.CancelScope) -> None:
     """End the stream when the browser goes away, not at the next keep-alive."""
     try:
         while await client.stream.receive_some(4096):
             pass  # a client sends nothing on an event stream; drop it
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    hung_up.set()
     scope.cancel()
