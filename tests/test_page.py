@@ -373,6 +373,24 @@ async def test_too_many_streams_are_refused(autojump_clock: trio.testing.MockClo
             await client_stream.send_stream.aclose()
 
 
+async def test_a_snapshot_with_several_engines() -> None:
+    cfgs = {name: EngineConfig(name=name, command=("vllm", "serve", name), models=(name,), port=port,
+                               unit=f"vllm-{name}.service", memory=2 * 2**30)
+            for name, port in (("chat", 8100), ("coder", 8101))}
+    config = GatewayConfig(engines=cfgs, source="config.toml", gpu_memory=8 * 2**30)
+    engines = {name: PageEngine(c) for name, c in cfgs.items()}
+    engines["chat"].state = State.READY
+    gw = Gateway(config, Fleet(config, engines, None), Notifier())  # type: ignore[arg-type]
+    snap = await gw.page.build()
+    assert snap["gpu_total_bytes"] == 8 * 2**30 and snap["gpu"] is None
+    assert snap["engines"]["chat"]["gpu_bytes"] == 2 * 2**30  # awake: its configured size
+    assert snap["engines"]["coder"]["gpu_bytes"] is None
+    assert snap["engines"]["coder"]["memory_current_bytes"] is None  # stopped: not asked
+    assert engines["coder"].systemd.asked == [] and engines["chat"].systemd.asked == ["vllm-chat.service"]
+    assert snap["status"]["state"] == "ready"  # type: ignore[index]
+    assert all(e.calls == [] for e in engines.values())
+
+
 # ---- the request ring ----
 
 

@@ -138,6 +138,15 @@ def test_the_page_follows_a_cold_start_and_stops_the_engine_with_the_admin_key(
     assert "done" in b.evaluate("document.getElementById('action').textContent")
     # the key never went into a URL: not in the journal's request lines
     assert ADMIN_KEY not in gw.journal("vllm-gateway")
+    # a hold on the GPU shows with its holder, and the page releases it
+    code, _, body = gw.request("POST", "/gateway/yield?by=page-test")
+    assert code == 200, body
+    release = "document.querySelector('[data-key=\"release:page-test\"]')"
+    b.wait_for(f"!!{release}", START_S, "the hold and its release button")
+    b.evaluate(f"{release}.click()")
+    b.wait_for("document.getElementById('gateway-body').textContent.includes('none: engines may start')",
+               START_S, "the page to show no hold")
+    assert gw.status()["holds"] == {}
     # the only errors: the two refused stops, as the browser reports any 401
     errors = b.errors()
     assert len(errors) == 2 and all("401" in e and "/gateway/stop" in e for e in errors), errors
