@@ -159,8 +159,10 @@ def enter_key(b: Browser, key: str) -> None:
     b.wait_for("document.getElementById('key-input').value === ''", START_S, "the key to be taken")
 
 
-def test_with_api_keys_the_page_asks_for_a_key_first(gw: Gateway, browser: Browser) -> None:
-    gw.configure(["--startup-delay", "0.5"], gateway={"api_keys": [API_KEY]})
+def test_with_api_keys_the_page_asks_for_a_key_and_without_admin_key_is_read_only(
+    gw: Gateway, browser: Browser
+) -> None:
+    gw.configure(["--startup-delay", "0.5"], gateway={"api_keys": [API_KEY], "admin_key": None})
     b = browser
     b.open(f"http://127.0.0.1:{gw.port}/gateway/")
     text = b.wait_for("!document.getElementById('access').hidden "
@@ -172,6 +174,11 @@ def test_with_api_keys_the_page_asks_for_a_key_first(gw: Gateway, browser: Brows
     b.wait_for("!!document.querySelector('[data-engine=\"main\"]')", START_S, "the engine's card")
     assert state(b) == "stopped"
     assert b.evaluate("sessionStorage.getItem('vllm-gateway-key')") == API_KEY
+    # no admin key configured: read-only, and the page says how to use the command line
+    assert b.evaluate("document.getElementById('access').hidden") is True
+    assert "vllm-gateway start|stop|sleep|wake" in b.evaluate(
+        "!document.getElementById('readonly').hidden && document.getElementById('readonly').textContent")
+    assert b.evaluate("document.querySelectorAll('[data-action]').length") == 0
     assert API_KEY not in gw.journal("vllm-gateway")
     errors = b.errors()
     assert len(errors) == 1 and "401" in errors[0] and "/gateway/events" in errors[0], errors

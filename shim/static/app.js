@@ -181,7 +181,8 @@ function renderAccess(prefix) {
   const snap = page.snap;
   const section = document.getElementById('access');
   const controls = snap ? snap.controls : false;
-  const show = page.needsKey || controls;
+  // before the first snapshot: the key to read; after it: the admin key, if there is one
+  const show = snap ? controls : page.needsKey;
   section.hidden = !show;
   document.getElementById('readonly').hidden = !snap || controls;
   if (!show) return;
