@@ -23,7 +23,7 @@ from . import journal
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
-from .systemd import GONE, JOB_PREFIX, Systemd, SystemdError, TransientService, UnitState
+from .systemd import GONE, JOB_PREFIX, RECHECK, Systemd, SystemdError, TransientService, UnitState
 from .upstream import Upstream, call, probe
 
 log = logging.getLogger("vllm_gateway.engine")
@@ -570,6 +570,10 @@ class Engine:
         self._set(Event.START_FAILED)
 
     async def _on_stop(self, cause: str, only_if_idle: bool = False) -> None:
+        if self.state in (State.STOPPED, State.FAILED):
+            # never trust "stopped" over the unit: a stop asked of a stopped
+            # engine checks the unit, and a running one is adopted and stopped
+            await self._unit_now(RECHECK)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             if only_if_idle and (self.active or self.waiting > self.queued):
                 # the idle check read a status that a new request has made stale
@@ -584,6 +588,12 @@ class Engine:
 
     async def _on_unit(self, active_state: str) -> None:
         st = self.state
+        if active_state in (GONE, RECHECK, "inactive", "failed"):
+            # a signal may be stale, or a reload's (UnitRemoved for every
+            # unit): the unit's state now is what counts
+            active_state = await self._unit_now(active_state)
+            if not active_state:
+                return
         if active_state.startswith(JOB_PREFIX):
             result, _, job = active_state.removeprefix(JOB_PREFIX).partition(" ")
             if st is not State.STARTING or job != self._start_job:
@@ -624,6 +634,29 @@ class Engine:
         self.main_pid = 0
         if self.state is State.STOPPED and self._wanted:
             await self._start()
+
+    async def _unit_now(self, signalled: str) -> str:
+        """The unit's ActiveState now, after a signal that says it stopped
+        (or after systemd came back on the bus); "" when there is nothing to do."""
+        unit = await self.systemd.unit_state(self.cfg.unit)
+        now = unit.active_state
+        st = self.state
+        if unit.running:
+            if st is State.STOPPING:
+                # it stopped and somebody started it again since: follow it
+                self._set(Event.UNIT_GONE)
+                await self._adopt(unit)
+            elif st in (State.STOPPED, State.FAILED):
+                log.warning("engine %s: the gateway had it %s, but %s is %s: the unit's state wins; "
+                            "adopting it", self.cfg.name, st.value, self.cfg.unit, now)
+                await self._adopt(unit)
+            elif signalled == GONE:
+                log.info("engine %s: %s said %r, but it is %s (a daemon-reload?): keeping it",
+                         self.cfg.name, self.cfg.unit, signalled, now)
+            return ""
+        if signalled != RECHECK:
+            return signalled
+        return "" if st is State.STOPPED and now in (GONE, "inactive", "failed") else now
 
     def _set(self, event: Event) -> None:
         new = next_state(self.state, event)

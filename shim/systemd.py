@@ -53,6 +53,15 @@ MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
 GONE = "gone"  # our name for "no such unit loaded"
 JOB_PREFIX = "job:"  # "job:RESULT JOB_PATH": a job for the unit finished
+# The manager came back on the bus (after `systemctl --user daemon-reexec`, or
+# a restart of the manager): signals may have been missed, read the state again.
+RECHECK = "recheck"
+# D-Bus errors that mean "systemd is not on the bus right now" (it re-executes
+# itself): the call is retried until it is back, for at most this long.
+_AWAY_ERRORS = ("ServiceUnknown", "NameHasNoOwner", "NoReply", "Disconnected")
+SYSTEMD_BACK_S = 90.0
+# How often a call is retried while systemd is away; a reexec takes ~0.1-1 s.
+_AWAY_RETRY_S = 0.2
 
 
 class SystemdError(Exception):
@@ -153,7 +162,12 @@ class Systemd:
 
     async def subscribe(self) -> None:
         """Ask systemd to emit unit signals (it stays quiet for nobody)."""
-        await self._call(new_method_call(MANAGER, "Subscribe"), "Subscribe")
+        try:
+            await self._call(new_method_call(MANAGER, "Subscribe"), "Subscribe")
+        except SystemdError as e:
+            # a re-executed manager keeps its subscribers
+            if not e.name.endswith("AlreadySubscribed"):
+                raise
 
     async def get_unit(self, unit: str) -> str | None:
         try:
@@ -165,6 +179,19 @@ class Systemd:
         return str(path)
 
     async def unit_state(self, unit: str) -> UnitState:
+        """The unit's state now; GONE when it is not loaded. While the manager
+        re-executes itself (off the bus for a moment), waits until it answers."""
+        deadline = trio.current_time() + SYSTEMD_BACK_S
+        while True:
+            try:
+                return await self._unit_state(unit)
+            except SystemdError as e:
+                if not e.name.endswith(_AWAY_ERRORS) or trio.current_time() > deadline:
+                    raise
+                log.info("systemd is not on the bus (%s); asking again", e.name)
+            await trio.sleep(_AWAY_RETRY_S)
+
+    async def _unit_state(self, unit: str) -> UnitState:
         path = await self.get_unit(unit)
         if path is None:
             return UnitState(GONE)
@@ -264,8 +291,13 @@ class Systemd:
     @asynccontextmanager
     async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """Yield a channel that receives the unit's ActiveState as it changes,
-        in the order systemd emitted them, GONE when it is unloaded, and
-        "job:RESULT JOB_PATH" when a job for it finished."""
+        in the order systemd emitted them, GONE when it is unloaded,
+        "job:RESULT JOB_PATH" when a job for it finished, and RECHECK when
+        the manager came back on the bus.
+
+        GONE does not prove that the unit is gone: a daemon-reload unloads
+        and loads every unit again, and says UnitRemoved for each. Whoever
+        reads GONE asks for the unit's state (`unit_state`) before acting."""
         path = unit_path(unit)
         send, recv = trio.open_memory_channel[str](256)
         rules = [
@@ -277,6 +309,11 @@ class Systemd:
             # the bus needs the sender; jeepney's local filter must not have it,
             # since messages carry systemd's unique name
             await self.add_match(MatchRule(type="signal", sender=SYSTEMD, **rule.header_fields))
+        owner = MatchRule(type="signal", sender=message_bus.bus_name, interface=message_bus.interface,
+                          member="NameOwnerChanged", path=message_bus.object_path)
+        owner.add_arg_condition(0, SYSTEMD)
+        await self.add_match(owner)
+        rules.append(owner)
         async with trio.open_nursery() as nursery:
             for rule in rules:
                 nursery.start_soon(self._pump, rule, unit, send)
@@ -298,6 +335,13 @@ class Systemd:
                     await out.send(GONE)
                 elif member == "JobRemoved" and msg.body[2] == unit:
                     await out.send(f"{JOB_PREFIX}{msg.body[3]} {msg.body[1]}")
+                elif member == "NameOwnerChanged" and msg.body[2]:
+                    log.info("systemd is back on the bus as %s; subscribing again", msg.body[2])
+                    try:
+                        await self.subscribe()
+                    except SystemdError as e:
+                        log.warning("cannot subscribe to systemd's signals again: %s", e)
+                    await out.send(RECHECK)
 
 
 @asynccontextmanager
