@@ -9,7 +9,18 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd, yielding
+from . import (
+    __version__,
+    commands,
+    config,
+    control,
+    idle_check,
+    listen,
+    logsetup,
+    startcheck,
+    systemd,
+    yielding,
+)
 from .engine import Engine
 from .fleet import Fleet, probe_for, stop_orphans
 from .notify import Notifier
@@ -162,6 +173,10 @@ def config_check(cfg: config.GatewayConfig) -> int:
         print(f"[engines.{name}]")
         for key, value in vars(eng).items():
             print(f"  {key} = {value!r}")
+    for eng in cfg.engines.values():
+        path = startcheck.unit_path(eng.env(sleep=eng.sleep_after_s is not None))
+        for problem in startcheck.problems(eng.name, eng.argv(sleep=False), path):
+            print(f"vllm-gateway: warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -19,11 +19,20 @@ from dataclasses import dataclass
 
 import trio
 
-from . import journal
+from . import journal, startcheck
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
-from .systemd import GONE, JOB_PREFIX, RECHECK, Systemd, SystemdError, TransientService, UnitState
+from .systemd import (
+    EXIT_PREFIX,
+    GONE,
+    JOB_PREFIX,
+    RECHECK,
+    Systemd,
+    SystemdError,
+    TransientService,
+    UnitState,
+)
 from .upstream import Upstream, call, probe
 
 log = logging.getLogger("vllm_gateway.engine")
@@ -146,6 +155,7 @@ class Engine:
         # unit first reports "inactive", which is not a failure
         self._seen_running = False
         self._start_job = ""  # D-Bus path of this attempt's start job
+        self._exit_cause: str | None = None  # what the unit's exit status says of this attempt
         self._adopted = False
         self.active = 0  # requests holding a lease: the engine must stay awake
         # set once the engine showed it cannot sleep; then only the stop tier applies
@@ -487,6 +497,12 @@ class Engine:
         )
         self._start_epoch = time.time()
         self._start_job = ""
+        self._exit_cause = None
+        cannot_run = startcheck.problems(self.cfg.name, svc.argv, startcheck.unit_path(svc.environment))
+        if cannot_run:
+            self._begin_start(adopted=False)
+            await self._fail("; ".join(cannot_run))
+            return
         for first_try in (True, False):
             try:
                 self._start_job = await self.systemd.start_transient(svc)
@@ -544,6 +560,9 @@ class Engine:
         words from the journal), and cool down before the next try."""
         self._cancel_attempt()
         self._stop_cause = "failure"
+        unit = await self.systemd.unit_state(self.cfg.unit)
+        cause = startcheck.exit_cause(unit.exec_main_code, unit.exec_main_status) or self._exit_cause
+        reason = f"{reason}: {cause}" if cause else reason
         await self.systemd.stop_unit(self.cfg.unit)
         lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
         if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
@@ -594,6 +613,10 @@ class Engine:
             active_state = await self._unit_now(active_state)
             if not active_state:
                 return
+        if active_state.startswith(EXIT_PREFIX):
+            code, _, status = active_state.removeprefix(EXIT_PREFIX).partition(" ")
+            self._exit_cause = startcheck.exit_cause(int(code), int(status))
+            return
         if active_state.startswith(JOB_PREFIX):
             result, _, job = active_state.removeprefix(JOB_PREFIX).partition(" ")
             if st is not State.STARTING or job != self._start_job:

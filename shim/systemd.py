@@ -53,6 +53,7 @@ MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
 GONE = "gone"  # our name for "no such unit loaded"
 JOB_PREFIX = "job:"  # "job:RESULT JOB_PATH": a job for the unit finished
+EXIT_PREFIX = "exit:"  # "exit:CODE STATUS": how the unit's main process ended (ExecMainCode/Status)
 # The manager came back on the bus (after `systemctl --user daemon-reexec`, or
 # a restart of the manager): signals may have been missed, read the state again.
 RECHECK = "recheck"
@@ -103,6 +104,9 @@ class UnitState:
     # CLOCK_REALTIME microseconds, 0 when never
     active_enter_us: int = 0
     inactive_enter_us: int = 0
+    # how the main process ended last (a CLD_* code, and its exit status)
+    exec_main_code: int = 0
+    exec_main_status: int = 0
 
     @property
     def running(self) -> bool:
@@ -208,6 +212,8 @@ class Systemd:
             status_text=str(s.get("StatusText", "")),
             active_enter_us=int(u.get("ActiveEnterTimestamp", 0)),
             inactive_enter_us=int(u.get("InactiveEnterTimestamp", 0)),
+            exec_main_code=int(s.get("ExecMainCode", 0)),
+            exec_main_status=int(s.get("ExecMainStatus", 0)),
         )
 
     async def _get_all(self, path: str, iface: str) -> dict[str, Any]:
@@ -292,7 +298,8 @@ class Systemd:
     async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """Yield a channel that receives the unit's ActiveState as it changes,
         in the order systemd emitted them, GONE when it is unloaded,
-        "job:RESULT JOB_PATH" when a job for it finished, and RECHECK when
+        "job:RESULT JOB_PATH" when a job for it finished, "exit:CODE STATUS"
+        when its main process ended, and RECHECK when
         the manager came back on the bus.
 
         GONE does not prove that the unit is gone: a daemon-reload unloads
@@ -331,6 +338,10 @@ class Systemd:
                     iface, changed, _invalidated = msg.body
                     if iface == UNIT_IFACE and "ActiveState" in changed:
                         await out.send(str(changed["ActiveState"][1]))
+                    elif iface == SERVICE_IFACE and "ExecMainStatus" in changed and "ExecMainCode" in changed:
+                        # read now: a failed transient unit is unloaded at once
+                        code, status = changed["ExecMainCode"][1], changed["ExecMainStatus"][1]
+                        await out.send(f"{EXIT_PREFIX}{code} {status}")
                 elif member == "UnitRemoved" and msg.body[0] == unit:
                     await out.send(GONE)
                 elif member == "JobRemoved" and msg.body[2] == unit:
