@@ -100,6 +100,17 @@ class _WakeFailed:
 
 
 @dataclass(frozen=True)
+class _Reconfigure:
+    cfg: EngineConfig  # applies now
+    restart_with: EngineConfig | None  # applies at the next start; restart when idle
+
+
+@dataclass(frozen=True)
+class _Idle:
+    pass
+
+
+@dataclass(frozen=True)
 class _StartFailed:
     attempt: int
     reason: str
@@ -107,6 +118,7 @@ class _StartFailed:
 
 _Message = (
     _Want | _Stop | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed | _WakeFailed
+    | _Reconfigure | _Idle
 )
 
 
@@ -157,6 +169,10 @@ class Engine:
         self._start_job = ""  # D-Bus path of this attempt's start job
         self._exit_cause: str | None = None  # what the unit's exit status says of this attempt
         self._adopted = False
+        # a configuration reload changed the command line: the next start
+        # uses this one, and the running engine is restarted once idle
+        self.restart_with: EngineConfig | None = None
+        self._restart_now = False
         self.active = 0  # requests holding a lease: the engine must stay awake
         # set once the engine showed it cannot sleep; then only the stop tier applies
         self.sleep_refused = False
@@ -201,6 +217,8 @@ class Engine:
         if (before == 0) != (now == 0):
             self.idle_since = time.time() if now == 0 else None
             self._on_change()
+            if now == 0 and self.restart_with is not None:
+                self._inbox_send.send_nowait(_Idle())
 
     def in_state(self, *states: State) -> bool:
         """The state now (a call, so that type checkers do not narrow it across awaits)."""
@@ -289,6 +307,10 @@ class Engine:
 
     def request_start(self) -> None:
         self._inbox_send.send_nowait(_Want())
+
+    def reconfigure(self, cfg: EngineConfig, restart_with: EngineConfig | None = None) -> None:
+        """A reload: `cfg` applies at once, `restart_with` at the next start."""
+        self._inbox_send.send_nowait(_Reconfigure(cfg, restart_with))
 
     def request_stop(self, cause: str, *, only_if_idle: bool = False) -> None:
         self._inbox_send.send_nowait(_Stop(cause, only_if_idle))
@@ -384,6 +406,12 @@ class Engine:
                 await self.systemd.stop_unit(self.cfg.unit)
             case _StartFailed(attempt, reason) if attempt == self._attempt:
                 await self._fail(reason)
+            case _Reconfigure(cfg, restart_with):
+                self.cfg = cfg
+                self.restart_with = restart_with
+                await self._restart_if_idle()
+            case _Idle():
+                await self._restart_if_idle()
             case _:
                 pass  # a stale message from an earlier attempt
 
@@ -485,7 +513,17 @@ class Engine:
             return
         await self._inbox_send.send(_Healthy(attempt))
 
+    async def _restart_if_idle(self) -> None:
+        if self.restart_with is None or self.busy or self.state not in (State.READY, State.SLEEPING):
+            return  # a stopped engine takes the new command line at its next start
+        log.info("restarting engine %s, idle, with its new command line", self.cfg.name)
+        self._restart_now = True
+        await self._on_stop("reconfigured")
+
     async def _start(self) -> None:
+        if self.restart_with is not None:
+            self.cfg, self.restart_with = self.restart_with, None
+            self.upstream = Upstream(self.cfg.port)
         svc = TransientService(
             name=self.cfg.unit,
             argv=self.cfg.argv(sleep=self.sleep_enabled),
@@ -655,7 +693,8 @@ class Engine:
             self._set(Event.UNIT_GONE)
         self.upstream.reset()
         self.main_pid = 0
-        if self.state is State.STOPPED and self._wanted:
+        restart, self._restart_now = self._restart_now, False
+        if self.state is State.STOPPED and (self._wanted or restart):
             await self._start()
 
     async def _unit_now(self, signalled: str) -> str:

@@ -24,6 +24,9 @@ class Kind(enum.Enum):
     ADMIN_WAKE = "admin_wake"
     ADMIN_YIELD = "admin_yield"
     ADMIN_RELEASE = "admin_release"
+    ADMIN_RELOAD = "admin_reload"
+    ADMIN_RESTART = "admin_restart"
+    ADMIN_CONFIG = "admin_config"
     ENGINE = "engine"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -49,6 +52,9 @@ OWN: dict[str, tuple[str, Kind]] = {
     "/gateway/wake": ("POST", Kind.ADMIN_WAKE),
     "/gateway/yield": ("POST", Kind.ADMIN_YIELD),
     "/gateway/release": ("POST", Kind.ADMIN_RELEASE),
+    "/gateway/reload": ("POST", Kind.ADMIN_RELOAD),
+    "/gateway/restart": ("POST", Kind.ADMIN_RESTART),
+    "/gateway/config": ("GET", Kind.ADMIN_CONFIG),
 }
 
 # Engine endpoints, by method. Those in JSON_BODY are checked before the

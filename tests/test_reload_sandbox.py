@@ -9,12 +9,14 @@ nothing to stop)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from tests.gatewaying import REPO, VENV, Gateway, wait_until
+from tests.gatewaying import CONFIG, REPO, VENV, Gateway, wait_until
 from tests.sandboxing import Sandbox
 
 pytestmark = pytest.mark.sandbox
@@ -92,3 +94,107 @@ def test_a_starting_engine_is_kept_and_its_request_answered(gw: Gateway, action:
         client.join()
     assert answers == [200]
     assert_kept_then_stopped_on_time(gw, gw.unit_prop("vllm.service", "MainPID"))
+
+
+# ---- configuration changes without a restart ----
+
+def cli(gw: Gateway, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return gw.sb.run([f"{gw.home}/.local/bin/vllm-gateway", *args], check=check)
+
+
+def rewrite_config(gw: Gateway, old: str, new: str) -> None:
+    path = CONFIG.replace("~", gw.home)
+    text = gw.sb.run(["cat", path]).stdout
+    assert old in text, text
+    gw.sb.write_file(path, text.replace(old, new))
+
+
+def test_a_reload_applies_thresholds_at_once_and_refuses_a_bad_file(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1"], stop_after="10m", stop_timeout="5s")
+    assert gw.chat()[0] == 200
+    pid = gw.status()["gateway_pid"]
+    rewrite_config(gw, 'stop_after = "10m"', 'stop_after = "9m"')
+    assert "engines.main.stop_after_s: 600.0 -> 540.0" in cli(gw, "config", "check").stdout
+    gw.sb.systemctl("reload", "vllm-gateway.service")
+    status = gw.status()
+    assert status["stop_after_s"] == 540.0 and status["gateway_pid"] == pid  # no restart
+    assert "reload: engines.main.stop_after_s: 600.0 -> 540.0" in gw.journal("vllm-gateway")
+    assert "the running gateway uses this configuration" in cli(gw, "config", "check").stdout
+
+    # a bad file is refused, saying why, and what runs stays
+    rewrite_config(gw, 'stop_after = "9m"', 'stop_after = "soon"')
+    refused = cli(gw, "reload", check=False)
+    assert refused.returncode == 1 and "engines.main.stop_after" in refused.stderr, refused.stderr
+    assert gw.sb.systemctl("reload", "vllm-gateway.service", check=False).returncode != 0
+    assert gw.status()["stop_after_s"] == 540.0
+    assert "reload refused" in gw.journal("vllm-gateway")
+
+    # SIGHUP reloads too
+    rewrite_config(gw, 'stop_after = "soon"', 'stop_after = "8m"')
+    gw.sb.run(["kill", "-HUP", str(pid)])
+    wait_until(lambda: gw.status()["stop_after_s"] == 480.0, 30, "the reload on SIGHUP")
+
+    # the threshold applies to the running engine: the idle stop comes
+    rewrite_config(gw, 'stop_after = "8m"', f'stop_after = "{STOP_AFTER_S}s"')
+    assert "reloaded: 1 change" in cli(gw, "reload").stdout
+    wait_until(lambda: gw.active("vllm.service") == "inactive", IDLE_STOP_WAIT_S, "the new idle stop")
+    assert gw.status()["gateway_pid"] == pid
+
+
+def test_a_new_command_line_restarts_the_engine_when_idle_and_drops_no_request(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1", "--token-interval-ms", "5", "--reply-text", "old engine"],
+                 stop_after="10m", stop_timeout="5s")
+    assert gw.chat()[0] == 200
+    first_pid = gw.unit_prop("vllm.service", "MainPID")
+    results: list[tuple[int, bytes]] = []
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            code, _, body = gw.chat()
+            results.append((code, body))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    try:
+        wait_until(lambda: len(results) > 8, 60, "clients to be served")
+        rewrite_config(gw, '"old engine"', '"new engine"')
+        out = cli(gw, "reload").stdout
+        assert "engine main runs its old command line until it is idle" in out, out
+        served = len(results)
+        wait_until(lambda: len(results) > served + 8, 60, "clients to be served after the reload")
+    finally:
+        done.set()
+        for t in clients:
+            t.join()
+    assert {code for code, _ in results} == {200}
+    # idle now: the engine is restarted with the new command line
+    wait_until(lambda: gw.unit_prop("vllm.service", "MainPID") not in ("0", first_pid), 60,
+               "the engine's restart with its new command line")
+    wait_until(lambda: gw.status()["state"] == "ready", 60, "the restarted engine")
+    assert b"new engine" in gw.chat()[2]
+    assert "restarting engine main, idle, with its new command line" in gw.journal("vllm-gateway")
+
+
+def test_restart_applies_a_new_command_line_at_once(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1", "--token-interval-ms", "50", "--reply-text", "before"],
+                 stop_after="10m", stop_timeout="5s")
+    holder = gw.connect()  # a stream in flight keeps the engine busy: no restart when idle
+    holder.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+        "fake_reply": "x " * 400}), headers={"Content-Type": "application/json"})
+    resp = holder.getresponse()
+    assert resp.status == 200 and resp.read1(10)
+    pid = gw.unit_prop("vllm.service", "MainPID")
+    rewrite_config(gw, '"before"', '"after"')
+    cli(gw, "reload")
+    assert gw.status()["state"] == "ready" and gw.unit_prop("vllm.service", "MainPID") == pid
+    assert b"before" in gw.chat()[2]  # busy: it runs the old command line meanwhile
+    try:
+        # the operator's restart does not wait for the stream
+        assert "engine restarted" in cli(gw, "restart", "main").stdout
+    finally:
+        holder.close()
+    assert gw.unit_prop("vllm.service", "MainPID") != pid
+    assert b"after" in gw.chat()[2]
