@@ -61,6 +61,9 @@ RECHECK = "recheck"
 # itself): the call is retried until it is back, for at most this long.
 _AWAY_ERRORS = ("ServiceUnknown", "NameHasNoOwner", "NoReply", "Disconnected")
 SYSTEMD_BACK_S = 90.0
+# Signals waiting to be read by one watcher: a start or a stop sends about ten;
+# the router drops what does not fit.
+SIGNAL_QUEUE = 1024
 # How often a call is retried while systemd is away; a reexec takes ~0.1-1 s.
 _AWAY_RETRY_S = 0.2
 
@@ -322,17 +325,20 @@ class Systemd:
         await self.add_match(owner)
         rules.append(owner)
         async with trio.open_nursery() as nursery:
-            for rule in rules:
-                nursery.start_soon(self._pump, rule, unit, send)
+            nursery.start_soon(self._pump, rules, unit, send)
             try:
                 yield recv
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, rule: MatchRule, unit: str, out: trio.MemorySendChannel[str]) -> None:
-        with self.router.filter(rule, bufsize=256) as queue:
+    async def _pump(self, rules: list[MatchRule], unit: str, out: trio.MemorySendChannel[str]) -> None:
+        # One queue for every signal, so that they come out in the order
+        # systemd sent them (e.g. the exit status before the failed job).
+        with self.router.filter(MatchRule(type="signal"), bufsize=SIGNAL_QUEUE) as queue:
             while True:
                 msg = await queue.receive()
+                if not any(rule.matches(msg) for rule in rules):
+                    continue
                 member = msg.header.fields.get(HeaderFields.member)
                 if member == "PropertiesChanged":
                     iface, changed, _invalidated = msg.body
