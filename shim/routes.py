@@ -46,15 +46,15 @@ OWN: dict[str, tuple[str, Kind]] = {
     "/metrics": ("GET", Kind.METRICS),
     "/v1/models": ("GET", Kind.MODELS),
     "/gateway/status": ("GET", Kind.STATUS),
+    "/gateway/reload": ("POST", Kind.ADMIN_RELOAD),
+    "/gateway/restart": ("POST", Kind.ADMIN_RESTART),
+    "/gateway/config": ("GET", Kind.ADMIN_CONFIG),
     "/gateway/start": ("POST", Kind.ADMIN_START),
     "/gateway/stop": ("POST", Kind.ADMIN_STOP),
     "/gateway/sleep": ("POST", Kind.ADMIN_SLEEP),
     "/gateway/wake": ("POST", Kind.ADMIN_WAKE),
     "/gateway/yield": ("POST", Kind.ADMIN_YIELD),
     "/gateway/release": ("POST", Kind.ADMIN_RELEASE),
-    "/gateway/reload": ("POST", Kind.ADMIN_RELOAD),
-    "/gateway/restart": ("POST", Kind.ADMIN_RESTART),
-    "/gateway/config": ("GET", Kind.ADMIN_CONFIG),
 }
 
 # Engine endpoints, by method. Those in JSON_BODY are checked before the
