@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import trio
 
-from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd, yielding
+from . import (
+    __version__,
+    commands,
+    config,
+    control,
+    idle_check,
+    listen,
+    logsetup,
+    reloading,
+    startcheck,
+    systemd,
+    yielding,
+)
 from .engine import Engine
+from .errors import GatewayError
 from .fleet import Fleet, probe_for, stop_orphans
 from .notify import Notifier
 from .server import Gateway
@@ -43,6 +57,7 @@ async def serve(cfg: config.GatewayConfig) -> None:
             listeners = await listen.listeners(cfg.listen_host, cfg.listen_port)
             control_listener = await control.listener()
             nursery.start_soon(gateway.status_loop)
+            nursery.start_soon(reload_on_sighup, gateway)
             serving = trio.CancelScope()
             nursery.start_soon(gateway.exit_when_idle, serving)
             notifier.ready()
@@ -56,7 +71,17 @@ async def serve(cfg: config.GatewayConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
-USER_COMMANDS = ("status", "start", "stop", "sleep", "wake", "logs", "yield", "release")
+async def reload_on_sighup(gateway: Gateway) -> None:
+    """SIGHUP reloads the configuration, as `vllm-gateway reload` does."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                reloading.reload(gateway)
+            except GatewayError:
+                pass  # refused: the journal says why
+
+
+USER_COMMANDS = ("status", "start", "stop", "sleep", "wake", "restart", "reload", "logs", "yield", "release")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
          "vllm-gateway sleep   # engine asleep in 0.4 s (level 1)"),
         ("wake", "wake the sleeping engine now",
          "vllm-gateway wake    # engine awake in 1.5 s (pid 4242)"),
+        ("restart", "stop the engine and start it again (with a reloaded command line)",
+         "vllm-gateway restart main   # engine restarted in 45.0 s (pid 4343)"),
     ):
         command(name, help, example).add_argument(
             "engine", nargs="?", default=None, help="the engine's name, with several engines")
@@ -107,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                  "vllm-gateway logs -f -n 100")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     lg.add_argument("-n", "--lines", type=int, default=None, metavar="N", help="show the last N lines")
+    command("reload", "apply the configuration file to the running gateway (refused if it has errors)",
+            "vllm-gateway reload   # or: systemctl --user reload vllm-gateway")
     command("serve", "run the gateway (what the systemd unit runs; the default)",
             "vllm-gateway --config ./config.toml serve")
     command("idle-check", "sleep or stop the engine if idle past its thresholds (run by the timer)",
@@ -136,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "status":
         return commands.status(cfg, args.json)
-    if args.command in ("start", "stop", "sleep", "wake"):
+    if args.command in ("start", "stop", "sleep", "wake", "restart"):
         return commands.manual(cfg, args.command, args.engine)
+    if args.command == "reload":
+        return commands.reload()
     if args.command == "yield":
         return yielding.yield_gpu(cfg, args.by, args.timeout)
     if args.command == "release":
@@ -162,6 +193,16 @@ def config_check(cfg: config.GatewayConfig) -> int:
         print(f"[engines.{name}]")
         for key, value in vars(eng).items():
             print(f"  {key} = {value!r}")
+    for eng in cfg.engines.values():
+        path = startcheck.unit_path(eng.env(sleep=eng.sleep_after_s is not None))
+        for problem in startcheck.problems(eng.name, eng.argv(sleep=False), path):
+            print(f"vllm-gateway: warning: {problem}", file=sys.stderr)
+    differences = commands.running_differences(cfg)
+    if differences:
+        print("# differs from the running gateway's configuration (apply: vllm-gateway reload):")
+        print("\n".join(f"#   {line}" for line in differences))
+    elif differences is not None:
+        print("# the running gateway uses this configuration")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The command line's user commands: status, start, stop, sleep, wake, logs.
+"""The command line's user commands: status, start, stop, sleep, wake,
+restart, reload, logs.
 
 They work whether or not the shim runs. When it runs, they ask it over its
 control socket (it alone knows requests in flight and drives the engine);
@@ -21,7 +22,7 @@ from typing import Any
 
 import trio
 
-from . import control, systemd
+from . import confdiff, control, systemd
 from .config import EngineConfig, GatewayConfig
 from .idle_check import idle_since_without_shim_us
 from .status import parse_status
@@ -427,29 +428,30 @@ async def _unit_pid(unit: str) -> int:
         return 0
 
 
-_DONE = {"start": "ready", "stop": "stopped", "sleep": "asleep", "wake": "awake"}
+_DONE = {"start": "ready", "stop": "stopped", "sleep": "asleep", "wake": "awake", "restart": "restarted"}
 
 
 async def control_action(engine: EngineConfig, action: str, several: bool = False) -> str:
-    """Do `action` (start, stop, sleep, wake) and say what happened; with
+    """Do `action` (start, stop, sleep, wake, restart) and say what happened; with
     several engines, to the one named."""
     before = _engine_status(await _shim_status(), engine)
     if before is None:
         if action == "stop":
             return await _stop_without_shim(engine)
-        if action != "start":
+        if action not in ("start", "restart"):
             raise CommandError(f"vllm-gateway: the gateway is not running, so the engine is not "
                                f"running either: nothing to {action}")
         before = _engine_status(await _start_shim(), engine)
         assert before is not None
     state = before.get("state")
-    if state == {"start": "ready", "stop": "stopped", "sleep": "sleeping", "wake": "ready"}[action]:
+    if state == {"start": "ready", "stop": "stopped", "sleep": "sleeping", "wake": "ready"}.get(action):
         return f"engine already {_DONE[action]}"
     timeout = {
         "start": engine.start_timeout_s + 60,
         "stop": engine.stop_timeout_s + 30,
         "sleep": engine.stop_timeout_s + 330,
         "wake": engine.start_timeout_s + 60,
+        "restart": engine.stop_timeout_s + engine.start_timeout_s + 90,
     }[action]
     t0 = time.monotonic()
     which = f"?engine={engine.name}" if several else ""
@@ -461,9 +463,10 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
     if code != 200:
         raise CommandError(error_message(body))
     after = _engine_status(json.loads(body), engine) or {}
-    pid = after.get("main_pid") or (await _unit_pid(engine.unit) if action in ("start", "wake") else None)
+    waking = action in ("start", "wake", "restart")
+    pid = after.get("main_pid") or (await _unit_pid(engine.unit) if waking else None)
     line = f"engine {_DONE[action]} in {took:.1f} s"
-    if action in ("start", "wake") and pid:
+    if action in ("start", "wake", "restart") and pid:
         line += f" (pid {pid})"
     if action == "start" and state == "sleeping":
         line += " (woken from sleep)"
@@ -485,7 +488,7 @@ def manual(cfg: GatewayConfig, action: str, name: str | None) -> int:
     if name is not None and name not in cfg.engines:
         print(f"vllm-gateway: no engine named {name!r}; engines: {', '.join(cfg.engines)}", file=sys.stderr)
         return 2
-    if name is None and cfg.several and action in ("start", "wake"):
+    if name is None and cfg.several and action in ("start", "wake", "restart"):
         print(f"vllm-gateway: name the engine to {action}: {', '.join(cfg.engines)}", file=sys.stderr)
         return 2
     targets = [cfg.engines[name]] if name is not None else list(cfg.engines.values())
@@ -522,3 +525,51 @@ def logs(engine_units: Sequence[str], follow: bool, lines: int | None) -> int:
     except OSError as e:
         print(f"vllm-gateway: cannot run journalctl: {e}", file=sys.stderr)
     return 1
+
+
+def reload() -> int:
+    """Ask the running gateway to read its configuration again; it refuses a
+    bad file (and keeps what runs), which makes this fail with its reason."""
+    try:
+        answer = trio.run(control.request, "POST", "/gateway/reload", PROBE_TIMEOUT_S)
+    except OSError as e:
+        return _bus_error(e)
+    if answer is None:
+        _say("the gateway is not running: the configuration applies when it starts (at the next request)")
+        return 0
+    code, body = answer
+    if code != 200:
+        print(error_message(body), file=sys.stderr)
+        return 1
+    _say("\n".join(reload_lines(json.loads(body))))
+    return 0
+
+
+def reload_lines(summary: Mapping[str, Any]) -> list[str]:
+    """A reload's summary (confdiff.Plan.summary) as lines for a person."""
+    changed = summary.get("changed") or []
+    lines = [f"reloaded: {len(changed)} change{'s' if len(changed) != 1 else ''}"]
+    lines += [f"  {c}" for c in changed]
+    for name in summary.get("restart_when_idle") or []:
+        lines.append(f"engine {name} runs its old command line until it is idle, then restarts "
+                     f"(now: vllm-gateway restart {name})")
+    later = summary.get("when_the_gateway_restarts") or []
+    if later:
+        lines.append("applies when the gateway restarts (systemctl --user restart vllm-gateway):")
+        lines += [f"  {c}" for c in later]
+    return lines
+
+
+def running_differences(cfg: GatewayConfig) -> list[str] | None:
+    """How `cfg` differs from what the running gateway uses; None when no
+    gateway runs (or it does not answer)."""
+    try:
+        answer = trio.run(control.request, "GET", "/gateway/config", PROBE_TIMEOUT_S)
+    except OSError:
+        return None
+    if answer is None or answer[0] != 200:
+        return None
+    running = json.loads(answer[1])
+    if not isinstance(running, dict):
+        return None
+    return [c.describe() for c in confdiff.diff(running, confdiff.flatten(cfg))]

@@ -19,11 +19,20 @@ from dataclasses import dataclass
 
 import trio
 
-from . import journal
+from . import journal, startcheck
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
-from .systemd import GONE, JOB_PREFIX, Systemd, SystemdError, TransientService, UnitState
+from .systemd import (
+    EXIT_PREFIX,
+    GONE,
+    JOB_PREFIX,
+    RECHECK,
+    Systemd,
+    SystemdError,
+    TransientService,
+    UnitState,
+)
 from .upstream import Upstream, call, probe
 
 log = logging.getLogger("vllm_gateway.engine")
@@ -91,6 +100,17 @@ class _WakeFailed:
 
 
 @dataclass(frozen=True)
+class _Reconfigure:
+    cfg: EngineConfig  # applies now
+    restart_with: EngineConfig | None  # applies at the next start; restart when idle
+
+
+@dataclass(frozen=True)
+class _Idle:
+    pass
+
+
+@dataclass(frozen=True)
 class _StartFailed:
     attempt: int
     reason: str
@@ -98,6 +118,7 @@ class _StartFailed:
 
 _Message = (
     _Want | _Stop | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed | _WakeFailed
+    | _Reconfigure | _Idle
 )
 
 
@@ -146,7 +167,12 @@ class Engine:
         # unit first reports "inactive", which is not a failure
         self._seen_running = False
         self._start_job = ""  # D-Bus path of this attempt's start job
+        self._exit_cause: str | None = None  # what the unit's exit status says of this attempt
         self._adopted = False
+        # a configuration reload changed the command line: the next start
+        # uses this one, and the running engine is restarted once idle
+        self.restart_with: EngineConfig | None = None
+        self._restart_now = False
         self.active = 0  # requests holding a lease: the engine must stay awake
         # set once the engine showed it cannot sleep; then only the stop tier applies
         self.sleep_refused = False
@@ -191,6 +217,8 @@ class Engine:
         if (before == 0) != (now == 0):
             self.idle_since = time.time() if now == 0 else None
             self._on_change()
+            if now == 0 and self.restart_with is not None:
+                self._inbox_send.send_nowait(_Idle())
 
     def in_state(self, *states: State) -> bool:
         """The state now (a call, so that type checkers do not narrow it across awaits)."""
@@ -279,6 +307,10 @@ class Engine:
 
     def request_start(self) -> None:
         self._inbox_send.send_nowait(_Want())
+
+    def reconfigure(self, cfg: EngineConfig, restart_with: EngineConfig | None = None) -> None:
+        """A reload: `cfg` applies at once, `restart_with` at the next start."""
+        self._inbox_send.send_nowait(_Reconfigure(cfg, restart_with))
 
     def request_stop(self, cause: str, *, only_if_idle: bool = False) -> None:
         self._inbox_send.send_nowait(_Stop(cause, only_if_idle))
@@ -374,6 +406,12 @@ class Engine:
                 await self.systemd.stop_unit(self.cfg.unit)
             case _StartFailed(attempt, reason) if attempt == self._attempt:
                 await self._fail(reason)
+            case _Reconfigure(cfg, restart_with):
+                self.cfg = cfg
+                self.restart_with = restart_with
+                await self._restart_if_idle()
+            case _Idle():
+                await self._restart_if_idle()
             case _:
                 pass  # a stale message from an earlier attempt
 
@@ -475,7 +513,17 @@ class Engine:
             return
         await self._inbox_send.send(_Healthy(attempt))
 
+    async def _restart_if_idle(self) -> None:
+        if self.restart_with is None or self.busy or self.state not in (State.READY, State.SLEEPING):
+            return  # a stopped engine takes the new command line at its next start
+        log.info("restarting engine %s, idle, with its new command line", self.cfg.name)
+        self._restart_now = True
+        await self._on_stop("reconfigured")
+
     async def _start(self) -> None:
+        if self.restart_with is not None:
+            self.cfg, self.restart_with = self.restart_with, None
+            self.upstream = Upstream(self.cfg.port)
         svc = TransientService(
             name=self.cfg.unit,
             argv=self.cfg.argv(sleep=self.sleep_enabled),
@@ -487,6 +535,12 @@ class Engine:
         )
         self._start_epoch = time.time()
         self._start_job = ""
+        self._exit_cause = None
+        cannot_run = startcheck.problems(self.cfg.name, svc.argv, startcheck.unit_path(svc.environment))
+        if cannot_run:
+            self._begin_start(adopted=False)
+            await self._fail("; ".join(cannot_run))
+            return
         for first_try in (True, False):
             try:
                 self._start_job = await self.systemd.start_transient(svc)
@@ -544,6 +598,9 @@ class Engine:
         words from the journal), and cool down before the next try."""
         self._cancel_attempt()
         self._stop_cause = "failure"
+        unit = await self.systemd.unit_state(self.cfg.unit)
+        cause = startcheck.exit_cause(unit.exec_main_code, unit.exec_main_status) or self._exit_cause
+        reason = f"{reason}: {cause}" if cause else reason
         await self.systemd.stop_unit(self.cfg.unit)
         lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
         if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
@@ -570,6 +627,10 @@ class Engine:
         self._set(Event.START_FAILED)
 
     async def _on_stop(self, cause: str, only_if_idle: bool = False) -> None:
+        if self.state in (State.STOPPED, State.FAILED):
+            # never trust "stopped" over the unit: a stop asked of a stopped
+            # engine checks the unit, and a running one is adopted and stopped
+            await self._unit_now(RECHECK)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             if only_if_idle and (self.active or self.waiting > self.queued):
                 # the idle check read a status that a new request has made stale
@@ -584,6 +645,16 @@ class Engine:
 
     async def _on_unit(self, active_state: str) -> None:
         st = self.state
+        if active_state in (GONE, RECHECK, "inactive", "failed"):
+            # a signal may be stale, or a reload's (UnitRemoved for every
+            # unit): the unit's state now is what counts
+            active_state = await self._unit_now(active_state)
+            if not active_state:
+                return
+        if active_state.startswith(EXIT_PREFIX):
+            code, _, status = active_state.removeprefix(EXIT_PREFIX).partition(" ")
+            self._exit_cause = startcheck.exit_cause(int(code), int(status))
+            return
         if active_state.startswith(JOB_PREFIX):
             result, _, job = active_state.removeprefix(JOB_PREFIX).partition(" ")
             if st is not State.STARTING or job != self._start_job:
@@ -622,8 +693,32 @@ class Engine:
             self._set(Event.UNIT_GONE)
         self.upstream.reset()
         self.main_pid = 0
-        if self.state is State.STOPPED and self._wanted:
+        restart, self._restart_now = self._restart_now, False
+        if self.state is State.STOPPED and (self._wanted or restart):
             await self._start()
+
+    async def _unit_now(self, signalled: str) -> str:
+        """The unit's ActiveState now, after a signal that says it stopped
+        (or after systemd came back on the bus); "" when there is nothing to do."""
+        unit = await self.systemd.unit_state(self.cfg.unit)
+        now = unit.active_state
+        st = self.state
+        if unit.running:
+            if st is State.STOPPING:
+                # it stopped and somebody started it again since: follow it
+                self._set(Event.UNIT_GONE)
+                await self._adopt(unit)
+            elif st in (State.STOPPED, State.FAILED):
+                log.warning("engine %s: the gateway had it %s, but %s is %s: the unit's state wins; "
+                            "adopting it", self.cfg.name, st.value, self.cfg.unit, now)
+                await self._adopt(unit)
+            elif signalled == GONE:
+                log.info("engine %s: %s said %r, but it is %s (a daemon-reload?): keeping it",
+                         self.cfg.name, self.cfg.unit, signalled, now)
+            return ""
+        if signalled != RECHECK:
+            return signalled
+        return "" if st is State.STOPPED and now in (GONE, "inactive", "failed") else now
 
     def _set(self, event: Event) -> None:
         new = next_state(self.state, event)

@@ -26,6 +26,9 @@ class Kind(enum.Enum):
     ADMIN_WAKE = "admin_wake"
     ADMIN_YIELD = "admin_yield"
     ADMIN_RELEASE = "admin_release"
+    ADMIN_RELOAD = "admin_reload"
+    ADMIN_RESTART = "admin_restart"
+    ADMIN_CONFIG = "admin_config"
     ENGINE = "engine"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -45,6 +48,9 @@ OWN: dict[str, tuple[str, Kind]] = {
     "/metrics": ("GET", Kind.METRICS),
     "/v1/models": ("GET", Kind.MODELS),
     "/gateway/status": ("GET", Kind.STATUS),
+    "/gateway/reload": ("POST", Kind.ADMIN_RELOAD),
+    "/gateway/restart": ("POST", Kind.ADMIN_RESTART),
+    "/gateway/config": ("GET", Kind.ADMIN_CONFIG),
     "/gateway/start": ("POST", Kind.ADMIN_START),
     "/gateway/stop": ("POST", Kind.ADMIN_STOP),
     "/gateway/sleep": ("POST", Kind.ADMIN_SLEEP),

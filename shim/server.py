@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from . import journal
+from . import journal, reloading
 from .config import GatewayConfig
 from .engine import Engine
 from .errors import (
@@ -62,7 +62,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # Longer request targets are refused (414); OpenAI API paths are short.
 MAX_TARGET_BYTES = 8 * 1024
 ADMIN_KINDS = frozenset({Kind.ADMIN_START, Kind.ADMIN_STOP, Kind.ADMIN_SLEEP, Kind.ADMIN_WAKE,
-                         Kind.ADMIN_YIELD, Kind.ADMIN_RELEASE})
+                         Kind.ADMIN_YIELD, Kind.ADMIN_RELEASE, Kind.ADMIN_RELOAD, Kind.ADMIN_RESTART,
+                         Kind.ADMIN_CONFIG})
 # `vllm-gateway yield` waits this long for requests in flight before stopping engines.
 YIELD_TIMEOUT_S = 120.0
 # The model field of a multipart form (audio transcriptions), for routing.
@@ -148,6 +149,10 @@ class Gateway:
         for e in self.engines.values():
             e.on_event = functools.partial(self.metrics.engine_event, e.cfg.name)
         self.page = Page(cfg, fleet, self.status_now, self.activity.detached)
+
+    def apply_config(self, cfg: GatewayConfig) -> None:
+        """A reload's new configuration (reloading.reload is the caller)."""
+        self.cfg = self.fleet.cfg = cfg
 
     # ---- status ----
 
@@ -524,6 +529,17 @@ class Gateway:
                 raise Conflict("vllm-gateway: the engines did not free the GPU in time; see the journal")
         elif kind is Kind.ADMIN_RELEASE:
             self.fleet.release(None if query.get("all") == "1" else query.get("by", "manual"))
+        elif kind is Kind.ADMIN_RELOAD:
+            return await self._json(client, 200, reloading.reload(self))
+        elif kind is Kind.ADMIN_CONFIG:
+            return await self._json(client, 200, reloading.running_config(self.cfg))
+        elif kind is Kind.ADMIN_RESTART:
+            for e in self._targets(route, all_by_default=False):
+                e.request_stop("manual")
+                await e.wait_changed(1.0)
+                await e.wait_for(State.STOPPED, State.FAILED, timeout_s=e.cfg.stop_timeout_s + 10)
+                e.request_start()
+                waited += await e.acquire(self.cfg.max_waiting)
         ex = await self._json(client, 200, self.status_json())
         ex.waited_s = waited
         return ex

@@ -53,6 +53,19 @@ MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
 GONE = "gone"  # our name for "no such unit loaded"
 JOB_PREFIX = "job:"  # "job:RESULT JOB_PATH": a job for the unit finished
+EXIT_PREFIX = "exit:"  # "exit:CODE STATUS": how the unit's main process ended (ExecMainCode/Status)
+# The manager came back on the bus (after `systemctl --user daemon-reexec`, or
+# a restart of the manager): signals may have been missed, read the state again.
+RECHECK = "recheck"
+# D-Bus errors that mean "systemd is not on the bus right now" (it re-executes
+# itself): the call is retried until it is back, for at most this long.
+_AWAY_ERRORS = ("ServiceUnknown", "NameHasNoOwner", "NoReply", "Disconnected")
+SYSTEMD_BACK_S = 90.0
+# Signals waiting to be read by one watcher: a start or a stop sends about ten;
+# the router drops what does not fit.
+SIGNAL_QUEUE = 1024
+# How often a call is retried while systemd is away; a reexec takes ~0.1-1 s.
+_AWAY_RETRY_S = 0.2
 
 
 class SystemdError(Exception):
@@ -94,6 +107,9 @@ class UnitState:
     # CLOCK_REALTIME microseconds, 0 when never
     active_enter_us: int = 0
     inactive_enter_us: int = 0
+    # how the main process ended last (a CLD_* code, and its exit status)
+    exec_main_code: int = 0
+    exec_main_status: int = 0
 
     @property
     def running(self) -> bool:
@@ -153,7 +169,12 @@ class Systemd:
 
     async def subscribe(self) -> None:
         """Ask systemd to emit unit signals (it stays quiet for nobody)."""
-        await self._call(new_method_call(MANAGER, "Subscribe"), "Subscribe")
+        try:
+            await self._call(new_method_call(MANAGER, "Subscribe"), "Subscribe")
+        except SystemdError as e:
+            # a re-executed manager keeps its subscribers
+            if not e.name.endswith("AlreadySubscribed"):
+                raise
 
     async def get_unit(self, unit: str) -> str | None:
         try:
@@ -165,6 +186,19 @@ class Systemd:
         return str(path)
 
     async def unit_state(self, unit: str) -> UnitState:
+        """The unit's state now; GONE when it is not loaded. While the manager
+        re-executes itself (off the bus for a moment), waits until it answers."""
+        deadline = trio.current_time() + SYSTEMD_BACK_S
+        while True:
+            try:
+                return await self._unit_state(unit)
+            except SystemdError as e:
+                if not e.name.endswith(_AWAY_ERRORS) or trio.current_time() > deadline:
+                    raise
+                log.info("systemd is not on the bus (%s); asking again", e.name)
+            await trio.sleep(_AWAY_RETRY_S)
+
+    async def _unit_state(self, unit: str) -> UnitState:
         path = await self.get_unit(unit)
         if path is None:
             return UnitState(GONE)
@@ -181,6 +215,8 @@ class Systemd:
             status_text=str(s.get("StatusText", "")),
             active_enter_us=int(u.get("ActiveEnterTimestamp", 0)),
             inactive_enter_us=int(u.get("InactiveEnterTimestamp", 0)),
+            exec_main_code=int(s.get("ExecMainCode", 0)),
+            exec_main_status=int(s.get("ExecMainStatus", 0)),
         )
 
     async def _get_all(self, path: str, iface: str) -> dict[str, Any]:
@@ -264,8 +300,14 @@ class Systemd:
     @asynccontextmanager
     async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """Yield a channel that receives the unit's ActiveState as it changes,
-        in the order systemd emitted them, GONE when it is unloaded, and
-        "job:RESULT JOB_PATH" when a job for it finished."""
+        in the order systemd emitted them, GONE when it is unloaded,
+        "job:RESULT JOB_PATH" when a job for it finished, "exit:CODE STATUS"
+        when its main process ended, and RECHECK when
+        the manager came back on the bus.
+
+        GONE does not prove that the unit is gone: a daemon-reload unloads
+        and loads every unit again, and says UnitRemoved for each. Whoever
+        reads GONE asks for the unit's state (`unit_state`) before acting."""
         path = unit_path(unit)
         send, recv = trio.open_memory_channel[str](256)
         rules = [
@@ -277,27 +319,46 @@ class Systemd:
             # the bus needs the sender; jeepney's local filter must not have it,
             # since messages carry systemd's unique name
             await self.add_match(MatchRule(type="signal", sender=SYSTEMD, **rule.header_fields))
+        owner = MatchRule(type="signal", sender=message_bus.bus_name, interface=message_bus.interface,
+                          member="NameOwnerChanged", path=message_bus.object_path)
+        owner.add_arg_condition(0, SYSTEMD)
+        await self.add_match(owner)
+        rules.append(owner)
         async with trio.open_nursery() as nursery:
-            for rule in rules:
-                nursery.start_soon(self._pump, rule, unit, send)
+            nursery.start_soon(self._pump, rules, unit, send)
             try:
                 yield recv
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, rule: MatchRule, unit: str, out: trio.MemorySendChannel[str]) -> None:
-        with self.router.filter(rule, bufsize=256) as queue:
+    async def _pump(self, rules: list[MatchRule], unit: str, out: trio.MemorySendChannel[str]) -> None:
+        # One queue for every signal, so that they come out in the order
+        # systemd sent them (e.g. the exit status before the failed job).
+        with self.router.filter(MatchRule(type="signal"), bufsize=SIGNAL_QUEUE) as queue:
             while True:
                 msg = await queue.receive()
+                if not any(rule.matches(msg) for rule in rules):
+                    continue
                 member = msg.header.fields.get(HeaderFields.member)
                 if member == "PropertiesChanged":
                     iface, changed, _invalidated = msg.body
                     if iface == UNIT_IFACE and "ActiveState" in changed:
                         await out.send(str(changed["ActiveState"][1]))
+                    elif iface == SERVICE_IFACE and "ExecMainStatus" in changed and "ExecMainCode" in changed:
+                        # read now: a failed transient unit is unloaded at once
+                        code, status = changed["ExecMainCode"][1], changed["ExecMainStatus"][1]
+                        await out.send(f"{EXIT_PREFIX}{code} {status}")
                 elif member == "UnitRemoved" and msg.body[0] == unit:
                     await out.send(GONE)
                 elif member == "JobRemoved" and msg.body[2] == unit:
                     await out.send(f"{JOB_PREFIX}{msg.body[3]} {msg.body[1]}")
+                elif member == "NameOwnerChanged" and msg.body[2]:
+                    log.info("systemd is back on the bus as %s; subscribing again", msg.body[2])
+                    try:
+                        await self.subscribe()
+                    except SystemdError as e:
+                        log.warning("cannot subscribe to systemd's signals again: %s", e)
+                    await out.send(RECHECK)
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -189,11 +190,16 @@ class Sandbox:
         self.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat >"$1"', "sh", path],
                  input=text)
 
-    def close(self) -> None:
-        """Tear the sandbox down and wait until scripts/sandbox has cleaned up."""
-        if self._proc.returncode is None:
-            _stop(self._proc)
-        self._stderr_file.close()
+    def close(self, step_timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Tear the sandbox down and wait until scripts/sandbox has cleaned up
+        (at most three steps of `step_timeout_s`)."""
+        try:
+            if self._proc.returncode is None:
+                _stop(self._proc, step_timeout_s)
+        finally:
+            self._stderr_file.close()
+            # scripts/sandbox removes it, unless it had to be killed
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -202,18 +208,53 @@ class Sandbox:
         self.close()
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    # Closing stdin ends the holder, the normal way out; then TERM (which
-    # scripts/sandbox traps and cleans up after); KILL as the last resort.
-    if proc.stdin:
-        proc.stdin.close()
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            proc.send_signal(sig)
-        try:
-            proc.wait(CLOSE_TIMEOUT_S)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    if proc.stdout:
-        proc.stdout.close()
+def _stop(proc: subprocess.Popen[str], step_timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """End scripts/sandbox, and with it the sandbox: bounded, whatever happens.
+
+    Closing stdin ends the holder, the normal way out; then TERM (which
+    scripts/sandbox traps and cleans up after); then KILL to its whole
+    process group, and the host cgroups it made are removed here. The last
+    step also runs when the wait is interrupted (Ctrl-C in pytest), so that
+    an interrupted run leaves nothing behind and never hangs on the sandbox.
+    """
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+        for sig in (None, signal.SIGTERM):
+            if sig is not None:
+                proc.send_signal(sig)
+            try:
+                proc.wait(step_timeout_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc, step_timeout_s)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _kill_group(proc: subprocess.Popen[str], timeout_s: float) -> None:
+    """SIGKILL scripts/sandbox's process group (it runs in a session of its
+    own), the namespace's PID 1 with it, then remove the cgroups it left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        pass  # in uninterruptible sleep: the kernel ends it; nothing else waits on it
+    deadline = time.monotonic() + timeout_s
+    for group in sandbox_cgroups(proc.pid):
+        # the kernel reaps the namespace asynchronously: empty cgroups go once it has
+        while group.exists() and time.monotonic() < deadline:
+            for sub in [*sorted(group.rglob("*"), key=lambda d: len(d.parts), reverse=True), group]:
+                if sub.is_dir():
+                    try:
+                        sub.rmdir()
+                    except OSError:
+                        pass
+            if group.exists():
+                time.sleep(0.1)

@@ -538,3 +538,21 @@ def test_sleep_during_a_stream_kills_the_engine(start: Start) -> None:
     assert json.loads(events[-2])["error"]["code"] == 500
     assert fake.request("GET", "/health")[0] != 200
     conn.close()
+
+
+def test_sigterm_with_open_connections_is_quiet(start: Start) -> None:
+    # vLLM's stop by systemd: a pooled keep-alive connection and a stream in
+    # progress must not leave asyncio tracebacks in the engine's journal
+    fake = start("--token-interval-ms", "50")
+    idle = fake.connect()
+    assert fake.request("POST", "/v1/chat/completions", CHAT, conn=idle)[0] == 200
+    streaming = fake.connect()
+    streaming.request("POST", "/v1/chat/completions", body=json.dumps({**CHAT, "stream": True}),
+                      headers={"content-type": "application/json"})
+    resp = streaming.getresponse()
+    assert resp.read1(10)
+    assert fake.terminate() == 0
+    assert "Traceback" not in fake.stderr, fake.stderr
+    assert "Finished server process" in fake.stderr
+    idle.close()
+    streaming.close()

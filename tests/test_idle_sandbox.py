@@ -38,7 +38,7 @@ def test_idle_timer_stops_the_engine_and_every_process_of_its_cgroup(gw: Gateway
     for pid in [main_pid, *workers]:
         assert not gw.alive_in_sandbox(pid), f"process {pid} of the engine outlived its unit"
     assert "stopping vllm.service: idle" in gw.journal("vllm-gateway-idle")
-    wait_until(lambda: gw.status()["state"] == "stopped", 10, "the shim to see the stop")
+    wait_until(lambda: gw.status()["state"] == "stopped", 30, "the shim to see the stop")
 
 
 def test_next_request_starts_the_engine_again(gw: Gateway) -> None:

@@ -248,6 +248,9 @@ def test_real_tool_call_text_becomes_tool_calls_streamed(client: openai.OpenAI) 
     assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "tool_calls"
 
 
+ABORT_LOG_WAIT_S = 60
+
+
 def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) -> None:
     body = json.dumps({
         "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
@@ -271,7 +274,10 @@ def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) ->
         return any("abort" in line.lower() and request_id in line
                    for line in gw.journal("vllm").splitlines())
 
-    wait_until(aborted, 10, f"vLLM to log the abort of {request_id}")
+    # vLLM notices the disconnect between two tokens and journald files the
+    # line later still: on a loaded machine that took over 10 s. The wait
+    # ends at the line; the bound is only for a vLLM that never aborts.
+    wait_until(aborted, ABORT_LOG_WAIT_S, f"vLLM to log the abort of {request_id}")
     took = time.monotonic() - closed
     assert engine_running_requests(gw) == 0
     print(f"\nabort of {request_id} logged {took:.2f} s after the client left")

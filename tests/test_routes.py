@@ -48,7 +48,7 @@ def test_engine_get_endpoints(path: str) -> None:
 @pytest.mark.parametrize(
     "target",
     ["/", "/v1", "/v1/", "/docs", "/openapi.json", "/v1/chat", "/v1/chat/completions/x",
-     "/v1/models/extra", "/gateway/nothing", "/gateway/restart", "/favicon.ico", "*", "/%2e%2e",
+     "/v1/models/extra", "/gateway/nothing", "/gateway/reboot", "/favicon.ico", "*", "/%2e%2e",
      "/v2/chat/completions"],
 )
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -180,3 +180,14 @@ def test_engine_paths_in_any_spelling_forward_canonically(path_target: tuple[str
     route = classify("POST", target)
     assert route.kind is Kind.ENGINE
     assert route.path == path
+
+
+@pytest.mark.parametrize(("method", "path", "kind"), [
+    ("POST", "/gateway/reload", Kind.ADMIN_RELOAD),
+    ("POST", "/gateway/restart", Kind.ADMIN_RESTART),
+    ("GET", "/gateway/config", Kind.ADMIN_CONFIG),
+])
+def test_reload_restart_and_config_are_admin_endpoints(method: str, path: str, kind: Kind) -> None:
+    assert classify(method, path).kind is kind
+    other = "GET" if method == "POST" else "POST"
+    assert classify(other, path).kind is Kind.METHOD_NOT_ALLOWED

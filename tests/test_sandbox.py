@@ -210,6 +210,31 @@ def test_nothing_left_after_close() -> None:
 
 def assert_nothing_left(outer_pid: int, inside: list[int], mounts_before: set[str]) -> None:
     assert inside, "expected processes inside the sandbox"
-    assert [pid for pid in inside if Path(f"/proc/{pid}").exists()] == []
+    assert [pid for pid in inside if running(pid)] == []
     assert sandbox_cgroups(outer_pid) == []
     assert host_mounts() <= mounts_before
+
+
+def test_close_is_bounded_and_complete_when_the_script_cannot_clean_up() -> None:
+    # scripts/sandbox stopped (as if hung): neither stdin's end nor TERM gets
+    # an answer; close still ends everything in bounded time
+    mounts_before = host_mounts()
+    sb = Sandbox.start()
+    try:
+        inside = descendants(sb.outer_pid)
+        os.kill(sb.outer_pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+    finally:
+        sb.close(step_timeout_s=2)
+    assert time.monotonic() - t0 < 30
+    assert_nothing_left(sb.outer_pid, inside, mounts_before)
+
+
+def running(pid: int) -> bool:
+    """Alive, and not a zombie: a killed process whose parent died first waits,
+    holding nothing, for the host's init to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
