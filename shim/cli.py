@@ -32,7 +32,7 @@ async def serve(cfg: config.GatewayConfig) -> None:
                 fleet.engine_changed()
 
         await stop_orphans(sd, cfg)
-        engines = {name: Engine(e, sd, on_change, slice=cfg.fake_gpu_slice)
+        engines = {name: Engine(e, sd, on_change, slice=cfg.engine_slice(e))
                    for name, e in cfg.engines.items()}
         fleet = Fleet(cfg, engines, probe_for(cfg, sd))
         gateway = Gateway(cfg, fleet, notifier)
