@@ -155,11 +155,11 @@ def test_a_sleeping_engine_that_holds_memory_is_counted() -> None:
 
 def test_an_engine_whose_sleep_keeps_too_much_is_stopped_instead() -> None:
     a = awake("a", 16 * GIB, asleep_holds=6 * GIB)
-    # sleeping a frees 10 GiB: enough for 8
-    d = decide(T, a)
+    # 4 GiB are free; sleeping a frees 10 more: enough for 14
+    d = decide(replace(T, need=14 * GIB), a, total=20 * GIB)
     assert isinstance(d, Evict) and d.victims == (("a", "sleep"),)
-    # but not for 14: a is stopped
-    d = decide(replace(T, need=14 * GIB), a)
+    # but not for 16: a is stopped
+    d = decide(replace(T, need=16 * GIB), a, total=20 * GIB)
     assert isinstance(d, Evict) and d.victims == (("a", "stop"),)
 
 
