@@ -23,13 +23,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from .config import EngineConfig
 from .engine import Engine
-from .gpu import NvmlProbe, cgroup_dir, cgroup_rss, format_bytes, held_by, tree_pids
+from .gpu import CGROUP_ROOTS, NvmlProbe, cgroup_dir, cgroup_rss, format_bytes, held_by, tree_pids
 from .lifecycle import State
 from .measured import Measured, MeasuredStore
 from .systemd import Systemd
@@ -95,9 +96,11 @@ class SliceMeter:
 
 
 class NvmlMeter:
-    def __init__(self, systemd: Systemd, probes: Mapping[int, NvmlProbe]) -> None:
+    def __init__(self, systemd: Systemd, probes: Mapping[int, NvmlProbe],
+                 roots: Sequence[Path] = CGROUP_ROOTS) -> None:
         self.systemd = systemd
         self.probes = probes
+        self.roots = roots
 
     async def held(self, unit: str, devices: Sequence[int]) -> dict[int, int] | None:
         try:
@@ -105,7 +108,7 @@ class NvmlMeter:
         except Exception as e:
             log.debug("no cgroup for %s: %s", unit, e)
             return None
-        top = cgroup_dir(control_group) if control_group else None
+        top = cgroup_dir(control_group, self.roots) if control_group else None
         if top is None:
             return None
         pids = await trio.to_thread.run_sync(tree_pids, top)
