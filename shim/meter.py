@@ -45,6 +45,9 @@ SETTLE_S = 1.0
 MEASURE_EVERY_S = 10.0
 # A figure that moved less than this is not news for the journal or the file.
 CHANGE_FRACTION = 0.05
+# An engine measured awake may still grow a little (cuBLAS workspaces and the
+# allocator's cache come with the first large batches): plans add this share.
+GROWTH_MARGIN = 0.10
 
 
 class EngineMeter(Protocol):
@@ -133,9 +136,9 @@ class Measurements:
         return self.store.get(cfg.command)
 
     def need(self, cfg: EngineConfig) -> int | None:
-        """What it holds awake on its busiest GPU, once measured."""
+        """What it holds awake on its busiest GPU, once measured, with GROWTH_MARGIN."""
         awake = self.known(cfg).awake
-        return max(awake.values()) if awake else None
+        return int(max(awake.values()) * (1 + GROWTH_MARGIN)) if awake else None
 
     def asleep_holds(self, cfg: EngineConfig) -> int | None:
         """What it keeps asleep (at its sleep level) on its busiest GPU, once measured."""

@@ -44,6 +44,8 @@ def toml_value(v: Any) -> str:
         return str(v).lower()
     if isinstance(v, dict):  # an inline table: {KEY = "value", ...}
         return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):  # items may be inline tables
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(v)
 
 

@@ -85,9 +85,9 @@ async def test_plans_use_each_gpu_and_measured_figures_once_known(fleet: Fleet) 
     assert fleet.need(chat) == 300 * MiB
     fleet.measured.record(chat.cfg, True, {0: 350 * MiB})
     fleet.measured.record(chat.cfg, False, {0: 80 * MiB})
-    assert fleet.need(chat) == 350 * MiB
+    assert fleet.need(chat) == int(350 * MiB * 1.1)
     view = fleet._view(chat)
-    assert view.gpus == (0,) and view.need == 350 * MiB
+    assert view.gpus == (0,) and view.need == int(350 * MiB * 1.1)
     assert view.asleep_holds is None  # it cannot sleep (no sleep_after): the figure does not apply
     assert fleet.gpus_live()[1].free == 400 * MiB
 
