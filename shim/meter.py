@@ -6,7 +6,8 @@ of its GPUs (None when it cannot tell now; it never raises):
 - `NvmlMeter` lists the processes in the unit's cgroup tree (vLLM's API
   server and its workers) and adds up NVML's per-process usage
   (nvmlDeviceGetComputeRunningProcesses) for them, per GPU. NVML reports
-  host pids: the shim and the driver must share a pid namespace.
+  host pids: the shim and the driver must share a pid namespace (where
+  they do not, no process matches, and the engine stays unmeasured).
 - `SliceMeter`, for the fake GPUs, takes the unit's MemoryCurrent and puts it
   on the fake GPU whose slice the unit runs in.
 
@@ -119,8 +120,11 @@ class NvmlMeter:
         for d in devices:
             probe = self.probes.get(d)
             usage = None if probe is None else await probe.processes()
-            if usage is not None:
-                out[d] = held_by(usage, pids)
+            held = 0 if usage is None else held_by(usage, pids)
+            # nothing at all is no reading: a running engine holds at least its
+            # CUDA context, so NVML does not see its pids (another pid namespace)
+            if held > 0:
+                out[d] = held
         return out or None
 
 

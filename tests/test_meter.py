@@ -83,6 +83,8 @@ async def test_nvml_meter_adds_up_the_processes_of_the_unit_cgroup_per_gpu(tmp_p
     meter = NvmlMeter(cast(Systemd, sd), cast(dict[int, NvmlProbe], probes), roots=[tmp_path])
     assert await meter.held("vllm-a.service", (0, 1, 2)) == {0: 11 * MiB, 1: 20 * MiB}
     assert await meter.held("vllm-a.service", (2,)) is None  # NVML cannot tell
+    probes[2].usage = {555: MiB}  # none of the unit's processes: another pid namespace
+    assert await meter.held("vllm-a.service", (2,)) is None
     sd.cgroup = "/g.slice/gone.service"
     assert await meter.held("vllm-a.service", (0,)) is None
 
