@@ -61,6 +61,8 @@ SLACK = 256 * MiB
 # What the other program leaves besides half an engine: its own CUDA context
 # takes part of it.
 HOG_CONTEXT = 1024 * MiB
+# What a fake engine started as a unit takes from the checker's environment.
+PASS_ENV = ("PYTHONPATH", "LD_LIBRARY_PATH")
 DETECT = "import torch; print('cuda', int(torch.cuda.is_available()), torch.cuda.device_count())"
 
 
@@ -128,6 +130,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable,
                    help="the interpreter with torch for the fake engines (default: this one)")
     p.add_argument("--no-systemd", action="store_true", help="run fake engines as plain processes")
+    p.add_argument("--context-mib", type=int, default=HOG_CONTEXT // MiB,
+                   help="what the other program's own CUDA context may take (default 1024)")
     return p.parse_args(argv)
 
 
@@ -170,10 +174,12 @@ class FakeEngine:
         # the child sees only the checked GPU, as an engine with `gpus` does
         env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(args.gpu)}
         if self.unit:
+            # a unit starts from the manager's environment: pass on where torch and CUDA are
+            passed = [f"--setenv={k}={os.environ[k]}" for k in PASS_ENV if k in os.environ]
             subprocess.run(["systemd-run", "--user", "--quiet", f"--unit={self.unit}",
                             "--property=KillMode=control-group",
                             "--setenv=CUDA_DEVICE_ORDER=PCI_BUS_ID",
-                            f"--setenv=CUDA_VISIBLE_DEVICES={args.gpu}",
+                            f"--setenv=CUDA_VISIBLE_DEVICES={args.gpu}", *passed,
                             args.python, "-c", code], check=True, timeout=30)
             self.proc = None
         else:
@@ -260,11 +266,11 @@ async def run_checks(args: argparse.Namespace) -> list[Check]:
 
     # another program holds all but half an engine and its own CUDA context
     now = await probe.memory()
-    hog_mib = max(0, (now.free if now else 0) - want // 2 - HOG_CONTEXT) // MiB
+    hog_mib = max(0, (now.free if now else 0) - want // 2 - args.context_mib * MiB) // MiB
     say(f"another program takes {format_bytes(hog_mib * MiB)}")
     hog = FakeEngine(args, hog_mib, systemd_ok)
     try:
-        await until_holding(probe, hog, hog_mib * MiB - SLACK)
+        await until_holding(probe, hog, hog_mib * MiB)
         busy = await probe.memory()
         device = {args.gpu: Device(first.total, busy.free if busy else None)}
         say(f"with it: {busy}")

@@ -3,8 +3,11 @@ that there is nothing to check, with its own exit status."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from shim.placement import Device, EngineView, plan
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu-check"
+# a fake torch ("VRAM" is RAM) and a fake pynvml reading it back
+FAKES = REPO / "tests" / "fakegpu"
 MiB = 2**20
 GiB = 2**30
 
@@ -92,3 +97,24 @@ def test_the_report_counts_and_sets_the_exit_status() -> None:
     assert code == EXIT_FAILED
     assert text.splitlines() == ["ok    a: fine", "FAIL  b: bad", "gpu-check: 1 passed, 1 failed"]
     assert gpucheck.report([Check("a", True, "")])[1] == EXIT_OK
+
+
+def test_the_whole_check_runs_against_a_stand_in_gpu(tmp_path: Path) -> None:
+    """Every step of the check, on a fake torch whose "VRAM" is RAM and a fake
+    NVML that reads it back: the flow, the figures and the verdicts, not the GPU."""
+    fakes = tmp_path / uuid.uuid4().hex
+    shutil.copytree(FAKES, fakes)
+    env = {**os.environ, "PYTHONPATH": str(fakes), "FAKE_GPU_TOTAL_MIB": "512", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--no-systemd", "--hold-mib", "64",
+                           "--context-mib", "16", "--python", sys.executable],
+                          capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert done.returncode == EXIT_OK, done.stdout + done.stderr
+    out = done.stdout
+    assert "gpu-check: nvml GPU 0 (Fake GPU): 512 MiB total" in out
+    assert "fake engines run as process groups" in out
+    for name in ("NVML per-process usage of the engine's processes", "NVML device used memory grew",
+                 "memory back after the stop", "an engine that does not fit is refused",
+                 "an engine that fits is admitted", "admission once it left"):
+        assert f"ok    {name}" in out or f"ok    admission beside another program: {name}" in out, name
+    assert "not enough GPU memory for the engine 'engine' on GPU 0: it needs 64 MiB" in out
+    assert "gpu-check: 7 passed, 0 failed" in out
