@@ -152,13 +152,13 @@ async def test_nvml_error_is_unknown_logged_once_and_retried(
     assert mod.calls == ["init", "init", "handle 0", "memory h0"]
 
 
+def gpu_lost(h: str) -> Any:
+    raise NVMLError("GPU is lost")
+
+
 async def test_nvml_error_after_init_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = fake_pynvml()
-
-    def lost(h: str) -> Any:
-        raise NVMLError("GPU is lost")
-
-    mod.nvmlDeviceGetMemoryInfo = lost
+    mod.nvmlDeviceGetMemoryInfo = gpu_lost
     monkeypatch.setitem(sys.modules, "pynvml", mod)
     assert await NvmlProbe().memory() is None
 
@@ -259,11 +259,7 @@ async def test_nvml_lists_what_each_process_holds(monkeypatch: pytest.MonkeyPatc
 
 async def test_nvml_process_errors_are_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = fake_pynvml()
-
-    def lost(h: str) -> Any:
-        raise NVMLError("GPU is lost")
-
-    mod.nvmlDeviceGetComputeRunningProcesses = lost
+    mod.nvmlDeviceGetComputeRunningProcesses = gpu_lost
     monkeypatch.setitem(sys.modules, "pynvml", mod)
     assert await NvmlProbe().processes() is None
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
