@@ -11,7 +11,8 @@ import trio
 
 from . import __version__, commands, config, control, idle_check, listen, logsetup, systemd, yielding
 from .engine import Engine
-from .fleet import Fleet, measurements_for, probe_for, stop_orphans
+from .fleet import Fleet, probe_for, stop_orphans
+from .meter import measurements_for
 from .notify import Notifier
 from .server import Gateway
 

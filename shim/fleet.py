@@ -32,11 +32,10 @@ import trio
 from .config import GatewayConfig
 from .engine import AWAKE, Engine
 from .errors import GpuBusy, GpuYielded
-from .gpu import GpuMemory, GpuProbe, NvmlProbe, format_bytes, probes_for
+from .gpu import GpuMemory, GpuProbe, format_bytes, probes_for
 from .lifecycle import State
 from .measured import MeasuredStore
-from .meter import EngineMeter, Measurements, NvmlMeter, SliceMeter
-from .metrics import GpuLive, HeldLive
+from .meter import Measurements
 from .placement import Device, EngineView, Evict, Fits, Refuse, Wait, plan
 from .systemd import Systemd
 from .yielding import affects, read_hold_details, read_holds
@@ -60,16 +59,6 @@ def probe_for(cfg: GatewayConfig, systemd: Systemd) -> dict[int, GpuProbe]:
     return probes_for([(f.slice, f.memory) for f in cfg.fake_gpus],
                       {d for e in cfg.engines.values() for d in e.devices}, systemd,
                       importlib.util.find_spec("pynvml") is not None)
-
-
-def measurements_for(cfg: GatewayConfig, systemd: Systemd, probes: Mapping[int, GpuProbe]) -> Measurements:
-    """What measures the engines: the fake GPUs' slices, or NVML's per-process usage."""
-    meter: EngineMeter | None = None
-    if cfg.fake_gpus:
-        meter = SliceMeter(systemd, [f.slice for f in cfg.fake_gpus])
-    elif probes and all(isinstance(p, NvmlProbe) for p in probes.values()):
-        meter = NvmlMeter(systemd, {d: p for d, p in probes.items() if isinstance(p, NvmlProbe)})
-    return Measurements(meter, MeasuredStore().load())
 
 
 async def stop_orphans(systemd: Systemd, cfg: GatewayConfig) -> list[str]:
@@ -144,37 +133,6 @@ class Fleet:
     def total(self) -> int | None:
         """The GPU memory to plan with, once known."""
         return self._total
-
-    def gpus_json(self) -> dict[str, object]:
-        """Each GPU for status: its last reading, its engines and who holds it."""
-        indices = sorted({d for e in self.engines.values() for d in e.cfg.devices} | set(self.probes))
-        gpus: dict[str, object] = {}
-        for d in indices:
-            reading = self.gpus.get(d)
-            probe = self.probes.get(d)
-            gpus[str(d)] = {
-                "total_bytes": reading.total if reading else self._totals.get(d),
-                "free_bytes": reading.free if reading else None,
-                "source": reading.source if reading else probe.describe() if probe else None,
-                "engines": [e.cfg.name for e in self.engines.values() if d in e.cfg.devices],
-                "held_by": sorted(h for h in self.holds if affects(self.hold_gpus.get(h), (d,))),
-            }
-        held = {h: None if g is None else list(g) for h, g in self.hold_gpus.items() if h in self.holds}
-        return {"gpus": gpus, "held_gpus": held}
-
-    def gpus_live(self) -> list[GpuLive]:
-        return [GpuLive(d, r.total if r else self._totals.get(d), r.free if r else None)
-                for d, r in sorted(self.gpus.items())]
-
-    def held_live(self) -> list[HeldLive]:
-        out = []
-        for e in self.engines.values():
-            known = self.measured.known(e.cfg)
-            figures = [("now", self.measured.now.get(e.cfg.name, {})), ("awake", known.awake),
-                       ("asleep", known.asleep.get(e.cfg.sleep_level, {}))]
-            out += [HeldLive(e.cfg.name, d, measure, n) for measure, by_gpu in figures
-                    for d, n in sorted(by_gpu.items())]
-        return out
 
     # ---- asked by request handlers ----
 
@@ -418,6 +376,10 @@ class Fleet:
             reading = await self._read(d)
             out[d] = Device(total, reading.free if reading else None)
         return out
+
+    def gpu_total(self, index: int) -> int | None:
+        """GPU `index`'s memory to plan with, once known."""
+        return self._totals.get(index)
 
     async def _gpu_total_of(self, index: int) -> int | None:
         if self.cfg.gpu_memory is not None:

@@ -29,9 +29,9 @@ from typing import Protocol
 
 import trio
 
-from .config import EngineConfig
+from .config import EngineConfig, GatewayConfig
 from .engine import Engine
-from .gpu import CGROUP_ROOTS, NvmlProbe, cgroup_dir, cgroup_rss, format_bytes, held_by, tree_pids
+from .gpu import CGROUP_ROOTS, GpuProbe, NvmlProbe, cgroup_dir, cgroup_rss, format_bytes, held_by, tree_pids
 from .lifecycle import State
 from .measured import Measured, MeasuredStore
 from .systemd import Systemd
@@ -186,3 +186,13 @@ class Measurements:
                 self.record(e.cfg, state is State.READY, reading)
                 on_change()
             await e.wait_changed(MEASURE_EVERY_S)
+
+
+def measurements_for(cfg: GatewayConfig, systemd: Systemd, probes: Mapping[int, GpuProbe]) -> Measurements:
+    """What measures the engines: the fake GPUs' slices, or NVML's per-process usage."""
+    meter: EngineMeter | None = None
+    if cfg.fake_gpus:
+        meter = SliceMeter(systemd, [f.slice for f in cfg.fake_gpus])
+    elif probes and all(isinstance(p, NvmlProbe) for p in probes.values()):
+        meter = NvmlMeter(systemd, {d: p for d, p in probes.items() if isinstance(p, NvmlProbe)})
+    return Measurements(meter, MeasuredStore().load())

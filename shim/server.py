@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from . import journal
+from . import gpustatus, journal
 from .config import GatewayConfig
 from .engine import Engine
 from .errors import (
@@ -132,7 +132,7 @@ class Gateway:
             EngineLive(e.cfg.name, e.state, e.busy, e.waiting,
                        accumulate(e.state_seconds, e.state, e.state_since))
             for e in self.engines.values()
-        ], fleet.gpus_live, fleet.held_live))
+        ], functools.partial(gpustatus.gpus_live, fleet), functools.partial(gpustatus.held_live, fleet)))
         for e in self.engines.values():
             e.on_event = functools.partial(self.metrics.engine_event, e.cfg.name)
 
@@ -170,7 +170,7 @@ class Gateway:
             "swaps": self.fleet.swaps,
             "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
                                              "source": gpu.source},
-            **self.fleet.gpus_json(),
+            **gpustatus.gpus_json(self.fleet),
             "gateway_pid": os.getpid(),
             "gateway_uptime_s": round(time.time() - self.started, 1),
         })

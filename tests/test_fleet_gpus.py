@@ -14,6 +14,7 @@ from shim.engine import Engine
 from shim.errors import GpuYielded
 from shim.fleet import Fleet
 from shim.gpu import GpuMemory, GpuProbe
+from shim.gpustatus import gpus_json, gpus_live, held_live
 from shim.lifecycle import State
 from shim.measured import MeasuredStore
 from shim.meter import Measurements
@@ -58,13 +59,13 @@ async def test_a_hold_of_one_gpu_takes_only_the_engines_on_it(fleet: Fleet) -> N
     with pytest.raises(GpuYielded) as info:
         await fleet.gate(whisper)
     assert "GPU 1 of the engine 'whisper' is yielded to other work (whisper.service)" in str(info.value)
-    status = fleet.gpus_json()
+    status = gpus_json(fleet)
     assert status["held_gpus"] == {"whisper.service": [1]}
     gpus = cast(dict[str, dict[str, object]], status["gpus"])
     assert gpus["1"]["held_by"] == ["whisper.service"] and gpus["0"]["held_by"] == []
     assert gpus["0"]["engines"] == ["chat", "split"] and gpus["1"]["engines"] == ["whisper", "split"]
     fleet.release("whisper.service")
-    assert fleet._holders(whisper) == [] and fleet.gpus_json()["held_gpus"] == {}
+    assert fleet._holders(whisper) == [] and gpus_json(fleet)["held_gpus"] == {}
 
 
 async def test_a_hold_of_every_gpu_takes_every_engine(fleet: Fleet) -> None:
@@ -89,14 +90,15 @@ async def test_plans_use_each_gpu_and_measured_figures_once_known(fleet: Fleet) 
     view = fleet._view(chat)
     assert view.gpus == (0,) and view.need == int(350 * MiB * 1.1)
     assert view.asleep_holds is None  # it cannot sleep (no sleep_after): the figure does not apply
-    assert fleet.gpus_live()[1].free == 400 * MiB
+    assert gpus_live(fleet)[1].free == 400 * MiB
 
 
 async def test_metrics_show_each_gpu_and_measured_memory(fleet: Fleet) -> None:
     await fleet._devices(fleet.engines["split"])
     fleet.measured.record(fleet.engines["chat"].cfg, True, {0: 350 * MiB})
     engines = [EngineLive(e.cfg.name, State.STOPPED, 0, 0, {}) for e in fleet.engines.values()]
-    text = Metrics(Live(lambda: engines, fleet.gpus_live, fleet.held_live)).render().decode()
+    live = Live(lambda: engines, lambda: gpus_live(fleet), lambda: held_live(fleet))
+    text = Metrics(live).render().decode()
     assert f'vllm_gateway_gpu_memory_free_bytes{{gpu="1"}} {number(400 * MiB)}' in text
     assert f'vllm_gateway_gpu_memory_total_bytes{{gpu="0"}} {number(1000 * MiB)}' in text
     assert (f'vllm_gateway_engine_gpu_memory_bytes{{engine="chat",gpu="0",measure="awake"}} '
