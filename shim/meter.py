@@ -153,29 +153,34 @@ class Measurements:
         return {**self.known(cfg).as_json(),
                 "now": {str(d): n for d, n in sorted(self.now.get(cfg.name, {}).items())} or None}
 
-    def record(self, cfg: EngineConfig, awake: bool, reading: Mapping[int, int]) -> bool:
-        """Keep a reading; True when it is news (journal and file)."""
+    def record(self, cfg: EngineConfig, awake: bool, reading: Mapping[int, int], first: bool = False) -> bool:
+        """Keep a reading; True when it is news (kept in the file). The journal
+        gets news, and the `first` reading after each start, wake or sleep."""
         self.now[cfg.name] = dict(reading)
         known = self.known(cfg)
         old = known.awake if awake else known.asleep.get(cfg.sleep_level, {})
-        if not changed(old, reading):
-            return False
-        at = time.time()
-        self.store.put(cfg.command, known.with_awake(reading, at) if awake
-                       else known.with_asleep(cfg.sleep_level, reading, at))
-        what = "awake" if awake else f"asleep (level {cfg.sleep_level})"
-        guess = "" if not awake or cfg.memory is None else f"; its `memory` says {format_bytes(cfg.memory)}"
-        log.info("engine %s holds %s %s (measured%s)", cfg.name, describe(reading), what, guess)
-        return True
+        news = changed(old, reading)
+        if news:
+            at = time.time()
+            self.store.put(cfg.command, known.with_awake(reading, at) if awake
+                           else known.with_asleep(cfg.sleep_level, reading, at))
+        if news or first:
+            what = "awake" if awake else f"asleep (level {cfg.sleep_level})"
+            guess = ("" if not awake or cfg.memory is None
+                     else f"; its `memory` says {format_bytes(cfg.memory)}")
+            log.info("engine %s holds %s %s (measured%s)", cfg.name, describe(reading), what, guess)
+        return news
 
     async def watch(self, e: Engine, on_change: Callable[[], None]) -> None:
         """Measure `e` while it is ready or asleep; forever."""
         if self.meter is None:
             return
+        logged: State | None = None  # the state whose first reading went to the journal
         while True:
             state = e.state
             if state not in (State.READY, State.SLEEPING):
                 self.now.pop(e.cfg.name, None)
+                logged = None
                 await e.wait_changed(math.inf)
                 continue
             await e.wait_changed(SETTLE_S)
@@ -183,7 +188,8 @@ class Measurements:
                 continue
             reading = await self.meter.held(e.cfg.unit, e.cfg.devices)
             if reading is not None and e.state is state:
-                self.record(e.cfg, state is State.READY, reading)
+                self.record(e.cfg, state is State.READY, reading, first=logged is not state)
+                logged = state
                 on_change()
             await e.wait_changed(MEASURE_EVERY_S)
 

@@ -139,20 +139,22 @@ def test_a_sleeping_engine_that_still_holds_memory_is_measured_and_counted(gw: G
     }, two_gpus(ONE_FITS, "420MiB"))
     assert chat(gw, "beta")[0] == 200
 
-    def measured(state: str) -> int:
-        figures = gw.status()["engines"]["b"]["measured_memory"]
-        by_gpu = figures["awake"] if state == "awake" else figures["asleep"].get("1", {})
-        return int(by_gpu.get("1", 0))
+    def now() -> int:
+        """What b holds on GPU 1 by the last reading in its present state."""
+        figures = gw.status()["engines"]["b"]["measured_memory"]["now"] or {}
+        return int(figures.get("1", 0))
 
-    wait_until(lambda: measured("awake") > 300 << 20, 30, "b's memory awake to be measured")
+    wait_until(lambda: now() > 300 << 20, 30, "b's memory awake to be measured")
+    awake = now()
     code, _, body = gw.request("POST", "/gateway/sleep?engine=b")
     assert code == 200, body
-    wait_until(lambda: measured("asleep") > 200 << 20, 30, "b's memory asleep to be measured")
-    assert measured("asleep") < measured("awake") - (80 << 20)
+    wait_until(lambda: 200 << 20 < now() < awake - (80 << 20), 30, "b's memory asleep to be measured")
+    kept = gw.status()["engines"]["b"]["measured_memory"]["asleep"]["1"]["1"]
+    assert 200 << 20 < kept < awake - (80 << 20)
     code, _, metrics = gw.request("GET", "/metrics")
     assert b'vllm_gateway_engine_gpu_memory_bytes{engine="b",gpu="1",measure="asleep"}' in metrics
-    log = gw.journal("vllm-gateway.service")
-    assert "engine b holds" in log and "on GPU 1 asleep (level 1) (measured)" in log
+    wait_until(lambda: "on GPU 1 asleep (level 1) (measured)" in gw.journal("vllm-gateway.service"), 30,
+               "the journal to say what b keeps asleep")
 
     # what b keeps asleep is counted: it is stopped to make room for c
     code, answer = chat(gw, "gamma")

@@ -100,6 +100,12 @@ def test_records_are_kept_by_command_and_logged_when_news(
         assert m.record(CFG, False, {0: 50 * MiB})
     assert "engine a holds 200 MiB on GPU 0 awake (measured; its `memory` says 300 MiB)" in caplog.text
     assert "engine a holds 50 MiB on GPU 0 asleep (level 1) (measured)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "vllm_gateway.meter"):
+        assert not m.record(CFG, False, {0: 50 * MiB})
+        assert caplog.text == ""  # neither news nor the first reading since a change
+        assert not m.record(CFG, False, {0: 50 * MiB}, first=True)
+    assert "engine a holds 50 MiB on GPU 0 asleep (level 1) (measured)" in caplog.text
     assert m.need(CFG) == int(200 * MiB * 1.1) and m.asleep_holds(CFG) == 50 * MiB
     # another sleep level has figures of its own
     assert Measurements(None, store).asleep_holds(EngineConfig(**{**CFG.__dict__, "sleep_level": 2})) is None
