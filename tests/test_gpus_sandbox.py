@@ -85,13 +85,8 @@ def test_engines_on_different_gpus_run_together_and_evict_only_on_their_gpu(gw: 
 def test_a_busy_gpu_is_answered_at_once_naming_it_and_the_other_gpu_serves(gw: Gateway) -> None:
     gw.configure_engines({"a": engine(["alpha"], [0]), "b": engine(["beta"], [1])},
                          two_gpus(ONE_FITS, ONE_FITS))
-    gw.sb.run(["systemd-run", "--user", "--unit=game1", f"--slice={SLICES[1]}", "--", "python3", "-c",
-               "import mmap, time\nm = mmap.mmap(-1, 200 << 20)\n"
-               "for i in range(0, 200 << 20, 4096): m[i] = 1\ntime.sleep(600)"])
+    gw.hold_memory("game1.service", SLICES[1], 200)
     try:
-        def game_holds() -> bool:
-            return int(gw.unit_prop("game1.service", "MemoryCurrent") or 0) > 150 << 20
-        wait_until(game_holds, 30, "the game to hold its memory")
         t0 = time.monotonic()
         code, headers, body = gw.chat(model="beta")
         took = time.monotonic() - t0
