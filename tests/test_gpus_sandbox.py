@@ -116,6 +116,10 @@ def test_yield_of_gpu_1_takes_only_the_engines_on_it(gw: Gateway) -> None:
     status = gw.status()
     assert status["held_gpus"] == {"whisper.service": [1]}
     assert status["gpus"]["1"]["held_by"] == ["whisper.service"] and status["gpus"]["0"]["held_by"] == []
+    code, _, body = gw.request("POST", "/gateway/yield?by=x&gpu=one")
+    assert code == 400 and b"`gpu` must be GPU indices 0..63 separated by commas" in body, body
+    bad = vllm_gateway(gw, "yield", "--gpu", "-1", "--by", "x")
+    assert bad.returncode == 2 and "--gpu: GPU indices" in bad.stderr, bad.stderr
     assert vllm_gateway(gw, "release", "--by", "whisper.service").returncode == 0
     assert chat(gw, "beta")[0] == 200
     assert states(gw) == {"a": "ready", "b": "ready"}
