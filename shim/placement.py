@@ -13,7 +13,9 @@ with it are in its way. The answer is one of:
   models that do not fit together swap in batches, not at every request;
 - `Refuse`: it cannot fit even with every evictable engine gone (other
   programs or pinned engines hold the memory): answer at once, naming the
-  GPU and the figures, instead of letting vLLM fail after a minute.
+  GPU and the figures, instead of letting vLLM fail after a minute. While
+  an engine there is still taking its memory, the live reading is not final
+  yet: `Wait` a moment and plan again instead.
 
 A sleeping engine still holds memory (vLLM keeps its CUDA context and
 graphs): once measured (`asleep_holds`) it is counted, and an engine whose
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 from .gpu import format_bytes
 
 GIB = 2**30
+# While an engine on the GPU is still taking its memory (starting, waking),
+# a short reading is not final: plan again this much later.
+LOADING_RECHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,12 @@ def _make_room(
             r.gain = max(r.gain, r.short)  # measured again once they are gone
     for r in rooms:
         if r.missing > 0:
+            loading = [e.name for e in r.awake if e.loading]
+            if loading and r.free is not None:
+                # the live reading counts part of what they take, and the plan
+                # all of it: look again once they hold all of it
+                return Wait(now + LOADING_RECHECK_S, f"{', '.join(map(repr, loading))} still taking "
+                            f"memory on GPU {r.index}")
             return Refuse(_no_room(target, need, r))
     worst = max(rooms, key=lambda r: r.short)
     why = (f"{target.name!r} needs {format_bytes(need)} on GPU {worst.index}; "

@@ -167,3 +167,15 @@ def test_a_sleeping_target_needs_only_what_it_does_not_keep() -> None:
     me = replace(T, need=10 * GIB, asleep=True, asleep_holds=4 * GIB)
     assert decide(me, total=24 * GIB, free=6 * GIB) == Fits()
     assert isinstance(decide(me, total=24 * GIB, free=5 * GIB), Refuse)
+
+
+def test_a_short_reading_while_an_engine_loads_is_looked_at_again_not_refused() -> None:
+    # a wakes: the reading shows part of its memory taken, the plan counts all of it
+    d = decide(replace(T, need=12 * GIB), awake("a", 10 * GIB, loading=True, can_sleep=False),
+               total=24 * GIB, free=1 * GIB, now=100.0)
+    assert isinstance(d, Wait) and d.until == 101.0 and "'a' still taking memory on GPU 0" in d.reason
+    # without a live reading, or once it is loaded, the answer is final
+    assert isinstance(decide(replace(T, need=30 * GIB), awake("a", loading=True), total=24 * GIB), Refuse)
+    d = decide(replace(T, need=12 * GIB), awake("a", 10 * GIB, can_sleep=False), total=24 * GIB,
+               free=1 * GIB)
+    assert isinstance(d, Refuse)
