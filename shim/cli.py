@@ -26,6 +26,7 @@ from . import (
 from .engine import Engine
 from .errors import GatewayError
 from .fleet import Fleet, probe_for, stop_orphans
+from .meter import measurements_for
 from .notify import Notifier
 from .server import Gateway
 
@@ -46,9 +47,10 @@ async def serve(cfg: config.GatewayConfig) -> None:
                 fleet.engine_changed()
 
         await stop_orphans(sd, cfg)
-        engines = {name: Engine(e, sd, on_change, slice=cfg.fake_gpu_slice)
+        engines = {name: Engine(e, sd, on_change, slice=cfg.engine_slice(e))
                    for name, e in cfg.engines.items()}
-        fleet = Fleet(cfg, engines, probe_for(cfg, sd))
+        probes = probe_for(cfg, sd)
+        fleet = Fleet(cfg, engines, probes, measurements_for(cfg, sd, probes))
         gateway = Gateway(cfg, fleet, notifier)
         async with trio.open_nursery() as nursery:
             for engine in engines.values():
@@ -124,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     yl = command("yield", "free the GPU for other work: every engine sleeps or stops, and none "
                  "starts until released", "vllm-gateway yield --by game.service")
     yl.add_argument("--by", default=yielding.DEFAULT_HOLDER, help="who holds the GPU (default: manual)")
+    yl.add_argument("--gpu", type=_gpus, default=None, metavar="N[,N]",
+                    help="take only these GPUs: only engines that run on them make room (default: all)")
     yl.add_argument("--timeout", type=float, default=120.0, metavar="S",
                     help="wait this long for requests in flight, then stop the engines (default: 120)")
     rl = command("release", "end a hold of `vllm-gateway yield`: engines start again on demand",
@@ -149,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gpus(text: str) -> tuple[int, ...]:
+    try:
+        return yielding.parse_gpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reload":
         return commands.reload()
     if args.command == "yield":
-        return yielding.yield_gpu(cfg, args.by, args.timeout)
+        return yielding.yield_gpu(cfg, args.by, args.timeout, args.gpu)
     if args.command == "release":
         return yielding.release(None if args.all else args.by)
     if args.command == "logs":

@@ -216,9 +216,29 @@ def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: 
         ("last error", str(status.get("last_error") or status.get("last_sleep_error") or "-")),
         ("memory", size(extras.memory_bytes)),
         ("vram", extras.vram),
+        *gpu_rows(status),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def gpu_rows(status: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The engine's GPUs and what it was measured to hold there (shim/meter.py)."""
+    rows = []
+    if isinstance(status.get("gpus"), list):
+        rows.append(("gpus", ", ".join(map(str, status["gpus"]))))
+    measured = status.get("measured_memory")
+    if isinstance(measured, dict):
+        def on(by_gpu: object) -> str:
+            if not isinstance(by_gpu, dict) or not by_gpu:
+                return "-"
+            return ", ".join(f"{size(int(n))} on GPU {d}" for d, n in sorted(by_gpu.items()))
+        asleep = measured.get("asleep")
+        level = str(status.get("sleep_level", 1))
+        kept = asleep.get(level) if isinstance(asleep, dict) else None
+        rows.append(("measured", f"now {on(measured.get('now'))}; awake {on(measured.get('awake'))}; "
+                                 f"asleep {on(kept)}"))
+    return rows
 
 
 def _paint(text: str, colour: bool, key: str | None = None) -> str:

@@ -72,6 +72,9 @@ class EngineConfig:
     memory: int | None = None
     # Never evicted to make room for another engine (yield still applies).
     pinned: bool = False
+    # The GPUs it runs on (NVML/CUDA indices); None: unspecified, planned as
+    # GPU 0 and started without CUDA_VISIBLE_DEVICES, as on a one-GPU machine.
+    gpus: tuple[int, ...] | None = None
     # Sleep tier: put the engine to sleep (level 1: weights to CPU RAM; level
     # 2: weights dropped) after this idle time; None keeps it awake.
     sleep_after_s: float | None = None
@@ -108,9 +111,29 @@ class EngineConfig:
                     break
         return 0.9
 
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """The GPUs the engine occupies, for planning: its `gpus`, else GPU 0."""
+        return self.gpus or (0,)
+
     def env(self, *, sleep: bool) -> dict[str, str]:
         """The engine's environment; sleep mode's endpoints need vLLM's dev mode."""
-        return {**self.environment, **({"VLLM_SERVER_DEV_MODE": "1"} if sleep else {})}
+        return {**self.environment, **self.device_env(), **({"VLLM_SERVER_DEV_MODE": "1"} if sleep else {})}
+
+    def device_env(self) -> dict[str, str]:
+        """With `gpus`: CUDA sees those devices only, numbered as NVML and
+        nvidia-smi number them (CUDA's own default order is fastest first)."""
+        if self.gpus is None:
+            return {}
+        return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpus))}
+
+
+@dataclass(frozen=True)
+class FakeGpu:
+    """A stand-in GPU: the RAM of the processes in `slice` counts as its used memory."""
+
+    slice: str
+    memory: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -142,7 +165,18 @@ class GatewayConfig:
     # the memory of every process in this slice counts as used GPU memory.
     fake_gpu_slice: str | None = None
     fake_gpu_memory: int = 0
+    # Several stand-in GPUs (index = place in the list), each a slice and a
+    # budget; the single-device form above is GPU 0 of this list.
+    fake_gpus: tuple[FakeGpu, ...] = ()
     source: str = ""
+
+    def fake_gpu(self, index: int) -> FakeGpu | None:
+        return self.fake_gpus[index] if 0 <= index < len(self.fake_gpus) else None
+
+    def engine_slice(self, engine: EngineConfig) -> str | None:
+        """The slice an engine runs in: its first GPU's, with a fake GPU."""
+        fake = self.fake_gpu(engine.devices[0])
+        return fake.slice if fake else self.fake_gpu_slice
 
     @property
     def engine(self) -> EngineConfig:
@@ -221,16 +255,11 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
     }
     _check_distinct(c, engines)
     fake_slice, fake_memory = None, 0
+    fakes: tuple[FakeGpu, ...] = ()
     if "fake_gpu" in gw:
-        fake = gw["fake_gpu"]
-        c.table(fake, "gateway.fake_gpu")
-        c.only_keys(fake, "gateway.fake_gpu", {"slice", "memory"})
-        fake_slice = fake.get("slice", "vllm-gateway-gpu.slice")
-        if not isinstance(fake_slice, str) or not fake_slice.endswith(".slice") or "/" in fake_slice:
-            raise ConfigError(source, "gateway.fake_gpu.slice", "must be a unit name ending in .slice")
-        if "memory" not in fake:
-            raise c.fail("gateway.fake_gpu.memory", "missing: the stand-in GPU's size, e.g. \"2GiB\"")
-        fake_memory = c.size(fake["memory"], "gateway.fake_gpu.memory")
+        fakes = _fake_gpus(c, gw["fake_gpu"])
+        fake_slice, fake_memory = fakes[0].slice, fakes[0].memory
+    _check_gpus(c, engines, len(fakes))
     return GatewayConfig(
         engines=engines,
         listen_host=host,
@@ -245,6 +274,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
         min_residency_s=c.duration(gw.get("min_residency", DEFAULT_MIN_RESIDENCY_S), "gateway.min_residency"),
         fake_gpu_slice=fake_slice,
         fake_gpu_memory=fake_memory,
+        fake_gpus=fakes,
         source=source,
     )
 
@@ -252,8 +282,60 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
 _ENGINE_KEYS = {
     "command", "port", "environment", "models", "health_path", "start_timeout",
     "stop_after", "stop_timeout", "unit", "tool_call_format", "sleep_after", "sleep_level",
-    "max_tokens", "max_tokens_policy", "read_timeout", "memory", "pinned",
+    "max_tokens", "max_tokens_policy", "read_timeout", "memory", "pinned", "gpus",
 }
+# CUDA numbers devices from 0; 64 is beyond any single machine.
+MAX_GPUS = 64
+
+
+def _fake_gpus(c: _Checker, fake: Any) -> tuple[FakeGpu, ...]:
+    """[gateway.fake_gpu]: one device (slice, memory) or several (devices = [{slice, memory}, ...])."""
+    c.table(fake, "gateway.fake_gpu")
+    if "devices" in fake:
+        c.only_keys(fake, "gateway.fake_gpu", {"devices"})
+        devices = fake["devices"]
+        if not isinstance(devices, list) or not devices:
+            raise c.fail("gateway.fake_gpu.devices", "must be a list of {slice = ..., memory = ...} tables")
+        tables = [(f"gateway.fake_gpu.devices[{i}]", d) for i, d in enumerate(devices)]
+        default = None
+    else:
+        tables = [("gateway.fake_gpu", fake)]
+        default = "vllm-gateway-gpu.slice"
+    fakes: list[FakeGpu] = []
+    for key, table in tables:
+        c.table(table, key)
+        c.only_keys(table, key, {"slice", "memory"})
+        slice = table.get("slice", default)
+        if not isinstance(slice, str) or not slice.endswith(".slice") or "/" in slice:
+            raise c.fail(f"{key}.slice", "must be a unit name ending in .slice")
+        if "memory" not in table:
+            raise c.fail(f"{key}.memory", "missing: the stand-in GPU's size, e.g. \"2GiB\"")
+        if any(f.slice == slice for f in fakes):
+            raise c.fail(f"{key}.slice", f"{slice} is already another fake GPU's slice")
+        fakes.append(FakeGpu(slice, c.size(table["memory"], f"{key}.memory")))
+    return tuple(fakes)
+
+
+def _gpus(c: _Checker, value: Any, key: str) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_GPUS for i in value)):
+        raise c.fail(key, f"must be a list of GPU indices 0..{MAX_GPUS - 1}, e.g. [1] or [0, 1]")
+    if len(set(value)) != len(value):
+        raise c.fail(key, "names a GPU twice")
+    return tuple(value)
+
+
+def _check_gpus(c: _Checker, engines: Mapping[str, EngineConfig], fake_count: int) -> None:
+    """Engines name fake GPUs that exist, and do not set the devices twice."""
+    for name, e in engines.items():
+        if e.gpus is None:
+            continue
+        if "CUDA_VISIBLE_DEVICES" in e.environment:
+            raise c.fail(f"engines.{name}.environment.CUDA_VISIBLE_DEVICES",
+                         "set by the gateway from `gpus`: set one of them, not both")
+        if fake_count and max(e.gpus) >= fake_count:
+            raise c.fail(f"engines.{name}.gpus", f"GPU {max(e.gpus)} is not one of the "
+                         f"{fake_count} fake GPUs of gateway.fake_gpu")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -338,6 +420,7 @@ def _engine(c: _Checker, name: str, t: Any, index: int | None) -> EngineConfig:
                                    ("reject", "cap")),
         memory=None if t.get("memory") is None else c.size(t["memory"], f"{k}.memory"),
         pinned=c.boolean(t.get("pinned", False), f"{k}.pinned"),
+        gpus=None if t.get("gpus") is None else _gpus(c, t["gpus"], f"{k}.gpus"),
     )
 
 

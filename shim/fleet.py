@@ -11,6 +11,11 @@ together, so mixed load swaps in batches instead of at every request.
 
 It also holds the GPU for other programs (`vllm-gateway yield`), and checks
 after each stop or sleep that the engine's memory came back.
+
+With several GPUs, each has its own probe and figures, an engine needs room
+on each of its GPUs (placement.py), and a hold of some GPUs takes only the
+engines that run on them. What each engine really holds, awake and asleep,
+is measured (meter.py) and replaces its configured `memory` in the plans.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import trio
 from .config import GatewayConfig
 from .engine import AWAKE, Engine
 from .errors import GpuBusy, GpuYielded
-from .gpu import GpuMemory, GpuProbe, NvmlProbe, SliceProbe, format_bytes
+from .gpu import GpuMemory, GpuProbe, format_bytes, probes_for
 from .lifecycle import State
-from .placement import EngineView, Evict, Fits, Refuse, Wait, plan
+from .measured import MeasuredStore
+from .meter import Measurements
+from .placement import Device, EngineView, Evict, Fits, Refuse, Wait, plan
 from .systemd import Systemd
-from .yielding import read_holds
+from .yielding import affects, read_hold_details, read_holds
 
 log = logging.getLogger("vllm_gateway.fleet")
 
@@ -46,13 +53,12 @@ YIELD_RETRY_AFTER_S = 30.0
 ORPHAN_MARK = "started by vllm-gateway"
 
 
-def probe_for(cfg: GatewayConfig, systemd: Systemd) -> GpuProbe | None:
-    """The fake GPU when configured, else NVML where nvidia-ml-py is installed."""
-    if cfg.fake_gpu_slice is not None:
-        return SliceProbe(systemd, cfg.fake_gpu_slice, cfg.fake_gpu_memory)
-    if importlib.util.find_spec("pynvml") is not None:
-        return NvmlProbe()
-    return None
+def probe_for(cfg: GatewayConfig, systemd: Systemd) -> dict[int, GpuProbe]:
+    """A probe per GPU: the fake GPUs when configured, else NVML for every GPU
+    an engine runs on, where nvidia-ml-py is installed."""
+    return probes_for([(f.slice, f.memory) for f in cfg.fake_gpus],
+                      {d for e in cfg.engines.values() for d in e.devices}, systemd,
+                      importlib.util.find_spec("pynvml") is not None)
 
 
 async def stop_orphans(systemd: Systemd, cfg: GatewayConfig) -> list[str]:
@@ -94,14 +100,25 @@ class MemoryCheck:
 
 
 class Fleet:
-    def __init__(self, cfg: GatewayConfig, engines: Mapping[str, Engine], probe: GpuProbe | None) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, engines: Mapping[str, Engine],
+        probe: GpuProbe | Mapping[int, GpuProbe] | None, measurements: Measurements | None = None,
+    ) -> None:
         self.cfg = cfg
         self.engines = dict(engines)
-        self.probe = probe
+        # one probe per GPU index; a single probe is GPU 0's
+        self.probes: dict[int, GpuProbe] = (
+            {} if probe is None else dict(probe) if isinstance(probe, Mapping) else {0: probe})
+        self.probe = self.probes.get(0)
+        self.measured = measurements or Measurements(None, MeasuredStore())
+        self.gpus: dict[int, GpuMemory | None] = {}  # the last reading of each GPU
+        self._totals: dict[int, int | None] = {}
         self._by_model = {m: e for e in self.engines.values() for m in e.cfg.models}
         self._queue: list[_Ticket] = []
         self._changed = trio.Event()
         self.holds: dict[str, float] = read_holds()
+        self.hold_gpus: dict[str, tuple[int, ...] | None] = {}  # holder -> GPUs (None: all)
+        self._read_hold_gpus()
         self.last_decision = ""
         self.swaps = 0  # engines admitted after others made room for them
         self._making_room_for: Engine | None = None
@@ -137,8 +154,8 @@ class Fleet:
 
     async def gate(self, engine: Engine) -> None:
         """Wait until `engine` may hold GPU memory; raise when it cannot."""
-        if self.holds:
-            raise self._yielded()
+        if self._holders(engine):
+            raise self._yielded(engine)
         ticket = _Ticket(engine)
         self._queue.append(ticket)
         self.bump()
@@ -151,32 +168,52 @@ class Fleet:
         if ticket.error is not None:
             raise ticket.error
 
-    def _yielded(self) -> GpuYielded:
-        who = ", ".join(sorted(self.holds))
+    def _yielded(self, engine: Engine | None = None) -> GpuYielded:
+        holders = self.holds if engine is None else self._holders(engine)
+        who = ", ".join(sorted(holders))
+        gpus = {d for h in holders for d in self.hold_gpus.get(h) or ()}
+        if engine is not None and all(self.hold_gpus.get(h) is not None for h in holders):
+            gpus &= set(engine.cfg.devices)
+            what = f"GPU {', '.join(map(str, sorted(gpus)))} of the engine {engine.cfg.name!r} is"
+        else:
+            what = "the GPU is"
         return GpuYielded(
-            f"vllm-gateway: the GPU is yielded to other work ({who}); engines start again after "
+            f"vllm-gateway: {what} yielded to other work ({who}); engines start again after "
             f"`vllm-gateway release`", retry_after_s=YIELD_RETRY_AFTER_S,
         )
 
+    def _read_hold_gpus(self) -> None:
+        details = read_hold_details()
+        self.hold_gpus = {h: details[h].gpus if h in details else self.hold_gpus.get(h) for h in self.holds}
+
+    def _holders(self, e: Engine) -> list[str]:
+        """Who holds a GPU that `e` runs on."""
+        return [h for h in self.holds if affects(self.hold_gpus.get(h), e.cfg.devices)]
+
     # ---- yield ----
 
-    async def hold(self, holder: str, timeout_s: float) -> bool:
-        """Take the GPU for `holder`: every engine sleeps or stops, and none
-        starts until it is released. True once no engine holds memory."""
+    async def hold(self, holder: str, timeout_s: float, gpus: tuple[int, ...] | None = None) -> bool:
+        """Take the GPU (or only `gpus`) for `holder`: every engine there sleeps
+        or stops, and none starts until it is released. True once no engine
+        holds memory there."""
         self.holds = read_holds()
         self.holds.setdefault(holder, time.time())
-        log.info("yielding the GPU to %s", holder)
+        self._read_hold_gpus()
+        self.hold_gpus[holder] = gpus
+        taken = [e for e in self.engines.values() if affects(gpus, e.cfg.devices)]
+        log.info("yielding %s to %s", "the GPU" if gpus is None else f"GPU {','.join(map(str, gpus))}",
+                 holder)
         self.bump()
         with trio.move_on_after(timeout_s):
-            while any(e.holds_memory for e in self.engines.values()):
+            while any(e.holds_memory for e in taken):
                 await self._wait_engines_changed(1.0)
             return True
-        for e in self.engines.values():
+        for e in taken:
             if e.holds_memory:
                 log.warning("engine %s still holds the GPU after %g s: stopping it", e.cfg.name, timeout_s)
                 e.request_stop("yield")
-        with trio.move_on_after(max(e.cfg.stop_timeout_s for e in self.engines.values()) + 5):
-            while any(e.holds_memory for e in self.engines.values()):
+        with trio.move_on_after(max((e.cfg.stop_timeout_s for e in taken), default=0) + 5):
+            while any(e.holds_memory for e in taken):
                 await self._wait_engines_changed(1.0)
             return True
         return False
@@ -187,6 +224,7 @@ class Fleet:
             self.holds.clear()
         else:
             self.holds.pop(holder, None)
+        self._read_hold_gpus()
         log.info("GPU released by %s; held now by: %s", holder or "everyone",
                  ", ".join(self.holds) or "nobody")
         self.bump()
@@ -202,6 +240,7 @@ class Fleet:
         async with trio.open_nursery() as nursery:
             for e in self.engines.values():
                 nursery.start_soon(self._watch_memory, e)
+                nursery.start_soon(self.measured.watch, e, self.bump)
             while True:
                 changed = self._changed
                 until = await self._step()
@@ -217,17 +256,17 @@ class Fleet:
                 e.reserved = False
         if self.holds:
             self._yield_step()
-            return math.inf
+            if all(self._holders(e) for e in self.engines.values()):
+                return math.inf
         self._release_admitted()
         if not self._queue:
             self._undrain(keep=())
             return math.inf
         target = self._queue[0].engine
-        total = await self._gpu_total()
-        free = await self._gpu_free()
+        devices = await self._devices(target)
         decision = plan(
             self._view(target), [self._view(e) for e in self.engines.values() if e is not target],
-            total=total, free=free, now=trio.current_time(), min_residency_s=self.cfg.min_residency_s,
+            devices=devices, now=trio.current_time(), min_residency_s=self.cfg.min_residency_s,
         )
         match decision:
             case Fits():
@@ -279,7 +318,7 @@ class Fleet:
 
     def _undrain(self, keep: Collection[str]) -> None:
         for e in self.engines.values():
-            if e.draining and e.cfg.name not in keep:
+            if e.draining and e.cfg.name not in keep and not self._holders(e):
                 e.draining = False
 
     def _evict(self, e: Engine, action: str, cause: str) -> None:
@@ -293,18 +332,19 @@ class Fleet:
 
     def _yield_step(self) -> None:
         for t in list(self._queue):
-            self._queue.remove(t)
-            t.error = self._yielded()
-            t.done.set()
+            if self._holders(t.engine):
+                self._queue.remove(t)
+                t.error = self._yielded(t.engine)
+                t.done.set()
         for e in self.engines.values():
-            if e.state in AWAKE:
+            if e.state in AWAKE and self._holders(e):
                 self._evict(e, "sleep", "yield")
 
     def _view(self, e: Engine) -> EngineView:
         now = trio.current_time()
         return EngineView(
             name=e.cfg.name,
-            need=e.cfg.memory_needed(self._total),
+            need=self.need(e),
             pinned=e.cfg.pinned,
             awake=e.holds_memory,
             loading=e.reserved or e.state in (State.STARTING, State.WAKING),
@@ -313,26 +353,58 @@ class Fleet:
             awake_since=e.awake_since,
             last_used=e.last_used,
             can_sleep=e.sleep_enabled,
+            gpus=e.cfg.devices,
+            asleep_holds=self.measured.asleep_holds(e.cfg) if e.sleep_enabled else None,
         )
 
-    async def _gpu_total(self) -> int | None:
-        if self.cfg.gpu_memory is not None:
-            self._total = self.cfg.gpu_memory
-        elif self.probe is not None and self._total is None:
-            reading = await self.probe.memory()
-            self._total = reading.total if reading else None
-        return self._total
+    def need(self, e: Engine) -> int | None:
+        """What `e` needs on each of its GPUs: as measured once known, else its
+        `memory` (or vLLM's share of its smallest GPU)."""
+        measured = self.measured.need(e.cfg)
+        if measured is not None:
+            return measured
+        totals = [self._totals.get(d) for d in e.cfg.devices]
+        known = [t for t in totals if t is not None]
+        return e.cfg.memory_needed(min(known) if len(known) == len(totals) else self._total)
 
-    async def _gpu_free(self) -> int | None:
-        if self.probe is None:
-            return None
-        self.gpu = await self.probe.memory()
-        return self.gpu.free if self.gpu else None
+    async def _devices(self, target: Engine) -> dict[int, Device]:
+        """The figures of every GPU that the target or an engine beside it uses."""
+        used = {d for e in self.engines.values() for d in e.cfg.devices}
+        out = {}
+        for d in sorted(used | set(target.cfg.devices)):
+            total = await self._gpu_total_of(d)
+            reading = await self._read(d)
+            out[d] = Device(total, reading.free if reading else None)
+        return out
+
+    def gpu_total(self, index: int) -> int | None:
+        """GPU `index`'s memory to plan with, once known."""
+        return self._totals.get(index)
+
+    async def _gpu_total_of(self, index: int) -> int | None:
+        if self.cfg.gpu_memory is not None:
+            self._totals[index] = self.cfg.gpu_memory
+        elif self._totals.get(index) is None and index in self.probes:
+            reading = await self.probes[index].memory()
+            self._totals[index] = reading.total if reading else None
+        total = self._totals.get(index)
+        if index == 0:
+            self._total = total
+        return total
+
+    async def _read(self, index: int) -> GpuMemory | None:
+        probe = self.probes.get(index)
+        reading = None if probe is None else await probe.memory()
+        self.gpus[index] = reading
+        if index == 0:
+            self.gpu = reading
+        return reading
 
     # ---- memory back after a stop or a sleep ----
 
     async def _watch_memory(self, e: Engine) -> None:
-        if self.probe is None:
+        probe = self.probes.get(e.cfg.devices[0])
+        if probe is None:
             return
         before: GpuMemory | None = None
         was = e.state
@@ -340,21 +412,21 @@ class Fleet:
             await e.wait_changed(math.inf)
             now = e.state
             if now in (State.STOPPING, State.GOING_TO_SLEEP) and was not in (State.STOPPING,):
-                before = await self.probe.memory()
+                before = await probe.memory()
             elif now in (State.STOPPED, State.SLEEPING, State.FAILED) and was in AWAKE:
-                await self._check_back(e, before, "stopped" if now is not State.SLEEPING else "asleep")
+                await self._check_back(e, probe, before, "stopped" if now is not State.SLEEPING else "asleep")
                 before = None
             was = e.state
             self.bump()
 
-    async def _check_back(self, e: Engine, before: GpuMemory | None, what: str) -> None:
-        assert self.probe is not None
-        need = e.cfg.memory_needed(self._total)
-        expected = None if need is None else need // 2
+    async def _check_back(self, e: Engine, probe: GpuProbe, before: GpuMemory | None, what: str) -> None:
+        need = self.need(e)
+        kept = (self.measured.asleep_holds(e.cfg) or 0) if what == "asleep" else 0
+        expected = None if need is None else (need - kept) // 2
         reading = before
         with trio.move_on_after(MEMORY_BACK_S):
             while True:
-                reading = await self.probe.memory()
+                reading = await probe.memory()
                 if reading is None or before is None or expected is None:
                     break
                 if reading.free - before.free >= expected:

@@ -25,7 +25,16 @@ once, and it needs the cgroup file system and /proc of the manager's own
 namespaces. On cgroup v1 MemoryCurrent also counts page cache that the slice's
 processes read; for the fake that is a few MiB at most.
 
-The pure parts (`format_bytes`, `parse_vm_rss`, `slice_memory`) do no I/O.
+With several GPUs there is one probe per device (`probes_for`): an
+NvmlProbe for each index an engine names, or a SliceProbe for each fake
+device of `[gateway.fake_gpu]`.
+
+NvmlProbe also reads what each process holds on its GPU
+(nvmlDeviceGetComputeRunningProcesses), so that the gateway can measure what
+an engine really holds (shim/meter.py).
+
+The pure parts (`format_bytes`, `parse_vm_rss`, `slice_memory`,
+`process_usage`, `held_by`) do no I/O.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,6 +112,24 @@ def parse_vm_rss(status: str) -> int | None:
 def slice_memory(slice: str, total: int, used: int) -> GpuMemory:
     """The fake GPU's reading: what the slice holds is taken from the budget."""
     return GpuMemory(total=total, free=max(0, total - used), source=f"fake GPU: RAM of {slice}")
+
+
+def process_usage(processes: Iterable[Any]) -> dict[int, int]:
+    """pid -> bytes from NVML's process list; entries without a figure
+    (usedGpuMemory None: NVML cannot tell, e.g. without the rights) are left
+    out, and a pid listed twice (one entry per context) is added up."""
+    usage: dict[int, int] = {}
+    for p in processes:
+        used = getattr(p, "usedGpuMemory", None)
+        if used is None:
+            continue
+        usage[int(p.pid)] = usage.get(int(p.pid), 0) + int(used)
+    return usage
+
+
+def held_by(usage: Mapping[int, int], pids: Iterable[int]) -> int:
+    """What the given processes hold, from a pid -> bytes reading."""
+    return sum(usage.get(pid, 0) for pid in set(pids))
 
 
 def describe_nvml(index: int, name: str) -> str:
@@ -229,6 +256,26 @@ class NvmlProbe:
         info = nvml.nvmlDeviceGetMemoryInfo(self._handle)
         return GpuMemory(total=int(info.total), free=int(info.free), source=self.describe())
 
+    async def processes(self) -> dict[int, int] | None:
+        """pid -> bytes each process holds on this GPU now; None when unknown (never raises)."""
+        if self._missing:
+            return None
+        async with self._lock:
+            try:
+                return await trio.to_thread.run_sync(self._read_processes)
+            except ImportError as e:
+                self._missing = f"nvidia-ml-py is not installed ({e})"
+                self._complaint.fail(self._missing)
+            except Exception as e:  # pynvml.NVMLError
+                self._handle = None
+                self._complaint.fail(f"{type(e).__name__}: {e}")
+        return None
+
+    def _read_processes(self) -> dict[int, int]:
+        """In a worker thread."""
+        self._read()  # initialises NVML and the handle when needed
+        return process_usage(self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle))
+
 
 class SliceProbe:
     """A fake GPU: a memory budget, less what a systemd slice holds; see the module docstring."""
@@ -263,3 +310,16 @@ class SliceProbe:
         if used is not None:
             return used
         return await trio.to_thread.run_sync(cgroup_rss, control_group)
+
+
+def probes_for(
+    fake: Sequence[tuple[str, int]], devices: Iterable[int], systemd: Systemd, nvml: bool,
+) -> dict[int, GpuProbe]:
+    """One probe per GPU: the fake devices (slice, budget) by their place in
+    the list when there are any, else NVML for each index in `devices` where
+    `nvml` (nvidia-ml-py is installed); no probe otherwise."""
+    if fake:
+        return {i: SliceProbe(systemd, slice, total) for i, (slice, total) in enumerate(fake)}
+    if nvml:
+        return {i: NvmlProbe(i) for i in sorted(set(devices))}
+    return {}

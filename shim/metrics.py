@@ -41,11 +41,35 @@ class EngineLive:
     state_seconds: dict[State, float]
 
 
+@dataclass(frozen=True)
+class GpuLive:
+    """One GPU's last reading (None: unknown)."""
+
+    index: int
+    total: int | None
+    free: int | None
+
+
+@dataclass(frozen=True)
+class HeldLive:
+    """What an engine was measured to hold on one GPU: "now", and the figures
+    kept for "awake" and "asleep"."""
+
+    engine: str
+    gpu: int
+    measure: str
+    bytes: int
+
+
 class Live:
     """Values read at scrape time (provided by the server), one per engine."""
 
-    def __init__(self, engines: Callable[[], list[EngineLive]]) -> None:
+    def __init__(self, engines: Callable[[], list[EngineLive]],
+                 gpus: Callable[[], list[GpuLive]] = list,
+                 held: Callable[[], list[HeldLive]] = list) -> None:
         self.engines = engines
+        self.gpus = gpus
+        self.held = held
 
 
 def number(value: float) -> str:
@@ -195,7 +219,23 @@ class Metrics:
         _gauge(out, "vllm_gateway_engine_state_seconds_total", "Time the engine spent in each state",
                "counter", [((("engine", e.name), ("state", s.value)), seconds)
                            for e in engines for s, seconds in e.state_seconds.items()])
+        self._gpus(out)
         return "".join(out).encode()
+
+    def _gpus(self, out: list[str]) -> None:
+        """Each GPU's memory and what each engine was measured to hold; left
+        out entirely where no GPU is known (no probe)."""
+        gpus = self.live.gpus()
+        if not gpus:
+            return
+        for kind in ("total", "free"):
+            _gauge(out, f"vllm_gateway_gpu_memory_{kind}_bytes", f"Each GPU's {kind} memory, last read",
+                   "gauge", [((("gpu", str(g.index)),), value) for g in gpus
+                             if (value := g.total if kind == "total" else g.free) is not None])
+        _gauge(out, "vllm_gateway_engine_gpu_memory_bytes",
+               "GPU memory an engine holds, measured: now, and kept figures awake and asleep", "gauge",
+               [((("engine", h.engine), ("gpu", str(h.gpu)), ("measure", h.measure)), h.bytes)
+                for h in self.live.held()])
 
 
 def accumulate(seconds: dict[State, float], state: State, since: float) -> dict[State, float]:

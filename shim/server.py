@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from . import journal, reloading
+from . import gpustatus, journal, reloading
 from .config import GatewayConfig
 from .engine import Engine
 from .errors import (
@@ -49,7 +49,7 @@ from .routes import GENERATION, JSON_BODY, Kind, Route, classify
 from .security import apply_max_tokens, check_admin, check_client
 from .status import ShimStatus, format_statuses
 from .upstream import call
-from .yielding import HOLDER
+from .yielding import HOLDER, parse_gpus
 
 log = logging.getLogger("vllm_gateway.server")
 # log.info for the line each request writes, without its per-call overhead
@@ -145,7 +145,7 @@ class Gateway:
             EngineLive(e.cfg.name, e.state, e.busy, e.waiting,
                        accumulate(e.state_seconds, e.state, e.state_since))
             for e in self.engines.values()
-        ]))
+        ], functools.partial(gpustatus.gpus_live, fleet), functools.partial(gpustatus.held_live, fleet)))
         for e in self.engines.values():
             e.on_event = functools.partial(self.metrics.engine_event, e.cfg.name)
         self.page = Page(cfg, fleet, self.status_now, self.activity.detached)
@@ -189,6 +189,7 @@ class Gateway:
             "swaps": self.fleet.swaps,
             "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
                                              "source": gpu.source},
+            **gpustatus.gpus_json(self.fleet),
             "gateway_pid": os.getpid(),
             "gateway_uptime_s": round(time.time() - self.started, 1),
         })
@@ -216,10 +217,12 @@ class Gateway:
             "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
             "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
             "last_error": e.last_failure.message if e.last_failure else None,
-            "memory_bytes": e.cfg.memory_needed(self.fleet.total),
+            "memory_bytes": self.fleet.need(e),
             "pinned": e.cfg.pinned,
             "draining": e.draining,
             "last_memory_check": None if check is None else check.as_json(),
+            "gpus": list(e.cfg.devices),
+            "measured_memory": self.fleet.measured.as_json(e.cfg),
         }
 
     async def status_now(self) -> dict[str, object]:
@@ -525,7 +528,11 @@ class Gateway:
             if not HOLDER.fullmatch(holder):
                 raise BadRequest("vllm-gateway: `by` must be 1-128 letters, digits or ._@:-")
             timeout = _float(query.get("timeout"), YIELD_TIMEOUT_S)
-            if not await self.fleet.hold(holder, timeout):
+            try:
+                gpus = None if query.get("gpu") is None else parse_gpus(query["gpu"])
+            except ValueError as bad:
+                raise BadRequest(f"vllm-gateway: `gpu` must be {bad}") from None
+            if not await self.fleet.hold(holder, timeout, gpus):
                 raise Conflict("vllm-gateway: the engines did not free the GPU in time; see the journal")
         elif kind is Kind.ADMIN_RELEASE:
             self.fleet.release(None if query.get("all") == "1" else query.get("by", "manual"))

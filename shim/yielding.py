@@ -10,6 +10,10 @@ the GPU for its lifetime with a drop-in:
     [Service]
     ExecStartPre=-%h/.local/bin/vllm-gateway yield --by %n
     ExecStopPost=-%h/.local/bin/vllm-gateway release --by %n
+
+On a machine with several GPUs, `--gpu 1` takes only GPU 1: only the engines
+that run on it (their `gpus`) sleep or stop and are held; the hold file
+records the devices in a `gpus=1` line (none: every GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,17 +36,67 @@ HOLDER = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
 DEFAULT_HOLDER = "manual"
 
 
+MAX_GPU_INDEX = 63
+
+
+@dataclass(frozen=True)
+class Hold:
+    since: float  # epoch seconds
+    gpus: tuple[int, ...] | None  # None: every GPU
+
+
 def holds_dir() -> Path:
     return control.socket_path().parent / "holds"
 
 
-def read_holds() -> dict[str, float]:
-    """Who holds the GPU now: holder -> since (epoch seconds)."""
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """"1" or "0,1" -> (0, 1); ValueError naming what is wrong."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) <= MAX_GPU_INDEX for p in parts):
+        raise ValueError(f"GPU indices 0..{MAX_GPU_INDEX} separated by commas, e.g. 1 or 0,1; got {text!r}")
+    return tuple(sorted({int(p) for p in parts}))
+
+
+def hold_text(since: float, gpus: tuple[int, ...] | None) -> str:
+    """A hold file's text: the time, and the GPUs when not all."""
+    return f"{since:.3f}\n" + ("" if gpus is None else f"gpus={','.join(map(str, gpus))}\n")
+
+
+def hold_gpus(text: str) -> tuple[int, ...] | None:
+    """The GPUs a hold file names; None (every GPU) without a valid gpus= line."""
+    for line in text.splitlines():
+        if line.startswith("gpus="):
+            try:
+                return parse_gpus(line.removeprefix("gpus="))
+            except ValueError:
+                return None
+    return None
+
+
+def affects(gpus: tuple[int, ...] | None, devices: Iterable[int]) -> bool:
+    """Whether a hold of `gpus` takes an engine that runs on `devices`."""
+    return gpus is None or bool(set(gpus) & set(devices))
+
+
+def read_hold_details() -> dict[str, Hold]:
+    """Who holds which GPUs now."""
     try:
         entries = list(os.scandir(holds_dir()))
     except OSError:
         return {}
-    return {e.name: e.stat().st_mtime for e in entries if HOLDER.fullmatch(e.name)}
+    out: dict[str, Hold] = {}
+    for e in entries:
+        if HOLDER.fullmatch(e.name):
+            try:
+                out[e.name] = Hold(e.stat().st_mtime, hold_gpus(Path(e.path).read_text()))
+            except OSError:  # released meanwhile
+                continue
+    return out
+
+
+def read_holds() -> dict[str, float]:
+    """Who holds the GPU now: holder -> since (epoch seconds)."""
+    return {name: h.since for name, h in read_hold_details().items()}
 
 
 def _bad_holder(holder: str) -> int:
@@ -48,25 +104,27 @@ def _bad_holder(holder: str) -> int:
     return 2
 
 
-def yield_gpu(cfg: GatewayConfig, holder: str, timeout_s: float) -> int:
+def yield_gpu(cfg: GatewayConfig, holder: str, timeout_s: float, gpus: tuple[int, ...] | None = None) -> int:
     if not HOLDER.fullmatch(holder):
         return _bad_holder(holder)
     folder = holds_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (folder / holder).write_text(f"{time.time():.3f}\n")
+    (folder / holder).write_text(hold_text(time.time(), gpus))
     t0 = time.monotonic()
+    which = "" if gpus is None else f"&gpu={','.join(map(str, gpus))}"
     try:
-        answer = trio.run(_ask_shim, f"/gateway/yield?by={quote(holder)}&timeout={timeout_s:g}",
+        answer = trio.run(_ask_shim, f"/gateway/yield?by={quote(holder)}&timeout={timeout_s:g}{which}",
                           timeout_s + 60)
-        if answer is None:  # no shim: stop whatever engine still runs
-            trio.run(_stop_engines, cfg)
+        if answer is None:  # no shim: stop whatever engine still runs there
+            trio.run(_stop_engines, cfg, gpus)
     except (OSError, systemd.SystemdError) as e:
         print(f"vllm-gateway: cannot reach the gateway or systemd: {e}", file=sys.stderr)
         return 1
     if answer is not None and answer[0] != 200:
         print(f"vllm-gateway: {answer[1].decode(errors='replace')}", file=sys.stderr)
         return 1
-    print(f"GPU yielded to {holder} in {time.monotonic() - t0:.1f} s: no engine holds GPU memory; "
+    what = "GPU" if gpus is None else f"GPU {','.join(map(str, gpus))}"
+    print(f"{what} yielded to {holder} in {time.monotonic() - t0:.1f} s: no engine holds memory there; "
           f"`vllm-gateway release --by {holder}` gives it back")
     return 0
 
@@ -91,9 +149,10 @@ async def _ask_shim(path: str, timeout_s: float) -> tuple[int, bytes] | None:
     return await control.request("POST", path, timeout_s)
 
 
-async def _stop_engines(cfg: GatewayConfig) -> None:
+async def _stop_engines(cfg: GatewayConfig, gpus: tuple[int, ...] | None) -> None:
     async with systemd.connect() as sd:
-        running = [e for e in cfg.engines.values() if (await sd.unit_state(e.unit)).running]
+        running = [e for e in cfg.engines.values()
+                   if affects(gpus, e.devices) and (await sd.unit_state(e.unit)).running]
         for engine in running:
             await sd.stop_unit(engine.unit)
         deadline = trio.current_time() + max((e.stop_timeout_s for e in running), default=0) + 5

@@ -44,6 +44,8 @@ def toml_value(v: Any) -> str:
         return str(v).lower()
     if isinstance(v, dict):  # an inline table: {KEY = "value", ...}
         return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):  # items may be inline tables
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(v)
 
 
@@ -157,6 +159,15 @@ class Gateway:
 
     def journal(self, *units: str) -> str:
         return self.sb.journal(*units, lines=2000)
+
+    def hold_memory(self, unit: str, slice: str, mib: int) -> None:
+        """Another program in `slice` (a fake GPU) that holds `mib` MiB until
+        its unit is stopped; returns once the memory is held."""
+        self.sb.run(["systemd-run", "--user", f"--unit={unit}", f"--slice={slice}", "--", "python3", "-c",
+                     f"import mmap, time\nm = mmap.mmap(-1, {mib} << 20)\n"
+                     f"for i in range(0, {mib} << 20, 4096): m[i] = 1\ntime.sleep(600)"])
+        wait_until(lambda: int(self.unit_prop(unit, "MemoryCurrent") or 0) >= (mib << 20) * 3 // 4, 30,
+                   f"{unit} to hold its memory")
 
     def alive_in_sandbox(self, pid: int) -> bool:
         return self.sb.run(["kill", "-0", str(pid)], check=False).returncode == 0

@@ -10,6 +10,7 @@ as vLLM does with VRAM; "other programs" are units in the same slice."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -166,7 +167,9 @@ def test_a_busy_gpu_is_answered_at_once_and_the_engine_not_started(gw: Gateway) 
         took = time.monotonic() - t0
         assert code == 503, body
         message = json.loads(body)["error"]["message"]
-        assert "not enough GPU memory for the engine 'a'" in message and "needs 180 MiB" in message
+        # `memory` (180 MiB), or what the engine was measured to hold in an earlier test
+        assert "not enough GPU memory for the engine 'a'" in message
+        assert re.search(r"needs 1[5-9]\d MiB", message), message
         assert "free" in message and "other programs hold about" in message
         assert headers.get("retry-after")
         assert took < 5.0

@@ -152,13 +152,13 @@ async def test_nvml_error_is_unknown_logged_once_and_retried(
     assert mod.calls == ["init", "init", "handle 0", "memory h0"]
 
 
+def gpu_lost(h: str) -> Any:
+    raise NVMLError("GPU is lost")
+
+
 async def test_nvml_error_after_init_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = fake_pynvml()
-
-    def lost(h: str) -> Any:
-        raise NVMLError("GPU is lost")
-
-    mod.nvmlDeviceGetMemoryInfo = lost
+    mod.nvmlDeviceGetMemoryInfo = gpu_lost
     monkeypatch.setitem(sys.modules, "pynvml", mod)
     assert await NvmlProbe().memory() is None
 
@@ -239,3 +239,39 @@ async def test_slice_probe_bus_error_is_unknown_never_raised(caplog: pytest.LogC
     sd.error = ConnectionResetError("bus closed")
     assert await probe.memory() is None
     assert len(warnings(caplog)) == 2
+
+
+# -- per-process readings and one probe per GPU --------------------------------
+
+
+async def test_nvml_lists_what_each_process_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = fake_pynvml()
+    mod.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=10, usedGpuMemory=2 * GiB),
+        types.SimpleNamespace(pid=11, usedGpuMemory=None),  # NVML cannot tell
+        types.SimpleNamespace(pid=10, usedGpuMemory=GiB),  # a second context of the same process
+    ]
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    probe = NvmlProbe(1)
+    assert await probe.processes() == {10: 3 * GiB}
+    assert mod.calls[:2] == ["init", "handle 1"]
+
+
+async def test_nvml_process_errors_are_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = fake_pynvml()
+    mod.nvmlDeviceGetComputeRunningProcesses = gpu_lost
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
+    assert await NvmlProbe().processes() is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    probe = NvmlProbe()
+    assert await probe.processes() is None and await probe.memory() is None
+
+
+def test_one_probe_per_gpu() -> None:
+    sd = cast(Systemd, FakeSystemd())
+    fake = gpu.probes_for([("g0.slice", GiB), ("g1.slice", 2 * GiB)], [0], sd, nvml=True)
+    assert {i: (p.slice, p.total) for i, p in fake.items() if isinstance(p, SliceProbe)} == {
+        0: ("g0.slice", GiB), 1: ("g1.slice", 2 * GiB)}
+    real = gpu.probes_for([], [1, 0, 1], sd, nvml=True)
+    assert {i: p.index for i, p in real.items() if isinstance(p, NvmlProbe)} == {0: 0, 1: 1}
+    assert gpu.probes_for([], [0], sd, nvml=False) == {}

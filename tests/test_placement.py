@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from shim.placement import GIB, EngineView, Evict, Fits, Refuse, Wait, plan
+from shim.placement import GIB, Device, EngineView, Evict, Fits, Refuse, Wait, plan
 
 T = EngineView("new", need=8 * GIB)
 
@@ -94,3 +94,88 @@ def test_unknown_sizes_run_alone() -> None:
 def test_an_unsized_engine_never_evicts_a_pinned_one() -> None:
     d = decide(EngineView("new", need=None), awake("a", None, pinned=True), total=None)
     assert isinstance(d, Refuse) and "pinned engine 'a'" in d.message
+
+
+# ---- several GPUs ----
+
+TWO = {0: Device(24 * GIB), 1: Device(24 * GIB)}
+
+
+def on(gpus: tuple[int, ...], name: str, need: int | None = 16 * GIB, **kw: object) -> EngineView:
+    return awake(name, need, gpus=gpus, **kw)
+
+
+def decide_on(target: EngineView, *others: EngineView, devices: dict[int, Device] | None = None,
+              now: float = 100.0) -> object:
+    return plan(target, others, devices=TWO if devices is None else devices, now=now, min_residency_s=10.0)
+
+
+def test_engines_on_other_gpus_are_not_in_the_way() -> None:
+    new = EngineView("new", 16 * GIB, gpus=(1,))
+    assert decide_on(new, on((0,), "a")) == Fits()
+    d = decide_on(new, on((0,), "a", last_used=1), on((1,), "b", last_used=50))
+    assert isinstance(d, Evict) and d.victims == (("b", "sleep"),)  # a is older but elsewhere
+
+
+def test_an_engine_on_two_gpus_needs_room_on_each() -> None:
+    split = EngineView("split", 16 * GIB, gpus=(0, 1))
+    d = decide_on(split, on((0,), "a", last_used=5), on((1,), "b", last_used=9),
+                  on((1,), "c", 4 * GIB, last_used=20))
+    assert isinstance(d, Evict) and d.victims == (("a", "sleep"), ("b", "sleep"))
+    # one victim on both GPUs is enough
+    d = decide_on(split, on((0, 1), "big", last_used=5), on((0,), "small", 4 * GIB, last_used=9))
+    assert isinstance(d, Evict) and d.victims == (("big", "sleep"),)
+
+
+def test_a_busy_gpu_is_refused_naming_the_device() -> None:
+    devices = {0: Device(24 * GIB, 20 * GIB), 1: Device(24 * GIB, 3 * GIB)}
+    d = decide_on(EngineView("new", 8 * GIB, gpus=(0, 1)), devices=devices)
+    assert isinstance(d, Refuse)
+    assert "for the engine 'new' on GPU 1: it needs 8 GiB; 3 GiB of 24 GiB is free" in d.message
+    assert decide_on(EngineView("new", 8 * GIB, gpus=(0,)), devices=devices) == Fits()
+
+
+def test_a_gpu_without_figures_makes_the_engine_run_alone_there() -> None:
+    devices = {0: Device(24 * GIB)}  # GPU 1 has no figures
+    d = decide_on(EngineView("new", 8 * GIB, gpus=(1,)), on((1,), "a", None), on((0,), "b", None),
+                  devices=devices)
+    assert isinstance(d, Evict) and d.victims == (("a", "sleep"),)
+
+
+def test_a_sleeping_engine_that_holds_memory_is_counted() -> None:
+    sleeper = EngineView("s", 16 * GIB, asleep=True, can_sleep=True, asleep_holds=6 * GIB, last_used=1)
+    # 24 - 6 held asleep = 18 >= 16: fits, with no live reading at all
+    assert decide(replace(T, need=16 * GIB), sleeper) == Fits()
+    # 24 - 6 < 20: the sleeper is stopped, by its measured hold, without a live reading
+    d = decide(replace(T, need=20 * GIB), sleeper)
+    assert isinstance(d, Evict) and d.victims == (("s", "stop"),)
+    d = decide(replace(T, need=20 * GIB), replace(sleeper, pinned=True))
+    assert isinstance(d, Refuse) and "sleeping engines (s) still hold 6 GiB" in d.message
+
+
+def test_an_engine_whose_sleep_keeps_too_much_is_stopped_instead() -> None:
+    a = awake("a", 16 * GIB, asleep_holds=6 * GIB)
+    # 4 GiB are free; sleeping a frees 10 more: enough for 14
+    d = decide(replace(T, need=14 * GIB), a, total=20 * GIB)
+    assert isinstance(d, Evict) and d.victims == (("a", "sleep"),)
+    # but not for 16: a is stopped
+    d = decide(replace(T, need=16 * GIB), a, total=20 * GIB)
+    assert isinstance(d, Evict) and d.victims == (("a", "stop"),)
+
+
+def test_a_sleeping_target_needs_only_what_it_does_not_keep() -> None:
+    me = replace(T, need=10 * GIB, asleep=True, asleep_holds=4 * GIB)
+    assert decide(me, total=24 * GIB, free=6 * GIB) == Fits()
+    assert isinstance(decide(me, total=24 * GIB, free=5 * GIB), Refuse)
+
+
+def test_a_short_reading_while_an_engine_loads_is_looked_at_again_not_refused() -> None:
+    # a wakes: the reading shows part of its memory taken, the plan counts all of it
+    d = decide(replace(T, need=12 * GIB), awake("a", 10 * GIB, loading=True, can_sleep=False),
+               total=24 * GIB, free=1 * GIB, now=100.0)
+    assert isinstance(d, Wait) and d.until == 101.0 and "'a' still taking memory on GPU 0" in d.reason
+    # without a live reading, or once it is loaded, the answer is final
+    assert isinstance(decide(replace(T, need=30 * GIB), awake("a", loading=True), total=24 * GIB), Refuse)
+    d = decide(replace(T, need=12 * GIB), awake("a", 10 * GIB, can_sleep=False), total=24 * GIB,
+               free=1 * GIB)
+    assert isinstance(d, Refuse)
