@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import journal
+from . import journal, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
@@ -54,6 +54,12 @@ class _Want:
 class _Stop:
     cause: str
     only_if_idle: bool = False
+    detail: str = ""  # e.g. who the GPU is yielded to, for the clients cut
+
+
+@dataclass(frozen=True)
+class _GraceOver:
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,8 @@ class _StartFailed:
 
 
 _Message = (
-    _Want | _Stop | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed | _WakeFailed
+    _Want | _Stop | _GraceOver | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed
+    | _WakeFailed
 )
 
 
@@ -134,6 +141,9 @@ class Engine:
         self.on_event: Callable[[str, float, str], None] = lambda kind, value, label: None
         self.state_seconds: dict[State, float] = {}
         self._stop_cause = ""  # why the unit is going away, when we know it
+        self._cut_message = ""  # what clients cut by that stop are told
+        self._lease_ended = trio.Event()  # set (and replaced) whenever a request ends
+        self._cutting = False  # a grace for the requests in flight runs
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
         self._attempt = 0
@@ -263,6 +273,8 @@ class Engine:
         finally:
             self.active -= 1
             self.last_used = trio.current_time()
+            ended, self._lease_ended = self._lease_ended, trio.Event()
+            ended.set()
             if self.active == 0 and self.waiting == 0:
                 self._busy_changed(1)
             if self.active == 0 and self.draining:
@@ -280,8 +292,28 @@ class Engine:
     def request_start(self) -> None:
         self._inbox_send.send_nowait(_Want())
 
-    def request_stop(self, cause: str, *, only_if_idle: bool = False) -> None:
-        self._inbox_send.send_nowait(_Stop(cause, only_if_idle))
+    def request_stop(self, cause: str, *, only_if_idle: bool = False, detail: str = "") -> None:
+        self._inbox_send.send_nowait(_Stop(cause, only_if_idle, detail))
+
+    def cut_after_grace(self, cause: str, detail: str = "") -> None:
+        """Let the requests in flight finish within stop_grace, then close
+        their engine connections (they fail with a message naming `cause`)."""
+        if self._cutting or not self.active:
+            return
+        self._cutting = True
+        self._nursery.start_soon(self._cut_after_grace, stopping.cut_message(self.cfg.name, cause, detail))
+
+    async def _cut_after_grace(self, message: str) -> None:
+        try:
+            with trio.move_on_after(self.cfg.stop_grace_s):
+                while self.active:
+                    await self._lease_ended.wait()
+            if self.active:
+                cut = self.upstream.cut(message)
+                log.warning("engine %s: %d requests still in flight after the grace of %g s were cut",
+                            self.cfg.name, cut, self.cfg.stop_grace_s)
+        finally:
+            self._cutting = False
 
     async def wait_for(self, *states: State, timeout_s: float) -> bool:
         with trio.move_on_after(timeout_s):
@@ -320,8 +352,11 @@ class Engine:
         match msg:
             case _Want():
                 await self._on_want()
-            case _Stop(cause, only_if_idle):
-                await self._on_stop(cause, only_if_idle)
+            case _Stop(cause, only_if_idle, detail):
+                await self._on_stop(cause, only_if_idle, detail)
+            case _GraceOver(attempt) if attempt == self._attempt and self.state is State.STOPPING:
+                self._attempt_scope = None
+                await self._stop_unit()
             case _UnitChanged(active_state):
                 await self._on_unit(active_state)
             case _Healthy(attempt, asleep) if attempt == self._attempt and self.state is State.STARTING:
@@ -569,18 +604,39 @@ class Engine:
         log.error("%s (failure %d in a row; next try in %g s)", message, self._failures_in_row, cooldown)
         self._set(Event.START_FAILED)
 
-    async def _on_stop(self, cause: str, only_if_idle: bool = False) -> None:
+    async def _on_stop(self, cause: str, only_if_idle: bool = False, detail: str = "") -> None:
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             if only_if_idle and (self.active or self.waiting > self.queued):
                 # the idle check read a status that a new request has made stale
                 log.info("not stopping engine %s (%s): %d requests in flight",
                          self.cfg.name, cause, self.active + self.waiting - self.queued)
                 return
-            log.info("stopping engine %s (%s)", self.cfg.name, cause)
             self._stop_cause = cause
+            self._cut_message = stopping.cut_message(self.cfg.name, cause, detail)
             self._cancel_attempt()
             self._set(Event.STOP)
-            await self.systemd.stop_unit(self.cfg.unit)
+            if self.active and cause in stopping.GRACEFUL:
+                log.info("stopping engine %s (%s) once its %d requests in flight end, within %g s",
+                         self.cfg.name, cause, self.active, self.cfg.stop_grace_s)
+                self.cut_after_grace(cause, detail)
+                self._spawn_attempt(self._wait_drained)
+                return
+            log.info("stopping engine %s (%s)", self.cfg.name, cause)
+            await self._stop_unit()
+
+    async def _wait_drained(self, attempt: int) -> None:
+        """The grace of a stop: until no request is in flight (the cut ends them)."""
+        while self.active:
+            await self._lease_ended.wait()
+        await self._inbox_send.send(_GraceOver(attempt))
+
+    async def _stop_unit(self) -> None:
+        """Stop the unit, closing our engine connections first: vLLM waits for
+        open connections before it exits."""
+        cut = self.upstream.cut(self._cut_message or stopping.cut_message(self.cfg.name, "stopped"))
+        if cut:
+            log.warning("engine %s: %d requests in flight were cut by the stop", self.cfg.name, cut)
+        await self.systemd.stop_unit(self.cfg.unit)
 
     async def _on_unit(self, active_state: str) -> None:
         st = self.state
@@ -601,6 +657,10 @@ class Engine:
         if active_state == "deactivating":
             if st in (State.STARTING, State.GOING_TO_SLEEP, State.WAKING):
                 self._cancel_attempt()
+            if st is not State.STOPPING:
+                # stopped by somebody else (systemctl, the idle check without
+                # a shim): vLLM exits only once our connections are closed
+                self.upstream.cut(stopping.cut_message(self.cfg.name, "external"))
             if st is not State.FAILED:
                 self._set(Event.UNIT_DEACTIVATING)
             return
@@ -619,6 +679,7 @@ class Engine:
             if st is not State.FAILED:
                 self.on_event("stop", 0.0, self._stop_cause or "external")
             self._stop_cause = ""
+            self._cut_message = ""
             self._set(Event.UNIT_GONE)
         self.upstream.reset()
         self.main_pid = 0

@@ -110,6 +110,14 @@ class GpuYielded(GatewayError):
     code = "gpu_yielded"
 
 
+class EngineStopped(GatewayError):
+    """The engine was stopped while the request was in flight (the message says by what)."""
+
+    status = 503
+    error_type = "engine_unavailable"
+    code = "engine_stopped"
+
+
 class QueueFull(GatewayError):
     status = 503
     error_type = "engine_unavailable"

@@ -174,7 +174,7 @@ class Fleet:
         for e in self.engines.values():
             if e.holds_memory:
                 log.warning("engine %s still holds the GPU after %g s: stopping it", e.cfg.name, timeout_s)
-                e.request_stop("yield")
+                e.request_stop("yield", detail=", ".join(sorted(self.holds)))
         with trio.move_on_after(max(e.cfg.stop_timeout_s for e in self.engines.values()) + 5):
             while any(e.holds_memory for e in self.engines.values()):
                 await self._wait_engines_changed(1.0)
@@ -246,7 +246,7 @@ class Fleet:
                 self._undrain(keep=[name for name, _ in victims])
                 self._making_room_for = target
                 for name, action in victims:
-                    self._evict(self.engines[name], action, "evicted")
+                    self._evict(self.engines[name], action, "evicted", f"the engine {target.cfg.name!r}")
                 return math.inf
             case Wait(until, reason):
                 self._note(f"{target.cfg.name} waits: {reason}")
@@ -282,14 +282,17 @@ class Fleet:
             if e.draining and e.cfg.name not in keep:
                 e.draining = False
 
-    def _evict(self, e: Engine, action: str, cause: str) -> None:
+    def _evict(self, e: Engine, action: str, cause: str, detail: str) -> None:
         e.draining = True
         if e.active > 0 or e.waiting > e.queued:
-            return  # its requests finish first; on_drained wakes us
+            # its requests finish first (within its stop_grace, then they are
+            # cut); on_drained wakes us
+            e.cut_after_grace(cause, detail)
+            return
         if action == "sleep" and e.state is State.READY and e.sleep_enabled:
             e.request_sleep(cause)
         elif e.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
-            e.request_stop(cause)
+            e.request_stop(cause, detail=detail)
 
     def _yield_step(self) -> None:
         for t in list(self._queue):
@@ -298,7 +301,7 @@ class Fleet:
             t.done.set()
         for e in self.engines.values():
             if e.state in AWAKE:
-                self._evict(e, "sleep", "yield")
+                self._evict(e, "sleep", "yield", ", ".join(sorted(self.holds)))
 
     def _view(self, e: Engine) -> EngineView:
         now = trio.current_time()

@@ -17,7 +17,7 @@ import trio
 from . import toolcalls
 from .chunked import ChunkedError, ChunkedPassthrough
 from .engine import Engine
-from .errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
+from .errors import BadRequest, EngineStopped, GatewayError, UpstreamError, UpstreamTimeout, error_body
 from .http1 import ServerConnection
 from .httpio import end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
@@ -49,6 +49,9 @@ class Exchange:
     # the engine's read_timeout: silence past it means it hangs
     read_timeout_s: float = 600.0
     event_stream: bool = False  # the response is SSE: errors can go in-band
+    # how it ended: complete (an answer, errors included), client_gone, engine_gone,
+    # stopped (cut by a stop), timeout (the engine went silent), error, cancelled
+    outcome: str = "complete"
 
 
 class ClientSide:
@@ -97,8 +100,12 @@ async def forward(
     max_waiting: int,
     parsed: dict[str, object] | None = None,
     keepalive_s: float | None = None,
+    ex: Exchange | None = None,
 ) -> Exchange:
-    ex = Exchange(read_timeout_s=engine.cfg.read_timeout_s)
+    """Forward one request; `ex`, where given, is filled in as it goes (so
+    that it tells how far a request got that ends in an exception)."""
+    ex = ex or Exchange()
+    ex.read_timeout_s = engine.cfg.read_timeout_s
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
         body = toolcalls.adapt_request(body, fmt, parsed)
@@ -117,7 +124,7 @@ async def forward(
         except GatewayError as e:
             if not ex.head_sent:
                 raise
-            await _send_stream_error(client, e.body())
+            await send_stream_error(client, e.body())
             ex.status = e.status
             return ex
 
@@ -196,11 +203,22 @@ async def _wait_with_keepalive(
     return trio.current_time() - t0
 
 
-async def _send_stream_error(client: ClientSide, error_json: bytes) -> None:
+async def send_stream_error(client: ClientSide, error_json: bytes) -> None:
     """End an event stream whose head went out with an error event (OpenAI's
     clients raise it as an APIError)."""
     await client.send(h11.Data(data=b"data: " + error_json + b"\n\n"))
     await client.send(h11.EndOfMessage())
+
+
+def outcome_of(e: GatewayError) -> str:
+    """The outcome a request that ended with this error is logged with."""
+    if isinstance(e, EngineStopped):
+        return "stopped"
+    if isinstance(e, UpstreamTimeout):
+        return "timeout"
+    if isinstance(e, UpstreamError):
+        return "engine_gone"
+    return "complete"
 
 
 class _BeforeResponse(Exception):
@@ -233,7 +251,9 @@ async def _send_request(
             raise UpstreamTimeout(
                 f"vllm-gateway: the engine sent nothing for {read_timeout_s:g} s; it is restarted"
             ) from None
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as e:
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as e:
+            if up is not None and up.cut_reason is not None:
+                raise EngineStopped(up.cut_reason) from None
             if up is not None:
                 up.close()
                 if up.reused:
@@ -328,14 +348,18 @@ async def _flush_and_read(
     next bytes; also the deadline of that read. Each read moves the deadline
     (the write to the client runs under the previous one); waiting past it
     means the engine went silent. No timer is set while data is at hand."""
-    try:
-        if out:
+    if out:
+        try:
             await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out), deadline)
-            out.clear()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            ex.outcome = "client_gone"
+            raise _StreamBroken(f"the client went away: {e}") from None
+        out.clear()
+    try:
         deadline = trio.current_time() + ex.read_timeout_s
         return await receive(up.stream, deadline), deadline
-    except (OSError, trio.BrokenResourceError) as e:
-        await _abort_stream(client, ex, e, at_boundary)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        await _abort_stream(client, ex, e, at_boundary, up.cut_reason)
         raise _StreamBroken(str(e)) from None
     except trio.TooSlowError:
         await _abort_stream(client, ex, trio.TooSlowError(), at_boundary)
@@ -409,7 +433,7 @@ async def _relay_after_keepalive(
     except ValueError:
         body = error_body(f"the engine answered {resp.status_code}: {body[:500].decode(errors='replace')}",
                           "upstream_error")
-    await _send_stream_error(client, body)
+    await send_stream_error(client, body)
 
 
 class _StreamBroken(Exception):
@@ -421,21 +445,28 @@ class _StreamBroken(Exception):
 
 
 async def _abort_stream(
-    client: ClientSide, ex: Exchange, cause: BaseException, at_boundary: bool = True
+    client: ClientSide, ex: Exchange, cause: BaseException, at_boundary: bool = True,
+    cut_reason: str | None = None,
 ) -> None:
-    """The engine broke off mid-response. End the client's response cleanly:
-    for an event stream an SSE error event first, then the body's proper end
-    (the connection closes after it). Where a chunk was cut in the middle,
-    only closing is left."""
-    log.warning("engine response broke off after %d bytes: %s", ex.bytes_out, cause or "timeout")
+    """The engine broke off mid-response, or a stop cut it (`cut_reason`).
+    End the client's response cleanly: for an event stream an SSE error
+    event first, then the body's proper end (the connection closes after
+    it). Where a chunk was cut in the middle, only closing is left."""
+    message = "vllm-gateway: the engine stopped responding mid-stream"
+    ex.outcome = "engine_gone"
+    if cut_reason is not None:
+        message = cut_reason
+        ex.outcome = "stopped"
+    elif isinstance(cause, trio.TooSlowError):
+        message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
+        ex.outcome = "timeout"
+    log.warning("engine response broke off after %d bytes: %s", ex.bytes_out,
+                cut_reason or cause or "timeout")
     if not at_boundary:
         return
-    message = "vllm-gateway: the engine stopped responding mid-stream"
-    if isinstance(cause, trio.TooSlowError):
-        message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
     try:
         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
-            await _send_stream_error(client, error_body(message, "upstream_error"))
+            await send_stream_error(client, error_body(message, "upstream_error"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
 
@@ -446,7 +477,12 @@ async def _read_whole(up: UpstreamConn, ex: Exchange) -> bytes:
     size = 0
     deadline = trio.current_time() + ex.read_timeout_s
     while True:
-        event = await next_event(up.conn, up.stream, deadline)
+        try:
+            event = await next_event(up.conn, up.stream, deadline)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            if up.cut_reason is not None:
+                raise EngineStopped(up.cut_reason) from None
+            raise
         if isinstance(event, h11.Data):
             size += len(event.data)
             if size > MAX_REWRITE_BODY_BYTES:
