@@ -15,11 +15,11 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
-from . import journal, stopping
+from . import journal, learned, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
@@ -41,6 +41,9 @@ SLEEP_TIMEOUT_S = 180.0
 WAKE_TIMEOUT_S = 300.0
 # States in which the engine holds (or is taking) its GPU memory.
 AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
+# vLLM's banner with its version is among a start's first lines; a start
+# logs a few hundred.
+VERSION_LINES = 2000
 # How vLLM (e.g. its CPU build) says that it cannot sleep at all.
 _SLEEP_REFUSED = re.compile(r"sleep mode is not supported|enable.sleep.mode", re.IGNORECASE)
 
@@ -60,6 +63,13 @@ class _Stop:
 @dataclass(frozen=True)
 class _GraceOver:
     attempt: int
+
+
+@dataclass(frozen=True)
+class _Version:
+    """The vLLM version a start reported in its output."""
+
+    version: str
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,8 @@ class _StartFailed:
 
 
 _Message = (
-    _Want | _Stop | _GraceOver | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed
-    | _WakeFailed
+    _Want | _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
+    | _SleepFailed | _WakeFailed
 )
 
 
@@ -113,6 +123,25 @@ class Failure:
     message: str
     at: float  # epoch seconds
     seq: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The last error, as status shows it: one line, when, and whether a
+    start succeeded since."""
+
+    message: str
+    at: float  # epoch seconds
+    past: bool = False
+
+
+def problem_json(p: Problem | None) -> dict[str, object]:
+    """The last error's fields of /gateway/status."""
+    return {
+        "last_error": None if p is None else p.message,
+        "last_error_at": None if p is None else round(p.at, 3),
+        "last_error_past": None if p is None else p.past,
+    }
 
 
 class Engine:
@@ -124,6 +153,7 @@ class Engine:
         systemd: Systemd,
         on_change: Callable[[], None] = lambda: None,
         slice: str | None = None,
+        store: learned.Store | None = None,
     ):
         self.cfg = cfg
         self.slice = slice  # the systemd slice to run in (the fake GPU's)
@@ -134,6 +164,12 @@ class Engine:
         self.main_pid = 0
         self.last_cold_start_s: float | None = None
         self.last_failure: Failure | None = None
+        self.last_error: Problem | None = None
+        # what earlier shims learned about this command (sleep refused, start time)
+        self.store = store if store is not None else learned.Store.default()
+        self._facts_key = learned.engine_key(cfg.command, cfg.environment)
+        self.facts = self.store.get(self._facts_key)
+        self._cold_since: float | None = None  # when the start the first client waits for began
         self.waiting = 0
         self._on_change = on_change
         # ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ("start_failure"):
@@ -158,10 +194,11 @@ class Engine:
         self._start_job = ""  # D-Bus path of this attempt's start job
         self._adopted = False
         self.active = 0  # requests holding a lease: the engine must stay awake
-        # set once the engine showed it cannot sleep; then only the stop tier applies
-        self.sleep_refused = False
+        # set once the engine showed it cannot sleep (now or, as learned, before);
+        # then only the stop tier applies
+        self.sleep_refused = self.facts.sleep_refused is not None
         self.last_wake_s: float | None = None
-        self.last_sleep_error: str | None = None
+        self.last_sleep_error: str | None = self.facts.sleep_refused
         # Several engines share the GPU: a request for an engine that holds
         # no memory passes the fleet's gate first (None: no gate), which
         # admits it (`reserved`) once it fits; `draining` marks an engine
@@ -368,10 +405,18 @@ class Engine:
                     self._set(Event.FOUND_ASLEEP)
                     await self._on_want()
                     return
-                self.last_cold_start_s = took
-                self.on_event("cold_start", took, "")
+                # what the first client waited: a restart without sleep mode included
+                waited = took if self._cold_since is None else time.monotonic() - self._cold_since
+                self._cold_since = None
+                self.last_cold_start_s = waited
+                self.on_event("cold_start", waited, "")
                 self.main_pid = (await self.systemd.unit_state(self.cfg.unit)).main_pid
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
+                if self.last_error is not None:
+                    self.last_error = replace(self.last_error, past=True)
+                if not self._adopted:
+                    self._remember(replace(self.facts, start_s=round(took, 1)))
+                    self._nursery.start_soon(self._read_version, self._start_epoch)
                 self._set(Event.HEALTHY)
             case _Healthy(attempt) if attempt == self._attempt and self.state is State.WAKING:
                 took = time.monotonic() - self._start_t0
@@ -409,6 +454,13 @@ class Engine:
                 await self.systemd.stop_unit(self.cfg.unit)
             case _StartFailed(attempt, reason) if attempt == self._attempt:
                 await self._fail(reason)
+            case _Version(version):
+                facts = self.facts.seen_version(version)
+                if facts.sleep_refused is None and self.facts.sleep_refused is not None:
+                    log.info("engine %s now runs vLLM %s (not %s): sleep mode is tried again at its next "
+                             "start", self.cfg.name, version, self.facts.vllm_version)
+                if facts != self.facts:
+                    self._remember(facts)
             case _:
                 pass  # a stale message from an earlier attempt
 
@@ -510,7 +562,21 @@ class Engine:
             return
         await self._inbox_send.send(_Healthy(attempt))
 
+    def _remember(self, facts: learned.Facts) -> None:
+        self.facts = facts
+        self.store.put(self._facts_key, facts)
+
+    async def _read_version(self, since_epoch: float) -> None:
+        """Learn which vLLM the start ran (its banner is among the first lines)."""
+        version = learned.version_in(await journal.tail(self.cfg.unit, since_epoch, lines=VERSION_LINES))
+        if version is not None:
+            await self._inbox_send.send(_Version(version))
+
     async def _start(self) -> None:
+        if self._cold_since is None:
+            self._cold_since = time.monotonic()
+        # what is known now, learned by this shim or an earlier one
+        self.sleep_refused = self.facts.sleep_refused is not None
         svc = TransientService(
             name=self.cfg.unit,
             argv=self.cfg.argv(sleep=self.sleep_enabled),
@@ -583,11 +649,15 @@ class Engine:
         lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
         if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
             # e.g. vLLM's CPU build refuses --enable-sleep-mode: say so once,
-            # and start again at once without it (the stop tier still applies)
+            # remember it for later shims, and start again at once without it
+            # (the stop tier still applies)
+            reason = learned.sleep_refusal(lines) or learned.one_line(" | ".join(lines))
             self.sleep_refused = True
-            self.last_sleep_error = " | ".join(lines)
+            self.last_sleep_error = reason
+            self.last_error = Problem(f"sleep mode refused: {reason}", time.time())
+            self._remember(replace(self.facts, sleep_refused=reason))
             log.warning("engine %s refused sleep mode (%s); starting it without sleep mode",
-                        self.cfg.name, self.last_sleep_error)
+                        self.cfg.name, reason)
             self._set(Event.START_FAILED)
             self._set(Event.RESET)
             if self._wanted:
@@ -601,6 +671,8 @@ class Engine:
         message = f"vllm-gateway: the engine {self.cfg.name!r} failed to start: {reason}{excerpt}"
         seq = (self.last_failure.seq + 1) if self.last_failure else 1
         self.last_failure = Failure(message, time.time(), seq)
+        self.last_error = Problem(learned.one_line(message), self.last_failure.at)
+        self._cold_since = None
         log.error("%s (failure %d in a row; next try in %g s)", message, self._failures_in_row, cooldown)
         self._set(Event.START_FAILED)
 
@@ -612,6 +684,7 @@ class Engine:
                          self.cfg.name, cause, self.active + self.waiting - self.queued)
                 return
             self._stop_cause = cause
+            self._cold_since = None
             self._cut_message = stopping.cut_message(self.cfg.name, cause, detail)
             self._cancel_attempt()
             self._set(Event.STOP)

@@ -22,7 +22,7 @@ import trio
 
 from . import journal
 from .config import GatewayConfig
-from .engine import Engine
+from .engine import Engine, problem_json
 from .errors import (
     BadRequest,
     Conflict,
@@ -136,6 +136,9 @@ class Gateway:
         # request ids: a random prefix per shim and a counter (cheap, unique)
         self._id_prefix = f"req-{secrets.token_hex(4)}-"
         self._id_count = 0
+        # the start phase last shown per engine, with the start it belongs to:
+        # phases only move forward
+        self._phases: dict[str, tuple[float, str]] = {}
         self.metrics = Metrics(Live(lambda: [
             EngineLive(e.cfg.name, e.state, e.busy, e.waiting,
                        accumulate(e.state_seconds, e.state, e.state_since))
@@ -151,7 +154,8 @@ class Gateway:
         return f"{self._id_prefix}{self._id_count:x}"
 
     def shim_status(self, e: Engine) -> ShimStatus:
-        return ShimStatus(state=e.state.value, in_flight=e.busy, idle_since=e.idle_since, unit=e.cfg.unit)
+        return ShimStatus(state=e.state.value, in_flight=e.busy, idle_since=e.idle_since, unit=e.cfg.unit,
+                          can_sleep=e.sleep_enabled or e.cfg.sleep_after_s is None)
 
     def publish_status(self) -> None:
         """Send the STATUS text (the status loop calls it on every change)."""
@@ -204,7 +208,10 @@ class Gateway:
             "last_sleep_error": e.last_sleep_error,
             "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
             "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
-            "last_error": e.last_failure.message if e.last_failure else None,
+            **problem_json(e.last_error),
+            # vLLM refused sleep mode (now or, as learned, at an earlier start): why
+            "sleep_refused": e.last_sleep_error if e.sleep_refused else None,
+            "expected_start_s": e.facts.start_s,
             "memory_bytes": e.cfg.memory_needed(self.fleet.total),
             "pinned": e.cfg.pinned,
             "draining": e.draining,
@@ -425,8 +432,11 @@ class Gateway:
             status = self.status_json()
             for name, e in self.engines.items():
                 if e.in_state(State.STARTING):
-                    lines = await journal.tail(e.cfg.unit, e.state_since)
-                    phase = journal.start_phase(lines)
+                    since = e.state_since
+                    lines = await journal.tail(e.cfg.unit, since, lines=journal.PHASE_LINES)
+                    shown = self._phases.get(name)
+                    phase = journal.start_phase(lines, shown[1] if shown and shown[0] == since else "")
+                    self._phases[name] = (since, phase)
                     if not self.cfg.several:
                         status["start_phase"] = phase
                     engines = status["engines"]
