@@ -108,7 +108,10 @@ async def forward(
     ex.read_timeout_s = engine.cfg.read_timeout_s
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
-        body = toolcalls.adapt_request(body, fmt, parsed)
+        try:
+            body = toolcalls.adapt_request(body, fmt, parsed)
+        except toolcalls.ToolChoiceError as e:
+            raise BadRequest(f"vllm-gateway: {e}") from None
         if not _client_allows_tool_calls(parsed):
             fmt = None  # as OpenAI and vLLM do: no tools, or "none", means text only
     headers = [(b"host", b"127.0.0.1:%d" % engine.cfg.port)]  # first, as h11 would write it
