@@ -17,7 +17,15 @@ import trio
 from . import toolcalls
 from .chunked import ChunkedError, ChunkedPassthrough
 from .engine import Engine
-from .errors import BadRequest, EngineStopped, GatewayError, UpstreamError, UpstreamTimeout, error_body
+from .errors import (
+    BadRequest,
+    EngineStopped,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    engine_error_body,
+    error_body,
+)
 from .http1 import ServerConnection
 from .httpio import end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
@@ -286,6 +294,8 @@ async def _relay(
         await _relay_stream_rewritten(client, up, resp, headers, fmt, request_id, ex)
     elif fmt is not None and resp.status_code == 200 and ctype.startswith(b"application/json"):
         await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)
+    elif resp.status_code >= 400 and client.method != b"HEAD":
+        await _relay_error(client, up, resp, headers, ex)
     else:
         await _pump(client, up, ex, None, (resp.status_code, headers, resp.reason))
 
@@ -431,12 +441,7 @@ async def _relay_after_keepalive(
         return
     ex.status = resp.status_code
     body = await _read_whole(up, ex)
-    try:
-        json.loads(body)
-    except ValueError:
-        body = error_body(f"the engine answered {resp.status_code}: {body[:500].decode(errors='replace')}",
-                          "upstream_error")
-    await send_stream_error(client, body)
+    await send_stream_error(client, engine_error_body(resp.status_code, body) or body)
 
 
 class _StreamBroken(Exception):
@@ -504,18 +509,39 @@ async def _relay_stream_rewritten(
                 (resp.status_code, headers, resp.reason))
 
 
+async def _relay_error(
+    client: ClientSide, up: UpstreamConn, resp: h11.Response, headers: list[tuple[bytes, bytes]],
+    ex: Exchange,
+) -> None:
+    """An error answer of the engine, passed on in OpenAI's error shape
+    (FastAPI's `{"detail": ...}` is not), with its status and message."""
+    body = await _read_whole(up, ex)
+    shaped = engine_error_body(resp.status_code, body)
+    if shaped is not None:
+        body = shaped
+        headers = [(n, v) for n, v in headers if n not in (b"content-type", b"content-length")]
+        headers.append((b"content-type", b"application/json"))
+    await _send_whole(client, (resp.status_code, headers, resp.reason), body, ex)
+
+
+async def _send_whole(client: ClientSide, head: Head, body: bytes, ex: Exchange) -> None:
+    """A response with a body the gateway made: head, body and end in one write."""
+    status, headers, reason = head
+    headers = [(n, v) for n, v in headers if n != b"content-length"]
+    headers.append((b"content-length", b"%d" % len(body)))
+    wire = client.head_bytes((status, headers, reason))
+    wire += client.data_bytes(body) + client.end_bytes()
+    await send_all(client.stream, wire)
+    ex.bytes_out = len(body)
+
+
 async def _relay_whole_rewritten(
     client: ClientSide, up: UpstreamConn, resp: h11.Response, headers: list[tuple[bytes, bytes]],
     fmt: toolcalls.ToolCallFormat, request_id: str, ex: Exchange,
 ) -> None:
     body, ex.tool_calls = toolcalls.rewrite_body(await _read_whole(up, ex), fmt, request_id)
-    headers = [(n, v) for n, v in headers if n != b"content-length"]
-    headers.append((b"content-length", b"%d" % len(body)))
     # one write, as for responses relayed unchanged
-    wire = client.head_bytes((resp.status_code, headers, resp.reason))
-    wire += client.data_bytes(body) + client.end_bytes()
-    await send_all(client.stream, wire)
-    ex.bytes_out = len(body)
+    await _send_whole(client, (resp.status_code, headers, resp.reason), body, ex)
 
 
 # What each endpoint cannot do without; vLLM would refuse the request anyway,

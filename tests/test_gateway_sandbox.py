@@ -192,3 +192,16 @@ def test_the_openai_client_reads_a_stream_through_keepalives(gw: Gateway) -> Non
         extra_body={"fake_reply": "through the comments"})
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == "through the comments"
+
+
+def test_an_engine_error_in_fastapis_shape_reaches_the_client_in_openais(gw: Gateway) -> None:
+    # the fake answers as vLLM does for an endpoint the model lacks: 404 {"detail": "Not Found"}
+    code, headers, body = gw.request("POST", "/v1/embeddings", {"model": "tiny", "input": "x"})
+    assert code == 404, body
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {"error": {"message": "Not Found", "type": "invalid_request_error",
+                                          "param": None, "code": None}}
+    assert int(headers["content-length"]) == len(body)
+    # errors already in OpenAI's shape pass unchanged
+    code, _, body = gw.chat(model="tiny", max_tokens=0)
+    assert code == 400 and json.loads(body)["error"]["message"] == "max_tokens must be at least 1, got 0."
