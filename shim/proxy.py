@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 import trio
@@ -72,6 +73,9 @@ class ClientSide:
         self.answered = False  # a request was answered on this connection
 
     async def send(self, event: h11.Event) -> None:
+        if type(event) is h11.Response and not event.reason:  # the gateway's own answers
+            event = h11.Response(status_code=event.status_code, headers=event.headers.raw_items(),
+                                 reason=reason_phrase(event.status_code))
         await send(self.conn, self.stream, event)
 
     # The bytes of a response head, body data and end: built directly where
@@ -79,6 +83,7 @@ class ClientSide:
 
     def head_bytes(self, head: Head) -> bytes:
         status, headers, reason = head
+        reason = reason or reason_phrase(status)
         if type(self.conn) is ServerConnection:
             return self.conn.send_head(status, headers, reason)
         return self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
@@ -92,6 +97,14 @@ class ClientSide:
         if type(self.conn) is ServerConnection:
             return self.conn.send_end()
         return self.conn.send(h11.EndOfMessage()) or b""
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status ("OK" for 200); b"" for unknown ones."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 # A response head to send: status, headers, reason.
@@ -135,7 +148,7 @@ async def forward(
         except GatewayError as e:
             if not ex.head_sent:
                 raise
-            await send_stream_error(client, e.body())
+            ex.bytes_out += await send_stream_error(client, e.body())
             ex.status = e.status
             return ex
 
@@ -214,11 +227,13 @@ async def _wait_with_keepalive(
     return trio.current_time() - t0
 
 
-async def send_stream_error(client: ClientSide, error_json: bytes) -> None:
+async def send_stream_error(client: ClientSide, error_json: bytes) -> int:
     """End an event stream whose head went out with an error event (OpenAI's
-    clients raise it as an APIError)."""
-    await client.send(h11.Data(data=b"data: " + error_json + b"\n\n"))
+    clients raise it as an APIError); the bytes of the event."""
+    event = b"data: " + error_json + b"\n\n"
+    await client.send(h11.Data(data=event))
     await client.send(h11.EndOfMessage())
+    return len(event)
 
 
 def outcome_of(e: GatewayError) -> str:
@@ -292,6 +307,8 @@ async def _relay(
     ex.event_stream = ctype.startswith(b"text/event-stream")
     if fmt is not None and resp.status_code == 200 and ex.event_stream:
         await _relay_stream_rewritten(client, up, resp, headers, fmt, request_id, ex)
+    elif resp.status_code == 200 and ex.event_stream and ex.waited_s > 0:
+        await _pump(client, up, ex, None, (resp.status_code, headers, resp.reason), _waited_comment(ex))
     elif fmt is not None and resp.status_code == 200 and ctype.startswith(b"application/json"):
         await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)
     elif resp.status_code >= 400 and client.method != b"HEAD":
@@ -306,19 +323,23 @@ async def _pump(
     ex: Exchange,
     rewriter: toolcalls.StreamRewriter | None,
     head: Head | None = None,
+    preface: bytes = b"",
 ) -> None:
-    """Move the response (its head, if given, then the body) from the engine
-    to the client until the end.
+    """Move the response (its head, if given, then `preface`, then the body)
+    from the engine to the client until the end.
 
     Everything the engine sent in one read goes out in one write, however
     many events or chunks it holds: a stream of small SSE events costs one
     system call per burst, not one per event.
     """
     if rewriter is None and head is not None and _both_chunked(client, up, head):
-        await _pump_raw(client, up, ex, head)
+        await _pump_raw(client, up, ex, head, preface)
         return
     conn = up.conn
     out: list[bytes] = [] if head is None else [client.head_bytes(head)]
+    if preface:
+        ex.bytes_out += len(preface)
+        out.append(client.data_bytes(preface))
     pending: list[bytes] = []  # body bytes read but not yet framed for the client
     deadline = math.inf
     while True:
@@ -399,11 +420,15 @@ def _both_chunked(client: ClientSide, up: UpstreamConn, head: Head) -> bool:
     )
 
 
-async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: Head) -> None:
+async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: Head,
+                    preface: bytes = b"") -> None:
     """Relay a chunked body byte for byte: no decoding, no re-framing. Only
-    the last chunk is ours, so both connections stay reusable."""
+    the last chunk (and a preface's) is ours, so both connections stay reusable."""
     passthrough = ChunkedPassthrough()
     out = [client.head_bytes(head)]
+    if preface:
+        ex.bytes_out += len(preface)
+        out.append(client.data_bytes(preface))
     data, _closed = up.conn.trailing_data  # body bytes read with the head
     deadline = math.inf
     while True:
@@ -437,11 +462,19 @@ async def _relay_after_keepalive(
     error answer into an error event."""
     if resp.status_code == 200:
         rewriter = toolcalls.StreamRewriter(fmt, request_id) if fmt is not None else None
-        await _pump(client, up, ex, rewriter)
+        await _pump(client, up, ex, rewriter, None, _waited_comment(ex))
         return
     ex.status = resp.status_code
     body = await _read_whole(up, ex)
-    await send_stream_error(client, engine_error_body(resp.status_code, body) or body)
+    ex.bytes_out += await send_stream_error(client, engine_error_body(resp.status_code, body) or body)
+
+
+def _waited_comment(ex: Exchange) -> bytes:
+    """An SSE comment before a stream's first event saying how long it waited
+    for the engine (the header says it too, where clients cannot see it)."""
+    if ex.waited_s <= 0:
+        return b""
+    return f": vllm-gateway: cold start, waited {ex.waited_s:.1f} s for the engine\n\n".encode()
 
 
 class _StreamBroken(Exception):
@@ -474,7 +507,7 @@ async def _abort_stream(
         return
     try:
         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
-            await send_stream_error(client, error_body(message, "upstream_error"))
+            ex.bytes_out += await send_stream_error(client, error_body(message, "upstream_error"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
 
@@ -506,7 +539,7 @@ async def _relay_stream_rewritten(
 ) -> None:
     headers = [(n, v) for n, v in headers if n != b"content-length"]
     await _pump(client, up, ex, toolcalls.StreamRewriter(fmt, request_id),
-                (resp.status_code, headers, resp.reason))
+                (resp.status_code, headers, resp.reason), _waited_comment(ex))
 
 
 async def _relay_error(

@@ -375,7 +375,7 @@ class Gateway:
                         ex.bytes_out = await self._send_error(client, e, request_id)
                     else:
                         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
-                            await send_stream_error(client, e.body())
+                            ex.bytes_out += await send_stream_error(client, e.body())
                         raise _StreamBroken(e.message) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if ex.outcome == "complete":
