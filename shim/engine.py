@@ -338,15 +338,16 @@ class Engine:
         if self._cutting or not self.active:
             return
         self._cutting = True
-        self._nursery.start_soon(self._cut_after_grace, stopping.cut_message(self.cfg.name, cause, detail))
+        self._nursery.start_soon(self._cut_after_grace, stopping.cut_message(self.cfg.name, cause, detail),
+                                 cause in stopping.RETRY_UNANSWERED)
 
-    async def _cut_after_grace(self, message: str) -> None:
+    async def _cut_after_grace(self, message: str, retry: bool) -> None:
         try:
             with trio.move_on_after(self.cfg.stop_grace_s):
                 while self.active:
                     await self._lease_ended.wait()
             if self.active:
-                cut = self.upstream.cut(message)
+                cut = self.upstream.cut(message, retry=retry)
                 log.warning("engine %s: %d requests still in flight after the grace of %g s were cut",
                             self.cfg.name, cut, self.cfg.stop_grace_s)
         finally:
@@ -706,7 +707,8 @@ class Engine:
     async def _stop_unit(self) -> None:
         """Stop the unit, closing our engine connections first: vLLM waits for
         open connections before it exits."""
-        cut = self.upstream.cut(self._cut_message or stopping.cut_message(self.cfg.name, "stopped"))
+        cut = self.upstream.cut(self._cut_message or stopping.cut_message(self.cfg.name, "stopped"),
+                                retry=self._stop_cause in stopping.RETRY_UNANSWERED)
         if cut:
             log.warning("engine %s: %d requests in flight were cut by the stop", self.cfg.name, cut)
         await self.systemd.stop_unit(self.cfg.unit)
@@ -733,7 +735,7 @@ class Engine:
             if st is not State.STOPPING:
                 # stopped by somebody else (systemctl, the idle check without
                 # a shim): vLLM exits only once our connections are closed
-                self.upstream.cut(stopping.cut_message(self.cfg.name, "external"))
+                self.upstream.cut(stopping.cut_message(self.cfg.name, "external"), retry=True)
             if st is not State.FAILED:
                 self._set(Event.UNIT_DEACTIVATING)
             return

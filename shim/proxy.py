@@ -279,7 +279,9 @@ async def _send_request(
             ) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as e:
             if up is not None and up.cut_reason is not None:
-                raise EngineStopped(up.cut_reason) from None
+                if not up.cut_retry:
+                    raise EngineStopped(up.cut_reason) from None
+                raise _BeforeResponse(up.cut_reason) from None
             if up is not None:
                 up.close()
                 if up.reused:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 # Causes of a stop that wait up to stop_grace for the requests in flight.
 GRACEFUL = frozenset({"manual", "yield", "evicted", "dropped"})
+# Stops after which a cut request that had no answer yet is sent again (to
+# the engine started anew, or swapped back in); after the others it fails.
+RETRY_UNANSWERED = frozenset({"external", "evicted"})
 
 
 def cut_message(engine: str, cause: str, detail: str = "") -> str:

@@ -31,8 +31,10 @@ class UpstreamConn:
     # and ended cleanly: then the connection is reusable with a fresh h11 state
     conn_response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     raw_done: bool = False
-    # set when the gateway closed it to stop the engine: what to tell the client
+    # set when the gateway closed it to stop the engine: what to tell the
+    # client, and whether a request without an answer yet may be sent again
     cut_reason: str | None = None
+    cut_retry: bool = False
 
     def close(self) -> None:
         self.stream.socket.close()
@@ -94,14 +96,16 @@ class Upstream:
             c.close()
         self._idle.clear()
 
-    def cut(self, reason: str) -> int:
+    def cut(self, reason: str, *, retry: bool = False) -> int:
         """Close every connection, the ones in use too (their requests fail
-        with `reason`); how many were in use."""
+        with `reason`, or are sent again where `retry` and no answer had
+        come); how many were in use."""
         self.reset()
         cut = 0
         for c in list(self._busy):
             if c.cut_reason is None and c.stream.socket.fileno() != -1:
                 c.cut_reason = reason
+                c.cut_retry = retry
                 c.close()
                 cut += 1
         self._busy.clear()
