@@ -463,7 +463,7 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
         return f"engine already {_DONE[action]}"
     timeout = {
         "start": engine.start_timeout_s + 60,
-        "stop": engine.stop_timeout_s + 30,
+        "stop": engine.stop_grace_s + engine.stop_timeout_s + 30,
         "sleep": engine.stop_timeout_s + 330,
         "wake": engine.start_timeout_s + 60,
     }[action]

@@ -175,7 +175,8 @@ class Fleet:
             if e.holds_memory:
                 log.warning("engine %s still holds the GPU after %g s: stopping it", e.cfg.name, timeout_s)
                 e.request_stop("yield", detail=", ".join(sorted(self.holds)))
-        with trio.move_on_after(max(e.cfg.stop_timeout_s for e in self.engines.values()) + 5):
+        last_s = max(e.cfg.stop_grace_s + e.cfg.stop_timeout_s for e in self.engines.values())
+        with trio.move_on_after(last_s + 5):
             while any(e.holds_memory for e in self.engines.values()):
                 await self._wait_engines_changed(1.0)
             return True

@@ -19,21 +19,20 @@ GRACEFUL = frozenset({"manual", "yield", "evicted", "dropped"})
 RETRY_UNANSWERED = frozenset({"external", "evicted"})
 
 
+# What happened to the engine, by the stop's cause ({detail}: e.g. the holder of the GPU).
+_WHAT = {
+    "manual": "was stopped by vllm-gateway stop",
+    "yield": "yielded the GPU to {detail}",
+    "evicted": "was swapped out to make room for {detail}",
+    "dropped": "was removed from the configuration",
+    "external": "was stopped outside the gateway (its unit was stopped)",
+    "hung": "was stopped as hung",
+}
+_DETAIL_UNKNOWN = {"yield": "other work", "evicted": "another engine"}
+
+
 def cut_message(engine: str, cause: str, detail: str = "") -> str:
     """What a client whose request was cut by this stop is told."""
-    name = repr(engine)
-    if cause == "manual":
-        what = f"the engine {name} was stopped by vllm-gateway stop"
-    elif cause == "yield":
-        what = f"the engine {name} yielded the GPU to {detail or 'other work'}"
-    elif cause == "evicted":
-        what = f"the engine {name} was swapped out to make room for {detail or 'another engine'}"
-    elif cause == "dropped":
-        what = f"the engine {name} was removed from the configuration"
-    elif cause == "external":
-        what = f"the engine {name}'s unit was stopped outside the gateway"
-    elif cause == "hung":
-        what = f"the engine {name} was stopped as hung"
-    else:
-        what = f"the engine {name} was stopped ({cause})"
-    return f"vllm-gateway: {what}; the request was cut"
+    what = _WHAT.get(cause, f"was stopped ({cause})")
+    what = what.format(detail=detail or _DETAIL_UNKNOWN.get(cause, ""))
+    return f"vllm-gateway: the engine {engine!r} {what}; the request was cut"

@@ -246,6 +246,21 @@ def test_chat_completions_models_through_raw_http(gw: Gateway) -> None:
     assert [m["id"] for m in json.loads(body)["data"]] == ["tiny"]
 
 
+def streamed_calls(chunks: list[Any]) -> tuple[str, dict[int, dict[str, str]]]:
+    """The content and the tool calls of a streamed chat completion."""
+    calls: dict[int, dict[str, str]] = {}
+    content = ""
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.function is not None:
+                    slot["name"] += tc.function.name or ""
+                    slot["arguments"] += tc.function.arguments or ""
+    return content, calls
+
+
 def ask_weather() -> list[Any]:
     return [{"role": "user", "content": "What is the weather in Tokyo?"}]
 
@@ -270,16 +285,7 @@ def test_real_tool_call_text_becomes_tool_calls_streamed(client: openai.OpenAI) 
     chunks = list(client.chat.completions.create(
         model="tiny", messages=ask_weather(), tools=TOOLS,
         max_tokens=200, stream=True, extra_body=forced(TOOL_CALL_TEXT)))
-    calls: dict[int, dict[str, str]] = {}
-    content = ""
-    for chunk in chunks:
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            for tc in choice.delta.tool_calls or []:
-                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                if tc.function is not None:
-                    slot["name"] += tc.function.name or ""
-                    slot["arguments"] += tc.function.arguments or ""
+    content, calls = streamed_calls(chunks)
     assert "TOOLCALL" not in content and "<" not in content, content
     assert list(calls) == [0]
     assert calls[0]["name"] == "get_weather"
@@ -329,21 +335,6 @@ TIME_TOOL: Any = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "JST"]}},
                    "required": ["zone"], "additionalProperties": False}}}
 NAMED_TIME: Any = {"type": "function", "function": {"name": "get_time"}}
-
-
-def streamed_calls(chunks: list[Any]) -> tuple[str, dict[int, dict[str, str]]]:
-    """The content and the tool calls of a streamed chat completion."""
-    calls: dict[int, dict[str, str]] = {}
-    content = ""
-    for chunk in chunks:
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            for tc in choice.delta.tool_calls or []:
-                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                if tc.function is not None:
-                    slot["name"] += tc.function.name or ""
-                    slot["arguments"] += tc.function.arguments or ""
-    return content, calls
 
 
 @pytest.mark.parametrize("choice", ["required", NAMED_TIME], ids=["required", "named"])

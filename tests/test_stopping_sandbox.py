@@ -155,3 +155,29 @@ def test_a_client_that_leaves_mid_stream_leaves_its_journal_line(gw: Gateway) ->
     broken = [line for line in metrics.decode().splitlines()
               if line.startswith("vllm_gateway_requests_broken_total") and 'outcome="client_gone"' in line]
     assert broken and float(broken[0].split()[-1]) >= 1, broken
+
+
+def test_a_yield_cuts_a_stream_after_the_grace_naming_who_took_the_gpu(gw: Gateway) -> None:
+    assert gw.chat()[0] == 200
+    stream = Stream(gw, LONG, "yield-long")
+    stream.first_event()
+    t0 = time.monotonic()
+    answer: list[int] = []
+    thread = threading.Thread(target=lambda: answer.append(
+        gw.request("POST", "/gateway/yield?by=whisper.service", timeout_s=STOP_TIMEOUT_S + 30)[0]))
+    thread.start()
+    try:
+        stream.rest()
+        cut_after = time.monotonic() - t0
+        thread.join(WAIT_S)
+        assert answer == [200]
+        assert gw.active("vllm.service") == "inactive"
+        assert GRACE_S - 0.5 <= cut_after < GRACE_S + 5, cut_after
+        message = stream.events()[-1]["error"]["message"]
+        assert "yielded the GPU to whisper.service" in message, message
+        # new requests are refused while the GPU is held
+        code, _, body = gw.chat()
+        assert code == 503 and b"whisper.service" in body
+    finally:
+        gw.request("POST", "/gateway/release?by=whisper.service")
+    assert gw.chat()[0] == 200
