@@ -440,6 +440,8 @@ class Engine:
                 self.last_sleep_error = reason
                 if unsupported and not self.sleep_refused:
                     self.sleep_refused = True
+                    self.last_sleep_error = learned.one_line(reason)
+                    self._remember(replace(self.facts, sleep_refused=self.last_sleep_error))
                     log.warning("engine %s cannot sleep (%s); it will be stopped when idle instead",
                                 self.cfg.name, reason)
                 else:

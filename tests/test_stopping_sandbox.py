@@ -100,7 +100,7 @@ def test_a_stop_cuts_a_stream_after_the_grace_and_vllm_exits_at_once(gw: Gateway
     cut_after = time.monotonic() - t0
     thread.join(WAIT_S)
     stopped_after = time.monotonic() - t0
-    assert answer == [200]
+    assert answer == [200], gw.journal("vllm-gateway")[-4000:]
     assert gw.active("vllm.service") == "inactive"
     print(f"\nstream cut {cut_after:.1f} s after the stop; engine gone after {stopped_after:.1f} s")
     # the stream ran on through the grace, then got an error that names the stop
@@ -122,7 +122,7 @@ def test_a_stream_that_ends_within_the_grace_is_not_cut(gw: Gateway) -> None:
     thread, answer = stop_in_background(gw)
     body = stream.rest()
     thread.join(WAIT_S)
-    assert answer == [200]
+    assert answer == [200], gw.journal("vllm-gateway")[-4000:]
     assert b"data: [DONE]" in body
     assert not any("error" in e for e in stream.events())
     assert gw.active("vllm.service") == "inactive"
