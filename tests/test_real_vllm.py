@@ -411,10 +411,12 @@ def test_a_stop_cuts_an_open_stream_and_vllm_exits_at_once(gw: Gateway) -> None:
     """vLLM waits for open connections before it exits: the gateway closes
     its own after the grace (0 s here), so the unit is gone in seconds, not
     after stop_timeout (20 s), and the client learns why."""
+    # 32 choices of 480 tokens: on an idle machine one alone ends within a second
     body = json.dumps({"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 480, "ignore_eos": True}).encode()
+                       "max_tokens": 480, "ignore_eos": True, "n": 32}).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: real-stop\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=REQUEST_TIMEOUT_S) as s:
         s.sendall(head + body)
         got = b""
