@@ -42,6 +42,7 @@ STATUS_KEYS = (
     "state", "state_since", "idle_s", "in_flight", "waiting", "engine", "unit", "main_pid", "port",
     "models", "stop_after_s", "sleep_after_s", "sleep_level", "sleep_enabled", "last_sleep_error",
     "last_wake_s", "last_cold_start_s", "last_error", "gateway_pid", "gateway_uptime_s",
+    "last_error_at", "last_error_past", "sleep_refused",
 )
 
 _COLOURS = {
@@ -106,6 +107,9 @@ def status_from_systemd(
             round(max(0.0, now - shim.active_enter_us / 1e6), 1)
             if shim.running and shim.active_enter_us else None
         ),
+        "last_error_at": None,
+        "last_error_past": None,
+        "sleep_refused": None,
     }
     return status
 
@@ -209,11 +213,12 @@ def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: 
         ("unit", str(status.get("unit"))),
         ("main pid", str(status.get("main_pid") or extras.engine_pid or "-")),
         ("idle", "busy" if in_flight else duration(idle if isinstance(idle, int | float) else None)),
-        ("next sleep", countdown(status.get("sleep_after_s"), idle, state, awake, "sleeping")),
+        ("next sleep", f"not supported: {status['sleep_refused']}" if status.get("sleep_refused")
+         else countdown(status.get("sleep_after_s"), idle, state, awake, "sleeping")),
         ("next stop", countdown(status.get("stop_after_s"), idle, state, running, "stopped")),
         ("in flight", f"{in_flight}" + (f" ({status['waiting']} waiting)" if status.get("waiting") else "")),
         ("cold start", cold_value),
-        ("last error", str(status.get("last_error") or status.get("last_sleep_error") or "-")),
+        ("last error", last_error(status)),
         ("memory", size(extras.memory_bytes)),
         ("vram", extras.vram),
         *gpu_rows(status),
@@ -239,6 +244,17 @@ def gpu_rows(status: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("measured", f"now {on(measured.get('now'))}; awake {on(measured.get('awake'))}; "
                                  f"asleep {on(kept)}"))
     return rows
+
+
+def last_error(status: Mapping[str, Any]) -> str:
+    """The last error in one line, with its time; marked past once a start succeeded since."""
+    message = status.get("last_error")
+    if not message:
+        return "-"
+    at = status.get("last_error_at")
+    when = time.strftime("%H:%M:%S", time.localtime(at)) + " " if isinstance(at, int | float) else ""
+    past = " (before the last successful start)" if status.get("last_error_past") else ""
+    return f"{when}{message}{past}"
 
 
 def _paint(text: str, colour: bool, key: str | None = None) -> str:
@@ -468,7 +484,7 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
         return f"engine already {_DONE[action]}"
     timeout = {
         "start": engine.start_timeout_s + 60,
-        "stop": engine.stop_timeout_s + 30,
+        "stop": engine.stop_grace_s + engine.stop_timeout_s + 30,
         "sleep": engine.stop_timeout_s + 330,
         "wake": engine.start_timeout_s + 60,
         "restart": engine.stop_timeout_s + engine.start_timeout_s + 90,

@@ -31,6 +31,9 @@ DEFAULT_START_TIMEOUT_S = 300.0
 DEFAULT_STOP_AFTER_S = 600.0
 # vLLM drains and frees VRAM within seconds; past this systemd sends SIGKILL.
 DEFAULT_STOP_TIMEOUT_S = 30.0
+# A stop asked for (manual, yield, eviction) lets requests in flight finish
+# this long, then cuts them: a 400-token answer takes a few seconds on a GPU.
+DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_EXIT_AFTER_S = 300.0
 DEFAULT_READ_TIMEOUT_S = 600.0
 DEFAULT_STREAM_KEEPALIVE_S = 5.0
@@ -56,6 +59,7 @@ class EngineConfig:
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     stop_after_s: float | None = DEFAULT_STOP_AFTER_S
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S
     unit: str = DEFAULT_UNIT
     tool_call_format: str = "off"
     # A guardrail the engine cannot be talked out of: requests asking for more
@@ -281,7 +285,7 @@ def parse(data: Mapping[str, Any], source: str = "config.toml") -> GatewayConfig
 
 _ENGINE_KEYS = {
     "command", "port", "environment", "models", "health_path", "start_timeout",
-    "stop_after", "stop_timeout", "unit", "tool_call_format", "sleep_after", "sleep_level",
+    "stop_after", "stop_timeout", "stop_grace", "unit", "tool_call_format", "sleep_after", "sleep_level",
     "max_tokens", "max_tokens_policy", "read_timeout", "memory", "pinned", "gpus",
 }
 # CUDA numbers devices from 0; 64 is beyond any single machine.
@@ -408,6 +412,7 @@ def _engine(c: _Checker, name: str, t: Any, index: int | None) -> EngineConfig:
         start_timeout_s=start_timeout,
         stop_after_s=c.duration_or_off(t.get("stop_after", DEFAULT_STOP_AFTER_S), f"{k}.stop_after"),
         stop_timeout_s=c.duration(t.get("stop_timeout", DEFAULT_STOP_TIMEOUT_S), f"{k}.stop_timeout"),
+        stop_grace_s=c.duration(t.get("stop_grace", DEFAULT_STOP_GRACE_S), f"{k}.stop_grace"),
         unit=unit,
         tool_call_format=fmt,
         sleep_after_s=c.duration_or_off(t.get("sleep_after", "off"), f"{k}.sleep_after"),

@@ -15,11 +15,11 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
-from . import journal, startcheck
+from . import journal, learned, startcheck, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
@@ -50,6 +50,9 @@ SLEEP_TIMEOUT_S = 180.0
 WAKE_TIMEOUT_S = 300.0
 # States in which the engine holds (or is taking) its GPU memory.
 AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
+# vLLM's banner with its version is among a start's first lines; a start
+# logs a few hundred.
+VERSION_LINES = 2000
 # How vLLM (e.g. its CPU build) says that it cannot sleep at all.
 _SLEEP_REFUSED = re.compile(r"sleep mode is not supported|enable.sleep.mode", re.IGNORECASE)
 
@@ -63,6 +66,19 @@ class _Want:
 class _Stop:
     cause: str
     only_if_idle: bool = False
+    detail: str = ""  # e.g. who the GPU is yielded to, for the clients cut
+
+
+@dataclass(frozen=True)
+class _GraceOver:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class _Version:
+    """The vLLM version a start reported in its output."""
+
+    version: str
 
 
 @dataclass(frozen=True)
@@ -117,8 +133,8 @@ class _StartFailed:
 
 
 _Message = (
-    _Want | _Stop | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept | _SleepFailed | _WakeFailed
-    | _Reconfigure | _Idle
+    _Want | _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
+    | _SleepFailed | _WakeFailed | _Reconfigure | _Idle
 )
 
 
@@ -127,6 +143,25 @@ class Failure:
     message: str
     at: float  # epoch seconds
     seq: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The last error, as status shows it: one line, when, and whether a
+    start succeeded since."""
+
+    message: str
+    at: float  # epoch seconds
+    past: bool = False
+
+
+def problem_json(p: Problem | None) -> dict[str, object]:
+    """The last error's fields of /gateway/status."""
+    return {
+        "last_error": None if p is None else p.message,
+        "last_error_at": None if p is None else round(p.at, 3),
+        "last_error_past": None if p is None else p.past,
+    }
 
 
 class Engine:
@@ -138,6 +173,7 @@ class Engine:
         systemd: Systemd,
         on_change: Callable[[], None] = lambda: None,
         slice: str | None = None,
+        store: learned.Store | None = None,
     ):
         self.cfg = cfg
         self.slice = slice  # the systemd slice to run in (the fake GPU's)
@@ -148,6 +184,12 @@ class Engine:
         self.main_pid = 0
         self.last_cold_start_s: float | None = None
         self.last_failure: Failure | None = None
+        self.last_error: Problem | None = None
+        # what earlier shims learned about this command (sleep refused, start time)
+        self.store = store if store is not None else learned.Store.default()
+        self._facts_key = learned.engine_key(cfg.command, cfg.environment)
+        self.facts = self.store.get(self._facts_key)
+        self._cold_since: float | None = None  # when the start the first client waits for began
         self.waiting = 0
         self._on_change = on_change
         # ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ("start_failure"):
@@ -155,6 +197,9 @@ class Engine:
         self.on_event: Callable[[str, float, str], None] = lambda kind, value, label: None
         self.state_seconds: dict[State, float] = {}
         self._stop_cause = ""  # why the unit is going away, when we know it
+        self._cut_message = ""  # what clients cut by that stop are told
+        self._lease_ended = trio.Event()  # set (and replaced) whenever a request ends
+        self._cutting = False  # a grace for the requests in flight runs
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
         self._attempt = 0
@@ -174,10 +219,11 @@ class Engine:
         self.restart_with: EngineConfig | None = None
         self._restart_now = False
         self.active = 0  # requests holding a lease: the engine must stay awake
-        # set once the engine showed it cannot sleep; then only the stop tier applies
-        self.sleep_refused = False
+        # set once the engine showed it cannot sleep (now or, as learned, before);
+        # then only the stop tier applies
+        self.sleep_refused = self.facts.sleep_refused is not None
         self.last_wake_s: float | None = None
-        self.last_sleep_error: str | None = None
+        self.last_sleep_error: str | None = self.facts.sleep_refused
         # Several engines share the GPU: a request for an engine that holds
         # no memory passes the fleet's gate first (None: no gate), which
         # admits it (`reserved`) once it fits; `draining` marks an engine
@@ -291,6 +337,8 @@ class Engine:
         finally:
             self.active -= 1
             self.last_used = trio.current_time()
+            ended, self._lease_ended = self._lease_ended, trio.Event()
+            ended.set()
             if self.active == 0 and self.waiting == 0:
                 self._busy_changed(1)
             if self.active == 0 and self.draining:
@@ -312,8 +360,29 @@ class Engine:
         """A reload: `cfg` applies at once, `restart_with` at the next start."""
         self._inbox_send.send_nowait(_Reconfigure(cfg, restart_with))
 
-    def request_stop(self, cause: str, *, only_if_idle: bool = False) -> None:
-        self._inbox_send.send_nowait(_Stop(cause, only_if_idle))
+    def request_stop(self, cause: str, *, only_if_idle: bool = False, detail: str = "") -> None:
+        self._inbox_send.send_nowait(_Stop(cause, only_if_idle, detail))
+
+    def cut_after_grace(self, cause: str, detail: str = "") -> None:
+        """Let the requests in flight finish within stop_grace, then close
+        their engine connections (they fail with a message naming `cause`)."""
+        if self._cutting or not self.active:
+            return
+        self._cutting = True
+        self._nursery.start_soon(self._cut_after_grace, stopping.cut_message(self.cfg.name, cause, detail),
+                                 cause in stopping.RETRY_UNANSWERED)
+
+    async def _cut_after_grace(self, message: str, retry: bool) -> None:
+        try:
+            with trio.move_on_after(self.cfg.stop_grace_s):
+                while self.active:
+                    await self._lease_ended.wait()
+            if self.active:
+                cut = self.upstream.cut(message, retry=retry)
+                log.warning("engine %s: %d requests still in flight after the grace of %g s were cut",
+                            self.cfg.name, cut, self.cfg.stop_grace_s)
+        finally:
+            self._cutting = False
 
     async def wait_for(self, *states: State, timeout_s: float) -> bool:
         with trio.move_on_after(timeout_s):
@@ -352,8 +421,11 @@ class Engine:
         match msg:
             case _Want():
                 await self._on_want()
-            case _Stop(cause, only_if_idle):
-                await self._on_stop(cause, only_if_idle)
+            case _Stop(cause, only_if_idle, detail):
+                await self._on_stop(cause, only_if_idle, detail)
+            case _GraceOver(attempt) if attempt == self._attempt and self.state is State.STOPPING:
+                self._attempt_scope = None
+                await self._stop_unit()
             case _UnitChanged(active_state):
                 await self._on_unit(active_state)
             case _Healthy(attempt, asleep) if attempt == self._attempt and self.state is State.STARTING:
@@ -365,10 +437,18 @@ class Engine:
                     self._set(Event.FOUND_ASLEEP)
                     await self._on_want()
                     return
-                self.last_cold_start_s = took
-                self.on_event("cold_start", took, "")
+                # what the first client waited: a restart without sleep mode included
+                waited = took if self._cold_since is None else time.monotonic() - self._cold_since
+                self._cold_since = None
+                self.last_cold_start_s = waited
+                self.on_event("cold_start", waited, "")
                 self.main_pid = (await self.systemd.unit_state(self.cfg.unit)).main_pid
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
+                if self.last_error is not None:
+                    self.last_error = replace(self.last_error, past=True)
+                if not self._adopted:
+                    self._remember(replace(self.facts, start_s=round(took, 1)))
+                    self._nursery.start_soon(self._read_version, self._start_epoch)
                 self._set(Event.HEALTHY)
             case _Healthy(attempt) if attempt == self._attempt and self.state is State.WAKING:
                 took = time.monotonic() - self._start_t0
@@ -391,6 +471,8 @@ class Engine:
                 self.last_sleep_error = reason
                 if unsupported and not self.sleep_refused:
                     self.sleep_refused = True
+                    self.last_sleep_error = learned.one_line(reason)
+                    self._remember(replace(self.facts, sleep_refused=self.last_sleep_error))
                     log.warning("engine %s cannot sleep (%s); it will be stopped when idle instead",
                                 self.cfg.name, reason)
                 else:
@@ -412,6 +494,13 @@ class Engine:
                 await self._restart_if_idle()
             case _Idle():
                 await self._restart_if_idle()
+            case _Version(version):
+                facts = self.facts.seen_version(version)
+                if facts.sleep_refused is None and self.facts.sleep_refused is not None:
+                    log.info("engine %s now runs vLLM %s (not %s): sleep mode is tried again at its next "
+                             "start", self.cfg.name, version, self.facts.vllm_version)
+                if facts != self.facts:
+                    self._remember(facts)
             case _:
                 pass  # a stale message from an earlier attempt
 
@@ -520,10 +609,27 @@ class Engine:
         self._restart_now = True
         await self._on_stop("reconfigured")
 
+    def _remember(self, facts: learned.Facts) -> None:
+        self.facts = facts
+        self.store.put(self._facts_key, facts)
+
+    async def _read_version(self, since_epoch: float) -> None:
+        """Learn which vLLM the start ran (its banner is among the first lines)."""
+        version = learned.version_in(await journal.tail(self.cfg.unit, since_epoch, lines=VERSION_LINES))
+        if version is not None:
+            await self._inbox_send.send(_Version(version))
+
     async def _start(self) -> None:
         if self.restart_with is not None:
             self.cfg, self.restart_with = self.restart_with, None
             self.upstream = Upstream(self.cfg.port)
+            # the learned facts belong to a command line: the new one learns its own
+            self._facts_key = learned.engine_key(self.cfg.command, self.cfg.environment)
+            self.facts = self.store.get(self._facts_key)
+        if self._cold_since is None:
+            self._cold_since = time.monotonic()
+        # what is known now, learned by this shim or an earlier one
+        self.sleep_refused = self.facts.sleep_refused is not None
         svc = TransientService(
             name=self.cfg.unit,
             argv=self.cfg.argv(sleep=self.sleep_enabled),
@@ -605,11 +711,15 @@ class Engine:
         lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
         if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
             # e.g. vLLM's CPU build refuses --enable-sleep-mode: say so once,
-            # and start again at once without it (the stop tier still applies)
+            # remember it for later shims, and start again at once without it
+            # (the stop tier still applies)
+            reason = learned.sleep_refusal(lines) or learned.one_line(" | ".join(lines))
             self.sleep_refused = True
-            self.last_sleep_error = " | ".join(lines)
+            self.last_sleep_error = reason
+            self.last_error = Problem(f"sleep mode refused: {reason}", time.time())
+            self._remember(replace(self.facts, sleep_refused=reason))
             log.warning("engine %s refused sleep mode (%s); starting it without sleep mode",
-                        self.cfg.name, self.last_sleep_error)
+                        self.cfg.name, reason)
             self._set(Event.START_FAILED)
             self._set(Event.RESET)
             if self._wanted:
@@ -623,10 +733,12 @@ class Engine:
         message = f"vllm-gateway: the engine {self.cfg.name!r} failed to start: {reason}{excerpt}"
         seq = (self.last_failure.seq + 1) if self.last_failure else 1
         self.last_failure = Failure(message, time.time(), seq)
+        self.last_error = Problem(learned.one_line(message), self.last_failure.at)
+        self._cold_since = None
         log.error("%s (failure %d in a row; next try in %g s)", message, self._failures_in_row, cooldown)
         self._set(Event.START_FAILED)
 
-    async def _on_stop(self, cause: str, only_if_idle: bool = False) -> None:
+    async def _on_stop(self, cause: str, only_if_idle: bool = False, detail: str = "") -> None:
         if self.state in (State.STOPPED, State.FAILED):
             # never trust "stopped" over the unit: a stop asked of a stopped
             # engine checks the unit, and a running one is adopted and stopped
@@ -637,11 +749,34 @@ class Engine:
                 log.info("not stopping engine %s (%s): %d requests in flight",
                          self.cfg.name, cause, self.active + self.waiting - self.queued)
                 return
-            log.info("stopping engine %s (%s)", self.cfg.name, cause)
             self._stop_cause = cause
+            self._cold_since = None
+            self._cut_message = stopping.cut_message(self.cfg.name, cause, detail)
             self._cancel_attempt()
             self._set(Event.STOP)
-            await self.systemd.stop_unit(self.cfg.unit)
+            if self.active and cause in stopping.GRACEFUL:
+                log.info("stopping engine %s (%s) once its %d requests in flight end, within %g s",
+                         self.cfg.name, cause, self.active, self.cfg.stop_grace_s)
+                self.cut_after_grace(cause, detail)
+                self._spawn_attempt(self._wait_drained)
+                return
+            log.info("stopping engine %s (%s)", self.cfg.name, cause)
+            await self._stop_unit()
+
+    async def _wait_drained(self, attempt: int) -> None:
+        """The grace of a stop: until no request is in flight (the cut ends them)."""
+        while self.active:
+            await self._lease_ended.wait()
+        await self._inbox_send.send(_GraceOver(attempt))
+
+    async def _stop_unit(self) -> None:
+        """Stop the unit, closing our engine connections first: vLLM waits for
+        open connections before it exits."""
+        cut = self.upstream.cut(self._cut_message or stopping.cut_message(self.cfg.name, "stopped"),
+                                retry=self._stop_cause in stopping.RETRY_UNANSWERED)
+        if cut:
+            log.warning("engine %s: %d requests in flight were cut by the stop", self.cfg.name, cut)
+        await self.systemd.stop_unit(self.cfg.unit)
 
     async def _on_unit(self, active_state: str) -> None:
         st = self.state
@@ -672,6 +807,10 @@ class Engine:
         if active_state == "deactivating":
             if st in (State.STARTING, State.GOING_TO_SLEEP, State.WAKING):
                 self._cancel_attempt()
+            if st is not State.STOPPING:
+                # stopped by somebody else (systemctl, the idle check without
+                # a shim): vLLM exits only once our connections are closed
+                self.upstream.cut(stopping.cut_message(self.cfg.name, "external"), retry=True)
             if st is not State.FAILED:
                 self._set(Event.UNIT_DEACTIVATING)
             return
@@ -690,6 +829,7 @@ class Engine:
             if st is not State.FAILED:
                 self.on_event("stop", 0.0, self._stop_cause or "external")
             self._stop_cause = ""
+            self._cut_message = ""
             self._set(Event.UNIT_GONE)
         self.upstream.reset()
         self.main_pid = 0

@@ -110,6 +110,14 @@ class GpuYielded(GatewayError):
     code = "gpu_yielded"
 
 
+class EngineStopped(GatewayError):
+    """The engine was stopped while the request was in flight (the message says by what)."""
+
+    status = 503
+    error_type = "engine_unavailable"
+    code = "engine_stopped"
+
+
 class QueueFull(GatewayError):
     status = 503
     error_type = "engine_unavailable"
@@ -133,3 +141,61 @@ def error_body(message: str, error_type: str, code: str | None = None) -> bytes:
         {"error": {"message": message, "type": error_type, "param": None, "code": code}},
         ensure_ascii=False,
     ).encode()
+
+
+# Where the engine's error text is quoted, at most this much of it.
+ENGINE_MESSAGE_MAX_CHARS = 2000
+
+
+def engine_error_body(status: int, body: bytes) -> bytes | None:
+    """An error answer of the engine in OpenAI's shape, with its status and
+    message kept; None when it already is in that shape.
+
+    vLLM answers most errors as OpenAI does, but some come from FastAPI
+    (`{"detail": "Not Found"}` for an endpoint the model lacks, a list of
+    validation errors) or from older builds (`{"object": "error", "message":
+    ...}`), and a proxy in between may answer in plain text.
+    """
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict):
+        error = value.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return None
+        if isinstance(value.get("message"), str):  # vLLM's older ErrorResponse
+            kind = value.get("type")
+            code = value.get("code")
+            return error_body(_clip(value["message"]), kind if isinstance(kind, str) else _type_of(status),
+                              code if isinstance(code, str) else None)
+        if "detail" in value:
+            return error_body(_clip(_detail(value["detail"])), _type_of(status))
+    text = body.decode("utf-8", "replace").strip()
+    message = text or f"the engine answered {status} without a message"
+    return error_body(_clip(message), _type_of(status))
+
+
+def _detail(detail: object) -> str:
+    """FastAPI's `detail`: a text, or a list of validation errors."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict) and "msg" in item:
+                loc = item.get("loc")
+                where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+                parts.append(f"{where}: {item['msg']}" if where else str(item["msg"]))
+            else:
+                parts.append(json.dumps(item, ensure_ascii=False))
+        return "; ".join(parts)
+    return json.dumps(detail, ensure_ascii=False)
+
+
+def _type_of(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= ENGINE_MESSAGE_MAX_CHARS else message[:ENGINE_MESSAGE_MAX_CHARS] + "…"

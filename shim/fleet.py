@@ -211,8 +211,9 @@ class Fleet:
         for e in taken:
             if e.holds_memory:
                 log.warning("engine %s still holds the GPU after %g s: stopping it", e.cfg.name, timeout_s)
-                e.request_stop("yield")
-        with trio.move_on_after(max((e.cfg.stop_timeout_s for e in taken), default=0) + 5):
+                e.request_stop("yield", detail=", ".join(sorted(self._holders(e))))
+        last_s = max((e.cfg.stop_grace_s + e.cfg.stop_timeout_s for e in taken), default=0)
+        with trio.move_on_after(last_s + 5):
             while any(e.holds_memory for e in taken):
                 await self._wait_engines_changed(1.0)
             return True
@@ -285,7 +286,7 @@ class Fleet:
                 self._undrain(keep=[name for name, _ in victims])
                 self._making_room_for = target
                 for name, action in victims:
-                    self._evict(self.engines[name], action, "evicted")
+                    self._evict(self.engines[name], action, "evicted", f"the engine {target.cfg.name!r}")
                 return math.inf
             case Wait(until, reason):
                 self._note(f"{target.cfg.name} waits: {reason}")
@@ -321,14 +322,17 @@ class Fleet:
             if e.draining and e.cfg.name not in keep and not self._holders(e):
                 e.draining = False
 
-    def _evict(self, e: Engine, action: str, cause: str) -> None:
+    def _evict(self, e: Engine, action: str, cause: str, detail: str) -> None:
         e.draining = True
         if e.active > 0 or e.waiting > e.queued:
-            return  # its requests finish first; on_drained wakes us
+            # its requests finish first (within its stop_grace, then they are
+            # cut); on_drained wakes us
+            e.cut_after_grace(cause, detail)
+            return
         if action == "sleep" and e.state is State.READY and e.sleep_enabled:
             e.request_sleep(cause)
         elif e.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
-            e.request_stop(cause)
+            e.request_stop(cause, detail=detail)
 
     def _yield_step(self) -> None:
         for t in list(self._queue):
@@ -337,8 +341,8 @@ class Fleet:
                 t.error = self._yielded(t.engine)
                 t.done.set()
         for e in self.engines.values():
-            if e.state in AWAKE and self._holders(e):
-                self._evict(e, "sleep", "yield")
+            if e.state in AWAKE and (holders := self._holders(e)):
+                self._evict(e, "sleep", "yield", ", ".join(sorted(holders)))
 
     def _view(self, e: Engine) -> EngineView:
         now = trio.current_time()

@@ -55,6 +55,7 @@ def decide(
     if not unit.running:
         return Verdict(none, f"{engine.unit} is not running ({unit.active_state})")
     state = "unknown"
+    can_sleep = True
     if shim.running:
         st = parse_statuses(shim.status_text).get(engine.unit)
         if st is None:
@@ -63,11 +64,12 @@ def decide(
             return Verdict(none, f"{st.in_flight} requests in flight")
         idle = st.idle_s(now)
         state = st.state
+        can_sleep = st.can_sleep
     else:
         idle = now - idle_since_without_shim_us(unit, shim) / 1e6
     if engine.stop_after_s is not None and idle >= engine.stop_after_s:
         return Verdict(Action.STOP, f"idle {idle:.0f} s, past stop_after {engine.stop_after_s:g} s")
-    if engine.sleep_after_s is not None and idle >= engine.sleep_after_s and state == "ready":
+    if engine.sleep_after_s is not None and idle >= engine.sleep_after_s and state == "ready" and can_sleep:
         return Verdict(Action.SLEEP, f"idle {idle:.0f} s, past sleep_after {engine.sleep_after_s:g} s")
     return Verdict(none, f"idle {idle:.0f} s (engine {state})")
 

@@ -160,6 +160,10 @@ class Metrics:
         self.live = live
         self.requests = Counter("vllm_gateway_requests", "Requests answered, by route and status",
                                 ("route", "status"))
+        self.broken = Counter("vllm_gateway_requests_broken",
+                              "Requests that ended without their whole answer, by route and outcome "
+                              "(client_gone, engine_gone, stopped, timeout, error, cancelled)",
+                              ("route", "outcome"))
         self.duration = Histogram("vllm_gateway_request_duration_seconds", "Time to answer a request",
                                   REQUEST_BUCKETS_S, ("route",))
         self.cold_starts = Histogram("vllm_gateway_cold_start_seconds",
@@ -178,7 +182,8 @@ class Metrics:
         self.tool_calls = Counter("vllm_gateway_tool_calls_rewritten",
                                   "Tool calls written as text and rewritten into tool_calls")
         self._all: list[Counter | Histogram] = [
-            self.requests, self.duration, self.cold_starts, self.start_failures, self.wakes, self.sleeps,
+            self.requests, self.broken, self.duration, self.cold_starts, self.start_failures, self.wakes,
+            self.sleeps,
             self.stops, self.swaps, self.tool_calls,
         ]
 
@@ -197,8 +202,11 @@ class Metrics:
         elif kind == "swap":
             self.swaps.inc(1.0, engine)
 
-    def request(self, route: str, status: int, seconds: float, tool_calls: int) -> None:
+    def request(self, route: str, status: int, seconds: float, tool_calls: int,
+                outcome: str = "complete") -> None:
         self.requests.inc(1.0, route, str(status))
+        if outcome != "complete":
+            self.broken.inc(1.0, route, outcome)
         self.duration.observe(seconds, route)
         if tool_calls:
             self.tool_calls.inc(tool_calls)

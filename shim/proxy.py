@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 import trio
@@ -17,7 +18,15 @@ import trio
 from . import toolcalls
 from .chunked import ChunkedError, ChunkedPassthrough
 from .engine import Engine
-from .errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, error_body
+from .errors import (
+    BadRequest,
+    EngineStopped,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    engine_error_body,
+    error_body,
+)
 from .http1 import ServerConnection
 from .httpio import end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
@@ -49,6 +58,9 @@ class Exchange:
     # the engine's read_timeout: silence past it means it hangs
     read_timeout_s: float = 600.0
     event_stream: bool = False  # the response is SSE: errors can go in-band
+    # how it ended: complete (an answer, errors included), client_gone, engine_gone,
+    # stopped (cut by a stop), timeout (the engine went silent), error, cancelled
+    outcome: str = "complete"
 
 
 class ClientSide:
@@ -61,6 +73,9 @@ class ClientSide:
         self.answered = False  # a request was answered on this connection
 
     async def send(self, event: h11.Event) -> None:
+        if type(event) is h11.Response and not event.reason:  # the gateway's own answers
+            event = h11.Response(status_code=event.status_code, headers=event.headers.raw_items(),
+                                 reason=reason_phrase(event.status_code))
         await send(self.conn, self.stream, event)
 
     # The bytes of a response head, body data and end: built directly where
@@ -68,6 +83,7 @@ class ClientSide:
 
     def head_bytes(self, head: Head) -> bytes:
         status, headers, reason = head
+        reason = reason or reason_phrase(status)
         if type(self.conn) is ServerConnection:
             return self.conn.send_head(status, headers, reason)
         return self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
@@ -81,6 +97,14 @@ class ClientSide:
         if type(self.conn) is ServerConnection:
             return self.conn.send_end()
         return self.conn.send(h11.EndOfMessage()) or b""
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of a status ("OK" for 200); b"" for unknown ones."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 # A response head to send: status, headers, reason.
@@ -97,11 +121,18 @@ async def forward(
     max_waiting: int,
     parsed: dict[str, object] | None = None,
     keepalive_s: float | None = None,
+    ex: Exchange | None = None,
 ) -> Exchange:
-    ex = Exchange(read_timeout_s=engine.cfg.read_timeout_s)
+    """Forward one request; `ex`, where given, is filled in as it goes (so
+    that it tells how far a request got that ends in an exception)."""
+    ex = ex or Exchange()
+    ex.read_timeout_s = engine.cfg.read_timeout_s
     fmt = toolcalls.get_format(engine.cfg.tool_call_format) if route.path == CHAT else None
     if fmt is not None:
-        body = toolcalls.adapt_request(body, fmt, parsed)
+        try:
+            body = toolcalls.adapt_request(body, fmt, parsed)
+        except toolcalls.ToolChoiceError as e:
+            raise BadRequest(f"vllm-gateway: {e}") from None
         if not _client_allows_tool_calls(parsed):
             fmt = None  # as OpenAI and vLLM do: no tools, or "none", means text only
     headers = [(b"host", b"127.0.0.1:%d" % engine.cfg.port)]  # first, as h11 would write it
@@ -117,7 +148,7 @@ async def forward(
         except GatewayError as e:
             if not ex.head_sent:
                 raise
-            await _send_stream_error(client, e.body())
+            ex.bytes_out += await send_stream_error(client, e.body())
             ex.status = e.status
             return ex
 
@@ -196,11 +227,24 @@ async def _wait_with_keepalive(
     return trio.current_time() - t0
 
 
-async def _send_stream_error(client: ClientSide, error_json: bytes) -> None:
+async def send_stream_error(client: ClientSide, error_json: bytes) -> int:
     """End an event stream whose head went out with an error event (OpenAI's
-    clients raise it as an APIError)."""
-    await client.send(h11.Data(data=b"data: " + error_json + b"\n\n"))
+    clients raise it as an APIError); the bytes of the event."""
+    event = b"data: " + error_json + b"\n\n"
+    await client.send(h11.Data(data=event))
     await client.send(h11.EndOfMessage())
+    return len(event)
+
+
+def outcome_of(e: GatewayError) -> str:
+    """The outcome a request that ended with this error is logged with."""
+    if isinstance(e, EngineStopped):
+        return "stopped"
+    if isinstance(e, UpstreamTimeout):
+        return "timeout"
+    if isinstance(e, UpstreamError):
+        return "engine_gone"
+    return "complete"
 
 
 class _BeforeResponse(Exception):
@@ -233,7 +277,11 @@ async def _send_request(
             raise UpstreamTimeout(
                 f"vllm-gateway: the engine sent nothing for {read_timeout_s:g} s; it is restarted"
             ) from None
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as e:
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as e:
+            if up is not None and up.cut_reason is not None:
+                if not up.cut_retry:
+                    raise EngineStopped(up.cut_reason) from None
+                raise _BeforeResponse(up.cut_reason) from None
             if up is not None:
                 up.close()
                 if up.reused:
@@ -261,8 +309,12 @@ async def _relay(
     ex.event_stream = ctype.startswith(b"text/event-stream")
     if fmt is not None and resp.status_code == 200 and ex.event_stream:
         await _relay_stream_rewritten(client, up, resp, headers, fmt, request_id, ex)
+    elif resp.status_code == 200 and ex.event_stream and ex.waited_s > 0:
+        await _pump(client, up, ex, None, (resp.status_code, headers, resp.reason), _waited_comment(ex))
     elif fmt is not None and resp.status_code == 200 and ctype.startswith(b"application/json"):
         await _relay_whole_rewritten(client, up, resp, headers, fmt, request_id, ex)
+    elif resp.status_code >= 400 and client.method != b"HEAD":
+        await _relay_error(client, up, resp, headers, ex)
     else:
         await _pump(client, up, ex, None, (resp.status_code, headers, resp.reason))
 
@@ -273,19 +325,23 @@ async def _pump(
     ex: Exchange,
     rewriter: toolcalls.StreamRewriter | None,
     head: Head | None = None,
+    preface: bytes = b"",
 ) -> None:
-    """Move the response (its head, if given, then the body) from the engine
-    to the client until the end.
+    """Move the response (its head, if given, then `preface`, then the body)
+    from the engine to the client until the end.
 
     Everything the engine sent in one read goes out in one write, however
     many events or chunks it holds: a stream of small SSE events costs one
     system call per burst, not one per event.
     """
     if rewriter is None and head is not None and _both_chunked(client, up, head):
-        await _pump_raw(client, up, ex, head)
+        await _pump_raw(client, up, ex, head, preface)
         return
     conn = up.conn
     out: list[bytes] = [] if head is None else [client.head_bytes(head)]
+    if preface:
+        ex.bytes_out += len(preface)
+        out.append(client.data_bytes(preface))
     pending: list[bytes] = []  # body bytes read but not yet framed for the client
     deadline = math.inf
     while True:
@@ -328,14 +384,18 @@ async def _flush_and_read(
     next bytes; also the deadline of that read. Each read moves the deadline
     (the write to the client runs under the previous one); waiting past it
     means the engine went silent. No timer is set while data is at hand."""
-    try:
-        if out:
+    if out:
+        try:
             await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out), deadline)
-            out.clear()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            ex.outcome = "client_gone"
+            raise _StreamBroken(f"the client went away: {e}") from None
+        out.clear()
+    try:
         deadline = trio.current_time() + ex.read_timeout_s
         return await receive(up.stream, deadline), deadline
-    except (OSError, trio.BrokenResourceError) as e:
-        await _abort_stream(client, ex, e, at_boundary)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        await _abort_stream(client, ex, e, at_boundary, up.cut_reason)
         raise _StreamBroken(str(e)) from None
     except trio.TooSlowError:
         await _abort_stream(client, ex, trio.TooSlowError(), at_boundary)
@@ -362,11 +422,15 @@ def _both_chunked(client: ClientSide, up: UpstreamConn, head: Head) -> bool:
     )
 
 
-async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: Head) -> None:
+async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: Head,
+                    preface: bytes = b"") -> None:
     """Relay a chunked body byte for byte: no decoding, no re-framing. Only
-    the last chunk is ours, so both connections stay reusable."""
+    the last chunk (and a preface's) is ours, so both connections stay reusable."""
     passthrough = ChunkedPassthrough()
     out = [client.head_bytes(head)]
+    if preface:
+        ex.bytes_out += len(preface)
+        out.append(client.data_bytes(preface))
     data, _closed = up.conn.trailing_data  # body bytes read with the head
     deadline = math.inf
     while True:
@@ -400,16 +464,19 @@ async def _relay_after_keepalive(
     error answer into an error event."""
     if resp.status_code == 200:
         rewriter = toolcalls.StreamRewriter(fmt, request_id) if fmt is not None else None
-        await _pump(client, up, ex, rewriter)
+        await _pump(client, up, ex, rewriter, None, _waited_comment(ex))
         return
     ex.status = resp.status_code
     body = await _read_whole(up, ex)
-    try:
-        json.loads(body)
-    except ValueError:
-        body = error_body(f"the engine answered {resp.status_code}: {body[:500].decode(errors='replace')}",
-                          "upstream_error")
-    await _send_stream_error(client, body)
+    ex.bytes_out += await send_stream_error(client, engine_error_body(resp.status_code, body) or body)
+
+
+def _waited_comment(ex: Exchange) -> bytes:
+    """An SSE comment before a stream's first event saying how long it waited
+    for the engine (the header says it too, where clients cannot see it)."""
+    if ex.waited_s <= 0:
+        return b""
+    return f": vllm-gateway: cold start, waited {ex.waited_s:.1f} s for the engine\n\n".encode()
 
 
 class _StreamBroken(Exception):
@@ -421,21 +488,28 @@ class _StreamBroken(Exception):
 
 
 async def _abort_stream(
-    client: ClientSide, ex: Exchange, cause: BaseException, at_boundary: bool = True
+    client: ClientSide, ex: Exchange, cause: BaseException, at_boundary: bool = True,
+    cut_reason: str | None = None,
 ) -> None:
-    """The engine broke off mid-response. End the client's response cleanly:
-    for an event stream an SSE error event first, then the body's proper end
-    (the connection closes after it). Where a chunk was cut in the middle,
-    only closing is left."""
-    log.warning("engine response broke off after %d bytes: %s", ex.bytes_out, cause or "timeout")
+    """The engine broke off mid-response, or a stop cut it (`cut_reason`).
+    End the client's response cleanly: for an event stream an SSE error
+    event first, then the body's proper end (the connection closes after
+    it). Where a chunk was cut in the middle, only closing is left."""
+    message = "vllm-gateway: the engine stopped responding mid-stream"
+    ex.outcome = "engine_gone"
+    if cut_reason is not None:
+        message = cut_reason
+        ex.outcome = "stopped"
+    elif isinstance(cause, trio.TooSlowError):
+        message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
+        ex.outcome = "timeout"
+    log.warning("engine response broke off after %d bytes: %s", ex.bytes_out,
+                cut_reason or cause or "timeout")
     if not at_boundary:
         return
-    message = "vllm-gateway: the engine stopped responding mid-stream"
-    if isinstance(cause, trio.TooSlowError):
-        message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
     try:
         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
-            await _send_stream_error(client, error_body(message, "upstream_error"))
+            ex.bytes_out += await send_stream_error(client, error_body(message, "upstream_error"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
         pass
 
@@ -446,7 +520,12 @@ async def _read_whole(up: UpstreamConn, ex: Exchange) -> bytes:
     size = 0
     deadline = trio.current_time() + ex.read_timeout_s
     while True:
-        event = await next_event(up.conn, up.stream, deadline)
+        try:
+            event = await next_event(up.conn, up.stream, deadline)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            if up.cut_reason is not None:
+                raise EngineStopped(up.cut_reason) from None
+            raise
         if isinstance(event, h11.Data):
             size += len(event.data)
             if size > MAX_REWRITE_BODY_BYTES:
@@ -462,7 +541,33 @@ async def _relay_stream_rewritten(
 ) -> None:
     headers = [(n, v) for n, v in headers if n != b"content-length"]
     await _pump(client, up, ex, toolcalls.StreamRewriter(fmt, request_id),
-                (resp.status_code, headers, resp.reason))
+                (resp.status_code, headers, resp.reason), _waited_comment(ex))
+
+
+async def _relay_error(
+    client: ClientSide, up: UpstreamConn, resp: h11.Response, headers: list[tuple[bytes, bytes]],
+    ex: Exchange,
+) -> None:
+    """An error answer of the engine, passed on in OpenAI's error shape
+    (FastAPI's `{"detail": ...}` is not), with its status and message."""
+    body = await _read_whole(up, ex)
+    shaped = engine_error_body(resp.status_code, body)
+    if shaped is not None:
+        body = shaped
+        headers = [(n, v) for n, v in headers if n not in (b"content-type", b"content-length")]
+        headers.append((b"content-type", b"application/json"))
+    await _send_whole(client, (resp.status_code, headers, resp.reason), body, ex)
+
+
+async def _send_whole(client: ClientSide, head: Head, body: bytes, ex: Exchange) -> None:
+    """A response with a body the gateway made: head, body and end in one write."""
+    status, headers, reason = head
+    headers = [(n, v) for n, v in headers if n != b"content-length"]
+    headers.append((b"content-length", b"%d" % len(body)))
+    wire = client.head_bytes((status, headers, reason))
+    wire += client.data_bytes(body) + client.end_bytes()
+    await send_all(client.stream, wire)
+    ex.bytes_out = len(body)
 
 
 async def _relay_whole_rewritten(
@@ -470,13 +575,8 @@ async def _relay_whole_rewritten(
     fmt: toolcalls.ToolCallFormat, request_id: str, ex: Exchange,
 ) -> None:
     body, ex.tool_calls = toolcalls.rewrite_body(await _read_whole(up, ex), fmt, request_id)
-    headers = [(n, v) for n, v in headers if n != b"content-length"]
-    headers.append((b"content-length", b"%d" % len(body)))
     # one write, as for responses relayed unchanged
-    wire = client.head_bytes((resp.status_code, headers, resp.reason))
-    wire += client.data_bytes(body) + client.end_bytes()
-    await send_all(client.stream, wire)
-    ex.bytes_out = len(body)
+    await _send_whole(client, (resp.status_code, headers, resp.reason), body, ex)
 
 
 # What each endpoint cannot do without; vLLM would refuse the request anyway,

@@ -22,7 +22,7 @@ import trio
 
 from . import gpustatus, journal, reloading
 from .config import GatewayConfig
-from .engine import Engine
+from .engine import Engine, problem_json
 from .errors import (
     BadRequest,
     Conflict,
@@ -43,7 +43,15 @@ from .lifecycle import State
 from .metrics import CONTENT_TYPE, EngineLive, Live, Metrics, accumulate, merge_expositions
 from .notify import Notifier
 from .page import Page
-from .proxy import ClientSide, Exchange, _StreamBroken, forward, json_object_or_error
+from .proxy import (
+    ClientSide,
+    Exchange,
+    _StreamBroken,
+    forward,
+    json_object_or_error,
+    outcome_of,
+    send_stream_error,
+)
 from .reqlog import RequestLog
 from .routes import GENERATION, JSON_BODY, Kind, Route, classify
 from .security import apply_max_tokens, check_admin, check_client
@@ -53,7 +61,7 @@ from .yielding import HOLDER, parse_gpus
 
 log = logging.getLogger("vllm_gateway.server")
 # log.info for the line each request writes, without its per-call overhead
-_request_log = RequestLog(log, __file__, "_serve")
+_request_log = RequestLog(log, __file__, "_log_request")
 
 # Bounds on what a client may send. Headers of OpenAI clients are ~1 KiB;
 # bodies carry prompts and base64 images, so tens of MiB.
@@ -141,6 +149,9 @@ class Gateway:
         # request ids: a random prefix per shim and a counter (cheap, unique)
         self._id_prefix = f"req-{secrets.token_hex(4)}-"
         self._id_count = 0
+        # the start phase last shown per engine, with the start it belongs to:
+        # phases only move forward
+        self._phases: dict[str, tuple[float, str]] = {}
         self.metrics = Metrics(Live(lambda: [
             EngineLive(e.cfg.name, e.state, e.busy, e.waiting,
                        accumulate(e.state_seconds, e.state, e.state_since))
@@ -161,7 +172,8 @@ class Gateway:
         return f"{self._id_prefix}{self._id_count:x}"
 
     def shim_status(self, e: Engine) -> ShimStatus:
-        return ShimStatus(state=e.state.value, in_flight=e.busy, idle_since=e.idle_since, unit=e.cfg.unit)
+        return ShimStatus(state=e.state.value, in_flight=e.busy, idle_since=e.idle_since, unit=e.cfg.unit,
+                          can_sleep=e.sleep_enabled or e.cfg.sleep_after_s is None)
 
     def publish_status(self) -> None:
         """Send the STATUS text (the status loop calls it on every change)."""
@@ -216,7 +228,10 @@ class Gateway:
             "last_sleep_error": e.last_sleep_error,
             "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
             "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
-            "last_error": e.last_failure.message if e.last_failure else None,
+            **problem_json(e.last_error),
+            # vLLM refused sleep mode (now or, as learned, at an earlier start): why
+            "sleep_refused": e.last_sleep_error if e.sleep_refused else None,
+            "expected_start_s": e.facts.start_s,
             "memory_bytes": self.fleet.need(e),
             "pinned": e.cfg.pinned,
             "draining": e.draining,
@@ -230,8 +245,11 @@ class Gateway:
         status = self.status_json()
         for name, e in self.engines.items():
             if e.in_state(State.STARTING):
-                lines = await journal.tail(e.cfg.unit, e.state_since)
-                phase = journal.start_phase(lines)
+                since = e.state_since
+                lines = await journal.tail(e.cfg.unit, since, lines=journal.PHASE_LINES)
+                shown = self._phases.get(name)
+                phase = journal.start_phase(lines, shown[1] if shown and shown[0] == since else "")
+                self._phases[name] = (since, phase)
                 if not self.cfg.several:
                     status["start_phase"] = phase
                 engines = status["engines"]
@@ -387,36 +405,59 @@ class Gateway:
         ex = Exchange()
         if route.kind is Kind.ENGINE:
             self.page.bump()  # one more in flight
-        with self.activity.request() if route.kind is Kind.ENGINE else nullcontext():
-            try:
-                ex = await self._dispatch(client, req, route, body, request_id)
-            except GatewayError as e:
-                ex.status = e.status
-                if client.conn.our_state is h11.SEND_RESPONSE:
-                    await self._send_error(client, e, request_id)
-                else:
-                    raise _StreamBroken(e.message) from None
-        seconds = trio.current_time() - t0
+        try:
+            with self.activity.request() if route.kind is Kind.ENGINE else nullcontext():
+                try:
+                    ex = await self._dispatch(client, req, route, body, request_id, ex)
+                except GatewayError as e:
+                    ex.outcome = outcome_of(e)
+                    if client.conn.our_state is h11.SEND_RESPONSE:
+                        ex.status = e.status
+                        ex.bytes_out = await self._send_error(client, e, request_id)
+                    else:
+                        if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
+                            ex.bytes_out += await send_stream_error(client, e.body())
+                        raise _StreamBroken(e.message) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if ex.outcome == "complete":
+                ex.outcome = "client_gone"
+            raise
+        except trio.Cancelled:
+            if ex.outcome == "complete":
+                ex.outcome = "cancelled"
+            raise
+        except BaseException:
+            if ex.outcome == "complete":
+                ex.outcome = "error"
+            raise
+        finally:
+            self._log_request(method, route, request_id, ex, trio.current_time() - t0)
+
+    def _log_request(self, method: str, route: Route, request_id: str, ex: Exchange, seconds: float) -> None:
+        """The request's journal line and metrics, however it ended."""
         ms = seconds * 1000
         label = route.label
-        self.metrics.request(label, ex.status, seconds, ex.tool_calls)
+        self.metrics.request(label, ex.status, seconds, ex.tool_calls, ex.outcome)
         self.page.request_done(method, route.path, label, ex.model, ex.status, seconds, ex.waited_s)
         if not log.isEnabledFor(logging.INFO):
             return
         cold = f" cold_start_ms={ex.waited_s * 1000:.0f}" if ex.waited_s > 0 else ""
         tools = f" tool_calls={ex.tool_calls}" if ex.tool_calls else ""
+        ended = f" outcome={ex.outcome}" if ex.outcome != "complete" else ""
         # journal fields: `journalctl --user -u vllm-gateway REQUEST_ID=...` finds one request
         fields = {
             "REQUEST_ID": request_id, "MODEL": ex.model or "", "STATUS": ex.status,
-            "DURATION_MS": round(ms), "ROUTE": label,
+            "DURATION_MS": round(ms), "ROUTE": label, "OUTCOME": ex.outcome,
         }
         if ex.waited_s > 0:
             fields["COLD_START_MS"] = round(ex.waited_s * 1000)
-        _request_log.info(sys._getframe().f_lineno, "%s %s %d %dB %.1fms id=%s%s%s",
-                          (method, route.path, ex.status, ex.bytes_out, ms, request_id, cold, tools), fields)
+        _request_log.info(sys._getframe().f_lineno, "%s %s %d %dB %.1fms id=%s%s%s%s",
+                          (method, route.path, ex.status, ex.bytes_out, ms, request_id, cold, tools, ended),
+                          fields)
 
     async def _dispatch(
-        self, client: ClientSide, req: h11.Request, route: Route, body: bytes, request_id: str
+        self, client: ClientSide, req: h11.Request, route: Route, body: bytes, request_id: str,
+        ex: Exchange,
     ) -> Exchange:
         kind = route.kind
         if kind is Kind.NOT_FOUND:
@@ -462,10 +503,9 @@ class Gateway:
                 if found is not None:
                     model_name = found.group(1).decode("utf-8", "replace").strip()
                     engine = self._engine_for(model_name)
-        ex = await forward(engine, client, req, route, body, request_id, self.cfg.max_waiting,
-                           parsed, self.cfg.stream_keepalive_s)
         ex.model = model_name
-        return ex
+        return await forward(engine, client, req, route, body, request_id, self.cfg.max_waiting,
+                             parsed, self.cfg.stream_keepalive_s, ex)
 
     def _engine_for(self, model: object) -> Engine:
         """The engine that serves `model` (the only one, with one engine)."""
@@ -510,7 +550,8 @@ class Gateway:
                 e.request_stop("idle" if idle else "manual", only_if_idle=idle)
             for e in targets:
                 await e.wait_changed(1.0)
-                await e.wait_for(State.STOPPED, State.FAILED, timeout_s=e.cfg.stop_timeout_s + 10)
+                await e.wait_for(State.STOPPED, State.FAILED,
+                                 timeout_s=e.cfg.stop_grace_s + e.cfg.stop_timeout_s + 10)
         elif kind is Kind.ADMIN_SLEEP:
             targets = self._targets(route, all_by_default=True)
             if self.cfg.several and "engine" not in query:
@@ -615,10 +656,11 @@ class Gateway:
 
     async def _send_error(
         self, client: ClientSide, e: GatewayError, request_id: str = "-", close: bool = False
-    ) -> None:
+    ) -> int:
+        """Answer with the error; the body's size."""
         # IDLE too: after a malformed request head h11 still lets us answer it
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
+            return 0
         body = e.body()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += e.headers()
@@ -633,6 +675,7 @@ class Gateway:
             pass
         if e.status >= 500:
             log.warning("request %s: %d %s", request_id, e.status, e.message)
+        return 0 if _is_head(client) else len(body)
 
 
 async def _linger(stream: trio.SocketStream) -> None:

@@ -23,6 +23,9 @@ class ShimStatus:
     in_flight: int
     idle_since: float | None  # None while requests are in flight
     unit: str
+    # False where sleep_after is set but the engine refused sleep mode: the
+    # idle check then asks for no sleep (written as `sleep=no`)
+    can_sleep: bool = True
 
     def format(self, now: float) -> str:
         idle_since = "-" if self.idle_since is None else f"{self.idle_since:.3f}"
@@ -30,6 +33,7 @@ class ShimStatus:
         return (
             f"state={self.state} in_flight={self.in_flight} "
             f"idle_since={idle_since} idle_s={idle_s} unit={self.unit}"
+            + ("" if self.can_sleep else " sleep=no")
         )
 
     def idle_s(self, now: float) -> float:
@@ -60,6 +64,7 @@ def parse_status(text: str) -> ShimStatus | None:
             in_flight=int(fields["in_flight"]),
             idle_since=None if idle == "-" else float(idle),
             unit=fields["unit"],
+            can_sleep=fields.get("sleep") != "no",
         )
     except (KeyError, ValueError):
         return None

@@ -148,8 +148,11 @@ def adapt_request(body: bytes, fmt: ToolCallFormat, parsed: dict[str, Any] | Non
     some models (Nemotron Nano v2, Mistral, some Hermes), which the engine
     drops from the text by default: wherever calls may come, the request
     asks for them to be kept (``skip_special_tokens: false``, as vLLM's own
-    parsers do). Anything else comes back as the same object. ``parsed``,
-    where given, is the body already parsed (it is not changed).
+    parsers do). ``"required"`` and a named function, which vLLM refuses
+    without a parser, go as "none" too, with a structured output that makes
+    the engine write calls (``calls_constraint``); ToolChoiceError where the
+    choice cannot be served. Anything else comes back as the same object.
+    ``parsed``, where given, is the body already parsed (it is not changed).
     """
     obj: Any = parsed
     if obj is None:
@@ -165,7 +168,87 @@ def adapt_request(body: bytes, fmt: ToolCallFormat, parsed: dict[str, Any] | Non
     obj = {**obj, "skip_special_tokens": False}
     if choice is None or choice == "auto":
         obj["tool_choice"] = "none"
+    elif choice == "required" or isinstance(choice, dict):
+        # vLLM refuses these without a parser; the gateway has the engine
+        # write the calls in the format instead (a client's own constraint wins)
+        spec = calls_constraint(fmt, obj.get("tools"), choice, obj.get("parallel_tool_calls") is not False)
+        obj["tool_choice"] = "none"
+        if "structured_outputs" not in obj:
+            obj["structured_outputs"] = {"structural_tag": json.dumps(spec, ensure_ascii=False)}
     return _dumps_compact(obj)
+
+
+# A tool call's JSON may hold one whitespace character at a time: enough for
+# `": "` and newlines, while a constrained small model cannot fill its tokens
+# with blanks.
+MAX_CALL_WHITESPACE = 1
+
+
+def calls_constraint(fmt: ToolCallFormat, tools: Any, choice: Any, parallel: bool = True) -> dict[str, Any]:
+    """vLLM's structured output (an xgrammar structural tag) that makes the
+    engine write only tool calls in `fmt`'s text form: one call or more of
+    the offered functions (`choice` "required"), or of the one named
+    (`{"type": "function", "function": {"name": ...}}`), each with its
+    parameter schema. Raises ToolChoiceError for a choice that names no
+    offered function."""
+    functions = _offered(tools)
+    if isinstance(choice, dict):
+        named = choice.get("function")
+        name = named.get("name") if isinstance(named, dict) else None
+        if not isinstance(name, str) or choice.get("type", "function") != "function":
+            raise ToolChoiceError('tool_choice must be "none", "auto", "required" or '
+                                  '{"type": "function", "function": {"name": "..."}}')
+        if name not in functions:
+            raise ToolChoiceError(f"tool_choice names the function {name!r}, which is not among the tools "
+                                  f"offered ({', '.join(functions) or 'none'})")
+        functions = {name: functions[name]}
+        parallel = False
+    elif choice != "required":
+        raise ToolChoiceError(f"tool_choice {choice!r} is not supported")
+    if not functions:
+        raise ToolChoiceError('tool_choice "required" needs at least one function in `tools`')
+    calls = [{
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    } for name, params in functions.items()]
+    one_call: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    def schema(value: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "json_schema", "json_schema": value, "max_whitespace_cnt": MAX_CALL_WHITESPACE}
+
+    tag: dict[str, Any]
+    if fmt.accepts_list:
+        payload: dict[str, Any] = {"type": "array", "items": one_call, "minItems": 1}
+        if not parallel:
+            payload["maxItems"] = 1
+        if fmt.close_tag is None:
+            tag = {"type": "sequence",
+                   "elements": [{"type": "const_string", "value": fmt.open_tag}, schema(payload)]}
+        else:
+            tag = {"type": "tag", "begin": fmt.open_tag, "content": schema(payload), "end": fmt.close_tag}
+    else:
+        tag = {"type": "tag", "begin": fmt.open_tag, "content": schema(one_call), "end": fmt.close_tag or ""}
+        if parallel:
+            tag = {"type": "plus", "content": tag}
+    return {"type": "structural_tag", "format": tag}
+
+
+def _offered(tools: Any) -> dict[str, dict[str, Any]]:
+    """The offered functions' names and parameter schemas, in order."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool in tools if isinstance(tools, list) else []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            continue
+        params = fn.get("parameters")
+        out[fn["name"]] = params if isinstance(params, dict) and params else {"type": "object"}
+    return out
+
+
+class ToolChoiceError(ValueError):
+    """The request's tool_choice cannot be served; the message says why."""
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ the health probe used while the engine starts."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import h11
@@ -19,7 +20,7 @@ POOL_MAX = 64
 HEALTH_PROBE_TIMEOUT_S = 2.0
 
 
-@dataclass
+@dataclass(eq=False)
 class UpstreamConn:
     stream: trio.SocketStream
     conn: UpstreamConnection = field(default_factory=UpstreamConnection)
@@ -30,6 +31,10 @@ class UpstreamConn:
     # and ended cleanly: then the connection is reusable with a fresh h11 state
     conn_response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     raw_done: bool = False
+    # set when the gateway closed it to stop the engine: what to tell the
+    # client, and whether a request without an answer yet may be sent again
+    cut_reason: str | None = None
+    cut_retry: bool = False
 
     def close(self) -> None:
         self.stream.socket.close()
@@ -44,6 +49,7 @@ class Upstream:
         self.port = port
         self.generation = 0
         self._idle: list[UpstreamConn] = []
+        self._busy: weakref.WeakSet[UpstreamConn] = weakref.WeakSet()  # handed out, not back yet
 
     async def connect(self) -> UpstreamConn:
         now = trio.current_time()
@@ -51,14 +57,18 @@ class Upstream:
             c = self._idle.pop()
             if c.generation == self.generation and now - c.idle_since < POOL_IDLE_S:
                 c.reused = True
+                self._busy.add(c)
                 return c
             c.close()
         stream = await trio.open_tcp_stream(self.host, self.port)
         stream.setsockopt(6, 1, 1)  # TCP_NODELAY: SSE events must not wait for Nagle
-        return UpstreamConn(stream, generation=self.generation)
+        c = UpstreamConn(stream, generation=self.generation)
+        self._busy.add(c)
+        return c
 
     def release(self, c: UpstreamConn) -> None:
         """Put a connection back after a complete exchange, or close it."""
+        self._busy.discard(c)
         if c.raw_done and c.generation == self.generation and len(self._idle) < POOL_MAX:
             c.conn = UpstreamConnection()
             c.raw_done = False
@@ -85,6 +95,21 @@ class Upstream:
         for c in self._idle:
             c.close()
         self._idle.clear()
+
+    def cut(self, reason: str, *, retry: bool = False) -> int:
+        """Close every connection, the ones in use too (their requests fail
+        with `reason`, or are sent again where `retry` and no answer had
+        come); how many were in use."""
+        self.reset()
+        cut = 0
+        for c in list(self._busy):
+            if c.cut_reason is None and c.stream.socket.fileno() != -1:
+                c.cut_reason = reason
+                c.cut_retry = retry
+                c.close()
+                cut += 1
+        self._busy.clear()
+        return cut
 
 
 async def call(

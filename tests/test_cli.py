@@ -5,6 +5,7 @@ arguments, and an example in every command's --help."""
 from __future__ import annotations
 
 import sys
+import time
 import types
 from typing import Any
 
@@ -166,6 +167,21 @@ def test_table_failed_with_error() -> None:
     assert r["engine"].startswith("failed")
     assert r["last error"] == "boom: CUDA out of memory"
     assert r["next stop"] == "-"
+
+
+def test_table_engine_that_cannot_sleep() -> None:
+    reason = "Sleep mode is not supported on current platform."
+    at = NOW - 3600
+    r = rows(render_table(shim_json(sleep_enabled=False, sleep_refused=reason, last_sleep_error=reason,
+                                    last_error=f"sleep mode refused: {reason}", last_error_at=at,
+                                    last_error_past=True),
+                          extras(shim_running()), NOW))
+    assert r["next sleep"] == f"not supported: {reason}"
+    clock = time.strftime("%H:%M:%S", time.localtime(at))
+    assert r["last error"] == f"{clock} sleep mode refused: {reason} (before the last successful start)"
+    # a sleep error alone is no error: a refused sleep mode shows on its own row
+    r = rows(render_table(shim_json(last_sleep_error=reason), extras(shim_running()), NOW))
+    assert r["last error"] == "-"
 
 
 def test_table_main_pid_from_systemd_when_the_shim_has_none() -> None:

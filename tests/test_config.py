@@ -43,6 +43,7 @@ def test_defaults() -> None:
     assert e.start_timeout_s == config.DEFAULT_START_TIMEOUT_S
     assert e.stop_after_s == config.DEFAULT_STOP_AFTER_S
     assert e.stop_timeout_s == config.DEFAULT_STOP_TIMEOUT_S
+    assert e.stop_grace_s == config.DEFAULT_STOP_GRACE_S == 10.0
     assert e.unit == config.DEFAULT_UNIT
     assert e.tool_call_format == "off"
 
@@ -53,7 +54,7 @@ def test_every_key_set() -> None:
         "engines": {"big": {
             "command": CMD, "port": 8200, "environment": {"CUDA_VISIBLE_DEVICES": "1"},
             "models": ["a", "b"], "health_path": "/ping", "start_timeout": "10m",
-            "stop_after": "1h30m", "stop_timeout": 5, "unit": "big.service",
+            "stop_after": "1h30m", "stop_timeout": 5, "stop_grace": "0s", "unit": "big.service",
             "tool_call_format": "hermes",
         }},
     })
@@ -69,6 +70,7 @@ def test_every_key_set() -> None:
     assert e.start_timeout_s == 600.0
     assert e.stop_after_s == 5400.0
     assert e.stop_timeout_s == 5.0
+    assert e.stop_grace_s == 0.0
     assert e.unit == "big.service"
     assert e.tool_call_format == "hermes"
 
@@ -134,6 +136,7 @@ def test_argv_appends_host_and_port() -> None:
         (minimal(stop_after="soon"), "config.toml: engines.main.stop_after: 'soon' is not a duration"),
         (minimal(stop_after=True), "config.toml: engines.main.stop_after: must be a duration"),
         (minimal(stop_timeout="10 minutes"), "config.toml: engines.main.stop_timeout: "),
+        (minimal(stop_grace="soon"), "config.toml: engines.main.stop_grace: "),
         (minimal(colour="red"), "config.toml: engines.main.colour: unknown key (known: command,"),
         ({**minimal(), "extra": 1}, "config.toml: extra: unknown key (known: engines, gateway)"),
         ({**minimal(), "gateway": {"port": 1}}, "config.toml: gateway.port: unknown key"),

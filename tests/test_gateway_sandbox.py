@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -192,3 +193,52 @@ def test_the_openai_client_reads_a_stream_through_keepalives(gw: Gateway) -> Non
         extra_body={"fake_reply": "through the comments"})
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == "through the comments"
+
+
+def test_an_engine_error_in_fastapis_shape_reaches_the_client_in_openais(gw: Gateway) -> None:
+    # the fake answers as vLLM does for an endpoint the model lacks: 404 {"detail": "Not Found"}
+    code, headers, body = gw.request("POST", "/v1/embeddings", {"model": "tiny", "input": "x"})
+    assert code == 404, body
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {"error": {"message": "Not Found", "type": "invalid_request_error",
+                                          "param": None, "code": None}}
+    assert int(headers["content-length"]) == len(body)
+    # errors already in OpenAI's shape pass unchanged
+    code, _, body = gw.chat(model="tiny", max_tokens=0)
+    assert code == 400 and json.loads(body)["error"]["message"] == "max_tokens must be at least 1, got 0."
+
+
+def raw_exchange(gw: Gateway, request: bytes) -> bytes:
+    """One request on a fresh connection, read until the gateway closes it."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as s:
+        s.sendall(request)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+
+def test_the_gateways_own_answers_have_reason_phrases_and_their_true_size(gw: Gateway) -> None:
+    for target, status in ((b"/gateway/status", b"200 OK"), (b"/favicon.ico", b"404 Not Found"),
+                           (b"/v1/chat/completions", b"405 Method Not Allowed")):
+        got = raw_exchange(gw, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 " + status + b"\r\n"), got[:100]
+        body = got.split(b"\r\n\r\n", 1)[1]
+        line = f"GET {target.decode()} {status[:3].decode()} {len(body)}B "
+        wait_until(lambda line=line: line in gw.journal("vllm-gateway"), 10, f"the request line {line!r}")
+
+
+def test_a_streamed_cold_start_tells_the_client_its_wait(gw: Gateway) -> None:
+    gw.request("POST", "/gateway/stop")
+    assert gw.active("vllm.service") == "inactive"
+    body = json.dumps({"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    got = raw_exchange(gw, (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                            f"{body}").encode())
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), head
+    found = re.search(rb": vllm-gateway: cold start, waited (\d+\.\d) s for the engine\n\n", rest)
+    assert found is not None, rest[:300]
+    assert float(found.group(1)) >= 1.5  # the fake's 2 s start
+    assert rest.index(found.group(0)) < rest.index(b"data: {")
+    assert b"data: [DONE]" in rest

@@ -156,3 +156,14 @@ def test_sleep_tier_needs_the_shim() -> None:
     shim = UnitState("inactive", inactive_enter_us=us(NOW - 3000))
     verdict = decide(engine, ENGINE_UP, shim, NOW)
     assert verdict.action is Action.NONE  # type: ignore[union-attr, unused-ignore]
+
+
+def test_an_engine_that_refused_sleep_mode_is_never_asked_to_sleep() -> None:
+    engine = dataclasses.replace(ENGINE, sleep_after_s=60.0, stop_after_s=600.0)
+    idle_since = NOW - 300
+    text = ShimStatus("ready", 0, idle_since, ENGINE.unit, can_sleep=False).format(NOW)
+    shim = UnitState("active", "running", status_text=text)
+    assert decide(engine, ENGINE_UP, shim, NOW).action is idle_check.Action.NONE
+    # the stop tier still applies
+    late = ShimStatus("ready", 0, NOW - 700, ENGINE.unit, can_sleep=False).format(NOW)
+    assert decide(engine, ENGINE_UP, UnitState("active", "running", status_text=late), NOW).stop

@@ -32,6 +32,10 @@ class _Reference:
         r = self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter("vllm_gateway_requests", "Requests answered, by route and status",
                                 ["route", "status"], registry=r)
+        self.broken = Counter("vllm_gateway_requests_broken",
+                              "Requests that ended without their whole answer, by route and outcome "
+                              "(client_gone, engine_gone, stopped, timeout, error, cancelled)",
+                              ["route", "outcome"], registry=r)
         self.duration = Histogram("vllm_gateway_request_duration_seconds", "Time to answer a request",
                                   ["route"], buckets=REQUEST_BUCKETS_S, registry=r)
         self.cold_starts = Histogram("vllm_gateway_cold_start_seconds",
@@ -90,8 +94,11 @@ class _Reference:
         elif kind == "swap":
             self.swaps.labels(engine).inc()
 
-    def request(self, route: str, status: int, seconds: float, tool_calls: int) -> None:
+    def request(self, route: str, status: int, seconds: float, tool_calls: int,
+                outcome: str = "complete") -> None:
         self.requests.labels(route, str(status)).inc()
+        if outcome != "complete":
+            self.broken.labels(route, outcome).inc()
         self.duration.labels(route).observe(seconds)
         if tool_calls:
             self.tool_calls.inc(tool_calls)
@@ -103,7 +110,8 @@ class _Reference:
 seconds = st.floats(min_value=0, max_value=1e4, allow_nan=False)
 events = st.one_of(
     st.tuples(st.just("request"), st.sampled_from(["/v1/chat/completions", "other", 'a"b\\c\nd']),
-              st.sampled_from([200, 400, 404, 502]), seconds, st.integers(0, 3)),
+              st.sampled_from([200, 400, 404, 502]), seconds, st.integers(0, 3),
+              st.sampled_from(["complete", "client_gone", "stopped"])),
     st.tuples(st.sampled_from(["cold_start", "wake", "sleep", "start_failure", "swap"]), seconds,
               st.sampled_from(["main", "coder"])),
     st.tuples(st.just("stop"), st.sampled_from(["idle", "manual", "hung"]), st.sampled_from(["main", "b"])),

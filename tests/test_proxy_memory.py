@@ -20,6 +20,7 @@ import trio.testing
 from shim import server
 from shim.config import EngineConfig, GatewayConfig
 from shim.fleet import Fleet
+from shim.learned import Facts
 from shim.lifecycle import State
 from shim.notify import Notifier
 from shim.server import Gateway
@@ -53,6 +54,9 @@ class FakeEngine:
         self.active = 0
         self.main_pid = 0
         self.last_failure: Any = None
+        self.last_error: Any = None
+        self.sleep_refused = False
+        self.facts = Facts()
         self.last_cold_start_s: float | None = None
         self.last_wake_s: float | None = None
         self.last_sleep_error: str | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import openai
 import pytest
 
+from shim.journal import PHASE_NAMES
 from tests.gatewaying import CONFIG, WEATHER_TOOL, Gateway, toml_value, wait_until
 from tests.real_vllm_env import REQUIRED, real_vllm_paths
 from tests.sandboxing import Sandbox
@@ -61,6 +63,8 @@ ENGINE_KEYS: dict[str, Any] = {
     "start_timeout": "5m",
     "stop_after": "10m",
     "stop_timeout": "20s",
+    # the stop test cuts its stream at once: the tiny model writes 480 tokens in seconds
+    "stop_grace": "0s",
     "tool_call_format": "nemotron",
     # A dotted key: the harness renders values as JSON, which TOML takes for
     # strings and lists but not for tables.
@@ -108,6 +112,19 @@ def sse_events(body: bytes) -> list[str]:
     return [e[len("data: "):] for e in body.decode().split("\n\n") if e.startswith("data: ")]
 
 
+def dechunk(body: bytes) -> bytes:
+    """A chunked body's data (as far as it came)."""
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2:]
+    return out
+
+
 def streamed_text(events: list[str], field: str) -> str:
     """The text of a stream: `delta.content` of chat chunks, `text` of completion chunks."""
     assert events[-1] == "[DONE]", events[-3:]
@@ -132,11 +149,46 @@ def engine_running_requests(gw: Gateway) -> float:
 # ---- one engine, started by the first request ----
 
 
+class PhaseWatcher:
+    """Polls /gateway/status while a start runs; every phase it showed, in order."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.shown: list[str] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.is_set():
+            phase = self.gw.status().get("start_phase")
+            if phase and (not self.shown or self.shown[-1] != phase):
+                self.shown.append(phase)
+            self.done.wait(0.3)
+
+    def stop(self) -> list[str]:
+        self.done.set()
+        self.thread.join()
+        return self.shown
+
+
 def test_first_request_waits_through_the_real_cold_start(gw: Gateway) -> None:
     assert gw.active("vllm.service") == "inactive"
+    code, _, _ = gw.request("GET", "/gateway/status")  # the shim runs before the start
+    assert code == 200
+    watcher = PhaseWatcher(gw)
     t0 = time.monotonic()
-    code, headers, body = post(gw, "/v1/chat/completions", hi(5), COLD_START_TIMEOUT_S)
+    try:
+        code, headers, body = post(gw, "/v1/chat/completions", hi(5), COLD_START_TIMEOUT_S)
+    finally:
+        phases = watcher.stop()
     took = time.monotonic() - t0
+    print(f"\nphases shown: {phases}")
+    # something from the first second, only forward, no compiling with --enforce-eager
+    assert phases and phases[0] == "starting process", phases
+    assert [PHASE_NAMES.index(p) for p in phases] == sorted({PHASE_NAMES.index(p) for p in phases})
+    assert "compiling" not in phases
+    assert "loading weights" in phases or "profiling memory" in phases, phases
     assert code == 200, body
     assert json.loads(body)["choices"][0]["message"]["role"] == "assistant"
     cold_ms = int(headers["x-vllm-gateway-cold-start-ms"])
@@ -207,6 +259,21 @@ def test_chat_completions_models_through_raw_http(gw: Gateway) -> None:
     assert [m["id"] for m in json.loads(body)["data"]] == ["tiny"]
 
 
+def streamed_calls(chunks: list[Any]) -> tuple[str, dict[int, dict[str, str]]]:
+    """The content and the tool calls of a streamed chat completion."""
+    calls: dict[int, dict[str, str]] = {}
+    content = ""
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.function is not None:
+                    slot["name"] += tc.function.name or ""
+                    slot["arguments"] += tc.function.arguments or ""
+    return content, calls
+
+
 def ask_weather() -> list[Any]:
     return [{"role": "user", "content": "What is the weather in Tokyo?"}]
 
@@ -231,16 +298,7 @@ def test_real_tool_call_text_becomes_tool_calls_streamed(client: openai.OpenAI) 
     chunks = list(client.chat.completions.create(
         model="tiny", messages=ask_weather(), tools=TOOLS,
         max_tokens=200, stream=True, extra_body=forced(TOOL_CALL_TEXT)))
-    calls: dict[int, dict[str, str]] = {}
-    content = ""
-    for chunk in chunks:
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            for tc in choice.delta.tool_calls or []:
-                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                if tc.function is not None:
-                    slot["name"] += tc.function.name or ""
-                    slot["arguments"] += tc.function.arguments or ""
+    content, calls = streamed_calls(chunks)
     assert "TOOLCALL" not in content and "<" not in content, content
     assert list(calls) == [0]
     assert calls[0]["name"] == "get_weather"
@@ -285,7 +343,146 @@ def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) ->
     assert post(gw, "/v1/chat/completions", hi())[0] == 200
 
 
+# Enums and no other keys: the tiny model's strings are noise, which only
+# a schema that leaves no choice makes valid.
+CITY_TOOL: Any = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Tokyo", "Paris"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME_TOOL: Any = {"type": "function", "function": {
+    "name": "get_time",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "JST"]}},
+                   "required": ["zone"], "additionalProperties": False}}}
+NAMED_TIME: Any = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.mark.parametrize("choice", ["required", NAMED_TIME], ids=["required", "named"])
+def test_tool_choice_the_engine_cannot_parse_is_forced_into_calls(client: openai.OpenAI, choice: Any) -> None:
+    """Without a parser vLLM refuses both; the gateway has the engine write
+    calls in the format and rewrites them. The tiny model writes noise, so
+    only the constraint makes these calls."""
+    allowed = {"get_time"} if choice is NAMED_TIME else {"get_weather", "get_time"}
+    reply = client.chat.completions.create(
+        model="tiny", messages=ask_weather(), tools=[CITY_TOOL, TIME_TOOL], tool_choice=choice,
+        max_tokens=200, temperature=0)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls", reply.choices[0]
+    assert not message.content and message.tool_calls
+    for call in message.tool_calls:
+        assert call.type == "function" and call.function.name in allowed
+        assert json.loads(call.function.arguments) in (
+            [{"city": "Tokyo"}, {"city": "Paris"}] if call.function.name == "get_weather"
+            else [{"zone": "UTC"}, {"zone": "JST"}])
+    if choice is NAMED_TIME:
+        assert len(message.tool_calls) == 1
+
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=ask_weather(), tools=[CITY_TOOL, TIME_TOOL], tool_choice=choice,
+        max_tokens=200, temperature=0, stream=True))
+    content, calls = streamed_calls(chunks)
+    assert not content and calls, content
+    assert {c["name"] for c in calls.values()} <= allowed
+    assert all(isinstance(json.loads(c["arguments"]), dict) for c in calls.values())
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_named_function_that_was_not_offered_is_a_clear_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client.chat.completions.create(model="tiny", messages=ask_weather(), tools=[CITY_TOOL],
+                                       tool_choice=NAMED_TIME, max_tokens=20)
+
+
+def test_vllms_fastapi_errors_reach_clients_in_openais_shape(gw: Gateway, client: openai.OpenAI) -> None:
+    # vLLM answers {"detail": "Not Found"} for embeddings on a generating model
+    code, _, body = post(gw, "/v1/embeddings", {"model": "tiny", "input": "hello"})
+    assert code == 404, body
+    assert json.loads(body) == {"error": {"message": "Not Found", "type": "invalid_request_error",
+                                          "param": None, "code": None}}
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.embeddings.create(model="tiny", input="hello")
+    # the SDK reads OpenAI's shape: the error object, its message
+    assert raised.value.body == {"message": "Not Found", "type": "invalid_request_error",
+                                 "param": None, "code": None}
+    assert raised.value.message.endswith("Not Found")
+    # vLLM's own OpenAI-shaped errors pass unchanged
+    code, _, body = post(gw, "/v1/chat/completions", hi(100_000))
+    error = json.loads(body)["error"]
+    assert code == 400 and "512" in error["message"] and not error["message"].startswith("vllm-gateway")
+
+
 # ---- these change the configuration: last ----
+
+
+def test_a_stop_cuts_an_open_stream_and_vllm_exits_at_once(gw: Gateway) -> None:
+    """vLLM waits for open connections before it exits: the gateway closes
+    its own after the grace (0 s here), so the unit is gone in seconds, not
+    after stop_timeout (20 s), and the client learns why."""
+    # 32 choices of 480 tokens: on an idle machine one alone ends within a second
+    body = json.dumps({"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 480, "ignore_eos": True, "n": 32}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: real-stop\r\n"
+            f"Connection: close\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=REQUEST_TIMEOUT_S) as s:
+        s.sendall(head + body)
+        got = b""
+        while b"data: {" not in got:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        t0 = time.monotonic()
+        code, _, answer = gw.request("POST", "/gateway/stop", timeout_s=60)
+        stopped = time.monotonic() - t0
+        while chunk := s.recv(65536):
+            got += chunk
+    assert code == 200, answer
+    print(f"\nstop with a stream open took {stopped:.1f} s")
+    assert gw.active("vllm.service") == "inactive"
+    assert stopped < 8, stopped  # stop_timeout is 20 s
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower(), head
+    events = sse_events(dechunk(body))
+    assert events and events[-1] != "[DONE]", "the stream ended before the stop: it cannot show the cut"
+    assert "stopped by vllm-gateway stop" in json.loads(events[-1])["error"]["message"]
+    wait_until(lambda: "outcome=stopped" in gw.journal("vllm-gateway"), 10, "the cut request's journal line")
+    line = [x for x in gw.journal("vllm-gateway").splitlines() if "id=real-stop" in x]
+    assert line and "outcome=stopped" in line[-1], line
+
+
+def test_a_refused_sleep_mode_is_remembered_across_a_shim_restart(
+    gw: Gateway, paths: tuple[str, str],
+) -> None:
+    """vLLM's CPU build refuses --enable-sleep-mode. The first start learns
+    it and starts again without; a new shim knows it from the state file."""
+    gw.configure_command(engine_command(*paths, "--enable-log-requests"), **ENGINE_KEYS, sleep_after="1m")
+    refusals = gw.journal("vllm-gateway").count("refused sleep mode")
+    t0 = time.monotonic()
+    code, headers, body = post(gw, "/v1/chat/completions", hi(), 2 * COLD_START_TIMEOUT_S)
+    waited = time.monotonic() - t0
+    assert code == 200, body
+    st = gw.status()
+    print(f"\nrefusal and restart: the client waited {waited:.1f} s; status: {st['last_cold_start_s']} s")
+    assert st["sleep_refused"] == "Sleep mode is not supported on current platform."
+    assert st["sleep_enabled"] is False
+    assert st["last_error"].startswith("sleep mode refused") and st["last_error_past"] is True
+    assert "^" not in st["last_error"]
+    # the cold start reported is what the client waited: both starts
+    assert abs(int(headers["x-vllm-gateway-cold-start-ms"]) / 1000 - st["last_cold_start_s"]) < 0.5
+    assert st["last_cold_start_s"] <= waited + 0.1 and st["expected_start_s"] < st["last_cold_start_s"]
+    assert "sleep=no" in gw.unit_prop("vllm-gateway.service", "StatusText")
+    assert gw.journal("vllm-gateway").count("refused sleep mode") == refusals + 1
+
+    gw.sb.systemctl("stop", "vllm-gateway.service", "vllm.service")
+    code, _, body = post(gw, "/v1/chat/completions", hi(), COLD_START_TIMEOUT_S)
+    assert code == 200, body
+    assert gw.journal("vllm-gateway").count("refused sleep mode") == refusals + 1
+    started = [x for x in gw.journal("vllm-gateway").splitlines() if "starting engine main" in x]
+    assert "--enable-sleep-mode" not in started[-1]
+    st = gw.status()
+    assert st["sleep_refused"] == "Sleep mode is not supported on current platform."
+    assert st["last_error"] is None
+
+
 
 
 def cgroup_pids(gw: Gateway, unit: str) -> list[int]:
@@ -302,7 +499,7 @@ def cgroup_pids(gw: Gateway, unit: str) -> list[int]:
 def test_idle_timer_stops_real_vllm_and_every_process_of_its_cgroup(
     gw: Gateway, paths: tuple[str, str],
 ) -> None:
-    assert post(gw, "/v1/chat/completions", hi())[0] == 200
+    assert post(gw, "/v1/chat/completions", hi(), COLD_START_TIMEOUT_S)[0] == 200
     pids = cgroup_pids(gw, "vllm.service")
     # API server, resource tracker, engine core, worker
     assert len(pids) >= 3, pids

@@ -156,6 +156,51 @@ def test_an_engine_that_cannot_sleep_falls_back_to_the_stop_tier_without_looping
     assert code == 409 and b"cannot sleep" in body
 
 
+def wait_for_an_idle_check(gw: Gateway) -> None:
+    """Until the idle timer has run the check once more, and it ended."""
+    last = gw.unit_prop("vllm-gateway-idle.timer", "LastTriggerUSecMonotonic")
+
+    def ran() -> bool:
+        return (gw.unit_prop("vllm-gateway-idle.timer", "LastTriggerUSecMonotonic") != last
+                and gw.active("vllm-gateway-idle.service") != "activating")
+
+    wait_until(ran, 30, "an idle check")
+
+
+def test_a_refused_sleep_mode_is_remembered_across_a_shim_restart(gw: Gateway, log: Path) -> None:
+    gw.configure(fake(log, "--no-sleep-support"), sleep_after="1s", stop_after="off", stop_timeout="2s")
+    refusals = gw.journal("vllm-gateway").count("refused sleep mode")
+    asked = gw.journal("vllm-gateway-idle").count("asking the gateway to put")
+    t0 = time.monotonic()
+    code, headers, body = gw.chat()
+    waited_ms = (time.monotonic() - t0) * 1000
+    assert code == 200, body
+    st = gw.status()
+    # the cold start reported is what the client waited: both starts
+    cold_ms = int(headers["x-vllm-gateway-cold-start-ms"])
+    assert abs(st["last_cold_start_s"] * 1000 - cold_ms) < 50 and cold_ms <= waited_ms + 50
+    assert st["sleep_refused"] == "Sleep mode is not supported on current platform."
+    assert st["last_error"] == "sleep mode refused: Sleep mode is not supported on current platform."
+    assert st["last_error_past"] is True and st["last_error_at"] > 0
+    assert "sleep=no" in gw.unit_prop("vllm-gateway.service", "StatusText")
+    # the idle timer runs every second: two of its checks later, it asked for no sleep
+    for _ in range(2):
+        wait_for_an_idle_check(gw)
+    assert gw.journal("vllm-gateway-idle").count("asking the gateway to put") == asked
+    assert not [r for r in engine_log(log) if r["path"] == "/sleep"]
+
+    # a new shim knows it: the next cold start tries no sleep mode
+    gw.sb.systemctl("stop", "vllm-gateway.service", "vllm.service")
+    assert gw.chat()[0] == 200
+    assert gw.journal("vllm-gateway").count("refused sleep mode") == refusals + 1
+    st = gw.status()
+    assert st["sleep_enabled"] is False
+    assert st["sleep_refused"] == "Sleep mode is not supported on current platform."
+    assert st["last_error"] is None  # nothing went wrong in this shim's life
+    started = [line for line in gw.journal("vllm-gateway").splitlines() if "starting engine main" in line]
+    assert "--enable-sleep-mode" not in started[-1]
+
+
 @pytest.mark.parametrize("path", [
     "/sleep?level=2", "/SLEEP", "/sleep/", "//sleep", "/%73leep", "/wake_up", "/Wake_Up/",
     "/collective_rpc", "/%2563ollective_rpc", "/reset_prefix_cache", "/is_sleeping",

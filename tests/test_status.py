@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +20,7 @@ statuses = st.builds(
     in_flight=st.integers(min_value=0, max_value=10**6),
     idle_since=st.none() | st.integers(min_value=0, max_value=4 * 10**12).map(lambda ms: ms / 1000),
     unit=token,
+    can_sleep=st.booleans(),
 )
 
 
@@ -81,3 +84,11 @@ def test_junk_is_none(junk: str) -> None:
 def test_any_text_parses_or_is_none(text: str) -> None:
     result = parse_status(text)
     assert result is None or isinstance(result, ShimStatus)
+
+
+def test_an_engine_that_cannot_sleep_says_so_and_others_say_nothing() -> None:
+    refused = ShimStatus(state="ready", in_flight=0, idle_since=10.0, unit="u.service", can_sleep=False)
+    assert refused.format(now=20.0).endswith(" sleep=no")
+    assert "sleep=" not in dataclasses.replace(refused, can_sleep=True).format(now=20.0)
+    assert parse_status("state=ready in_flight=0 idle_since=1.0 unit=u.service") == ShimStatus(
+        "ready", 0, 1.0, "u.service", can_sleep=True)

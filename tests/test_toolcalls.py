@@ -12,7 +12,9 @@ from shim.toolcalls import (
     FORMAT_NAMES,
     StreamRewriter,
     ToolCallFormat,
+    ToolChoiceError,
     adapt_request,
+    calls_constraint,
     get_format,
     rewrite_body,
 )
@@ -157,7 +159,14 @@ def test_adapt_request() -> None:
     for choice in ("required", named):
         asked = {"model": "m", "tools": tools, "tool_choice": choice, "skip_special_tokens": True}
         out = json.loads(adapt_request(json.dumps(asked).encode(), NEMOTRON))
-        assert out == {**asked, "skip_special_tokens": False}
+        # vLLM refuses these without a parser: "none", with the calls forced by a structured output
+        spec = json.loads(out.pop("structured_outputs")["structural_tag"])
+        assert spec == calls_constraint(NEMOTRON, tools, choice)
+        assert out == {**asked, "tool_choice": "none", "skip_special_tokens": False}
+        # a client's own constraint wins
+        own = {**asked, "structured_outputs": {"regex": "x"}}
+        out = json.loads(adapt_request(json.dumps(own).encode(), NEMOTRON))
+        assert out["structured_outputs"] == {"regex": "x"} and out["tool_choice"] == "none"
     keep = [
         {"model": "m", "tools": tools, "tool_choice": "none"},
         {"model": "m", "messages": [{"role": "user", "content": "東京"}]},
@@ -494,8 +503,75 @@ def test_no_exception_escapes(fmt: ToolCallFormat, data: bytes, cuts: list[int])
         start = max(start, cut)
     run_stream_raw.end()
     rewrite_body(data, fmt)
-    adapt_request(data, fmt)
+    try:
+        adapt_request(data, fmt)
+    except ToolChoiceError:
+        pass
     prefix = b'data: {"choices":[{"index":0,"delta":{"content":"' + fmt.open_tag.encode()
     rewriter = StreamRewriter(fmt)
     rewriter.feed(prefix + data.replace(b"\n", b"") + b'"}}]}\n\n')
     rewriter.end()
+
+
+# -- tool_choice "required" and a named function: the engine is made to write calls --
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "now"}}]
+
+
+def call_schema(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": value, "max_whitespace_cnt": 1}
+
+
+def test_required_makes_a_list_format_write_one_call_or_more_of_the_offered_functions() -> None:
+    either = {"anyOf": [call_schema("get_weather", WEATHER), call_schema("now", {"type": "object"})]}
+    assert calls_constraint(NEMOTRON, TOOLS, "required") == {"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<TOOLCALL>", "end": "</TOOLCALL>",
+        "content": json_schema({"type": "array", "items": either, "minItems": 1}),
+    }}
+    assert calls_constraint(MISTRAL, TOOLS, "required", parallel=False) == {
+        "type": "structural_tag", "format": {"type": "sequence", "elements": [
+            {"type": "const_string", "value": "[TOOL_CALLS]"},
+            json_schema({"type": "array", "items": either, "minItems": 1, "maxItems": 1}),
+        ]}}
+
+
+def test_a_named_function_is_the_only_one_and_called_once() -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert calls_constraint(NEMOTRON, TOOLS, named)["format"]["content"] == json_schema(
+        {"type": "array", "items": call_schema("get_weather", WEATHER), "minItems": 1, "maxItems": 1})
+    assert calls_constraint(HERMES, TOOLS, named) == {"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<tool_call>", "end": "</tool_call>",
+        "content": json_schema(call_schema("get_weather", WEATHER))}}
+
+
+def test_hermes_writes_one_tag_per_call() -> None:
+    spec = calls_constraint(HERMES, TOOLS[:1], "required")["format"]
+    assert spec == {"type": "plus", "content": {
+        "type": "tag", "begin": "<tool_call>", "end": "</tool_call>",
+        "content": json_schema(call_schema("get_weather", WEATHER))}}
+
+
+@pytest.mark.parametrize(("tools", "choice", "why"), [
+    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "'nope', which is not among the tools"),
+    (TOOLS, {"type": "function"}, "tool_choice must be"),
+    (TOOLS, {"type": "other", "function": {"name": "now"}}, "tool_choice must be"),
+    (TOOLS, "sometimes", "is not supported"),
+    ([], "required", "at least one function"),
+    ([{"type": "function"}], "required", "at least one function"),
+])
+def test_a_choice_that_cannot_be_served_is_a_clear_error(tools: Any, choice: Any, why: str) -> None:
+    with pytest.raises(ToolChoiceError, match=why):
+        calls_constraint(NEMOTRON, tools, choice)
+    body = json.dumps({"model": "m", "tools": tools or [{}], "tool_choice": choice}).encode()
+    if choice == "sometimes":  # not one of OpenAI's: the engine answers it
+        assert json.loads(adapt_request(body, NEMOTRON))["tool_choice"] == "sometimes"
+        return
+    with pytest.raises(ToolChoiceError):
+        adapt_request(body, NEMOTRON)

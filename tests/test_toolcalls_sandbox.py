@@ -226,16 +226,21 @@ def test_malformed_tool_text_arrives_as_content_and_is_logged(
     "required",
     {"type": "function", "function": {"name": "get_weather"}},
 ], ids=["required", "named"])
-def test_tool_choice_other_than_auto_reaches_the_engine_unchanged(
+def test_tool_choice_required_or_named_reaches_the_engine_as_a_constraint(
     gw: Gateway, client: openai.OpenAI, choice: Any,
 ) -> None:
+    """vLLM refuses both without a parser: the engine gets "none" and a
+    structured output that makes it write calls (real vLLM obeys it; the
+    fake ignores it and writes its reply)."""
     marker = new_marker()
     reply = whole_chat(client, ONE_CALL, marker, tools=[WEATHER_TOOL], tool_choice=choice)
     assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
     sent = received(gw, marker)
-    assert sent["tool_choice"] == choice
+    assert sent["tool_choice"] == "none"
     assert sent["tools"] == [WEATHER_TOOL]
     assert sent["skip_special_tokens"] is False
+    tag = json.loads(sent["structured_outputs"]["structural_tag"])
+    assert tag["type"] == "structural_tag" and tag["format"]["begin"] == "<TOOLCALL>"
 
 
 @pytest.mark.parametrize("extra", [
