@@ -20,9 +20,11 @@ from .config import EngineConfig, GatewayConfig
 # Keys of an engine that its running process was started with.
 ENGINE_RESTART_KEYS = ("command", "port", "environment", "health_path", "sleep_level")
 # Keys that the gateway reads once, when it starts: the units it follows,
-# the model routing table, the GPU it plans with.
-ENGINE_LATER_KEYS = ("unit", "models")
-GATEWAY_LATER_KEYS = ("listen_host", "listen_port", "gpu_memory", "fake_gpu_slice", "fake_gpu_memory")
+# the model routing table, the GPUs it plans with.
+ENGINE_LATER_KEYS = ("unit", "models", "gpus")
+GATEWAY_LATER_KEYS = (
+    "listen_host", "listen_port", "gpu_memory", "fake_gpu_slice", "fake_gpu_memory", "fake_gpus",
+)
 SECRET_KEYS = ("api_keys", "admin_key")
 # Not configuration: where it was read from.
 _IGNORED = ("source", "engines", "name")
@@ -69,7 +71,8 @@ def render(key: str, value: object) -> str:
     if isinstance(value, Mapping):
         value = dict(value)
     if isinstance(value, tuple):
-        value = list(value)
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                 for v in value]
     return json.dumps(value, sort_keys=True)
 
 

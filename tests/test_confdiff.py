@@ -7,7 +7,7 @@ import dataclasses
 
 from shim import confdiff
 from shim.confdiff import Change
-from shim.config import parse
+from shim.config import GatewayConfig, parse
 
 BASE = {
     "gateway": {"max_waiting": 10, "api_keys": ["sk-one-key-123"]},
@@ -126,3 +126,19 @@ def test_flatten_names_every_key_and_leaves_out_the_source() -> None:
     assert flat["engines.main.command"] == '["vllm", "serve", "m"]'
     assert "gateway.source" not in flat and "engines.main.name" not in flat
     assert flat["gateway.admin_key"] == "(none)"
+
+
+def test_gpus_and_fake_gpus_are_read_when_the_gateway_starts() -> None:
+    def with_gpus(gpus: list[int], memory: str) -> GatewayConfig:
+        return parse({"gateway": {"fake_gpu": {"devices": [{"slice": "g0.slice", "memory": memory},
+                                                           {"slice": "g1.slice", "memory": "1GiB"}]}},
+                      "engines": {"main": {"command": ["x"], "models": ["m"], "gpus": gpus}}})
+    old, new = with_gpus([0], "1GiB"), with_gpus([1], "2GiB")
+    flat = confdiff.flatten(new)
+    assert '"g1.slice"' in flat["gateway.fake_gpus"]
+    plan = confdiff.plan(old, new, running=("main",))
+    later = {c.key for c in plan.later}
+    assert {"engines.main.gpus", "gateway.fake_gpus"} <= later
+    # the running engine keeps its devices, so it is not restarted for them
+    assert plan.restart == {}
+    assert plan.config.engines["main"].gpus == (0,)
