@@ -216,7 +216,8 @@ def test_expect_100_continue_is_answered_once_the_server_asks() -> None:
     req = conn.next_event()
     assert isinstance(req, h11.Request)
     assert conn.client_is_waiting_for_100_continue
-    assert conn.send(h11.InformationalResponse(status_code=100, headers=[])) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    interim = conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert not conn.client_is_waiting_for_100_continue
     conn.receive_data(b"{}")
     assert conn.next_event() == h11.Data(data=b"{}")
@@ -366,7 +367,8 @@ def test_responses_read_like_h11(start: bytes, lines: list[bytes], eol: bytes, b
     theirs.send(h11.Data(data=b"{}"))
     theirs.send(h11.EndOfMessage())
     a = _engine_events(ours, _split(wire, cuts), eof)
-    b = [e for e in _engine_events(theirs, _split(wire, cuts), eof) if not isinstance(e, h11.InformationalResponse)]
+    b = [e for e in _engine_events(theirs, _split(wire, cuts), eof)
+         if not isinstance(e, h11.InformationalResponse)]
     if b and b[0][0] == "response" and (b[0][1] in (204, 304) or method == b"HEAD"):
         b[0] = (*b[0][:2], [(n, v) for n, v in b[0][2] if n not in (b"content-length", b"transfer-encoding")],
                 b[0][3])
