@@ -459,6 +459,8 @@ async def _abort_stream(
     message = "vllm-gateway: the engine stopped responding mid-stream"
     if isinstance(cause, trio.TooSlowError):
         message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
+    elif isinstance(cause, h11.ProtocolError | ChunkedError):
+        message = f"vllm-gateway: the engine's answer is not valid HTTP: {cause}"
     try:
         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
             await _send_stream_error(client, error_body(message, "upstream_error"))

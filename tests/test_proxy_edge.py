@@ -45,9 +45,10 @@ class ReadyEngine(FakeEngine):
 @dataclass
 class Engine:
     """A scripted engine: `answer(request_id, head)` gives the bytes to
-    write (a list: one write each, with a checkpoint between)."""
+    write (a list: one write each, with a checkpoint between; an Event in
+    the list is waited for)."""
 
-    answer: Callable[[bytes, bytes], list[bytes]]
+    answer: Callable[[bytes, bytes], list[Any]]
     port: int = 0
     heads: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -70,6 +71,9 @@ class Engine:
                 self.heads.append(head)
                 m = _ID.search(head + b"\r\n")
                 for piece in self.answer(m.group(1) if m else b"", head):
+                    if isinstance(piece, trio.Event):  # the test says when to go on
+                        await piece.wait()
+                        continue
                     await stream.send_all(piece)
                     await trio.lowlevel.checkpoint()
         except trio.BrokenResourceError:
@@ -78,7 +82,7 @@ class Engine:
 
 @asynccontextmanager
 async def gateway(
-    answer: Callable[[bytes, bytes], list[bytes]],
+    answer: Callable[[bytes, bytes], list[Any]],
 ) -> AsyncIterator[tuple[Gateway, Engine, int]]:
     engine = Engine(answer)
     async with trio.open_nursery() as nursery:
@@ -243,3 +247,28 @@ async def test_expect_without_a_key_is_refused_before_the_body() -> None:
         reply = await exchange(port, head)
         assert status_of(reply) == 401
         assert engine.heads == []
+
+
+async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None:
+    first_event_read = trio.Event()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    event = b'data: {"id": "x"}\n\n'
+
+    def answer(rid: bytes, _head: bytes) -> list[Any]:
+        return [head + b"%x\r\n%s\r\n" % (len(event), event), first_event_read, b"0x10\r\n"]
+
+    async with gateway(answer) as (_gw, _engine, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(chat("r1"))
+            out = b""
+            with trio.fail_after(STEP_S):
+                while event not in out:
+                    out += await stream.receive_some(65536)
+                first_event_read.set()
+                while chunk := await stream.receive_some(65536):
+                    out += chunk
+    assert out.startswith(b"HTTP/1.1 200 ")
+    body = out.partition(b"\r\n\r\n")[2]
+    assert b'data: {"error": {"message": "vllm-gateway: the engine\'s answer is not valid HTTP: ' in body
+    assert body.endswith(b"\r\n0\r\n\r\n")  # the body ends properly, then the connection closes
