@@ -28,6 +28,12 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([
 # A version of the right shape but another number: 505, not 400.
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(.*?)[ \t]*")
+# A whole header block of valid lines (a value: visible ASCII, obs-text, SP, HTAB),
+# and the split of a valid one into names and values.
+_FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FIELD = re.compile(rb"([^:]+):[ \t]*(.*?)[ \t]*\r\n")
+# The names whose values framing and routing depend on.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host", b"expect"})
 # What a field value may hold: visible ASCII, obs-text, space and HTAB.
 _TOKEN_BYTE = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]")
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -49,7 +55,6 @@ class RequestHead:
     target: bytes  # origin-form: an absolute-form target is reduced to its path
     version: bytes  # b"1.0" or b"1.1"
     headers: list[tuple[bytes, bytes]]  # (lower-case name, value)
-    raw_names: list[bytes]
     length: int | None  # Content-Length
     chunked: bool
     expect_continue: bool
@@ -100,46 +105,49 @@ def check_start(buf: bytes) -> None:
         raise HeadError(f"malformed request line {buf[:60]!r}")
 
 
-def _lines(head: bytes) -> list[bytes]:
-    """The lines of a complete head (ended by its empty line), CRLF removed."""
-    return head[:-4].split(b"\r\n")
+def _split(head: bytes) -> tuple[bytes, bytes]:
+    """The first line of a complete head and its header block (each line
+    with its CRLF; the empty line left out)."""
+    first = head.find(b"\r\n")
+    return head[:first], head[first + 2:-2]
 
 
-def _fields(lines: list[bytes]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
-    raw_names: list[bytes] = []
-    for line in lines:
+def _fields(block: bytes) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    """(lower-case name, value) of each header line, and the values of the
+    names that framing depends on. The whole block is checked in one C-speed
+    match; line by line only to say what is wrong."""
+    if _FIELD_BLOCK.fullmatch(block) is None:
+        _refuse_line(block)
+    headers = [(name.lower(), value) for name, value in _FIELD.findall(block)]
+    special: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in _FRAMING:
+            special.setdefault(name, []).append(value)
+    return headers, special
+
+
+def _refuse_line(block: bytes) -> None:
+    for line in block[:-2].split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):
             raise HeadError("a header line is folded onto the one before (obs-fold)")
         m = _HEADER_LINE.fullmatch(line)
         if m is None:
             raise HeadError(f"malformed header line {line[:40]!r}")
-        name, value = m.groups()
-        if _BAD_VALUE_BYTE.search(value):
-            raise HeadError(f"a control byte in the value of {name[:40].decode()!r}")
-        raw_names.append(name)
-        headers.append((name.lower(), value))
-    return headers, raw_names
+        if _BAD_VALUE_BYTE.search(m.group(2)):
+            raise HeadError(f"a control byte in the value of {m.group(1)[:40].decode()!r}")
+    raise HeadError("malformed header block")  # not reached: some line fails above
 
 
-def _framing(headers: list[tuple[bytes, bytes]], version: bytes, what: str) -> tuple[int | None, bool]:
+def _framing(special: dict[bytes, list[bytes]], version: bytes, what: str) -> tuple[int | None, bool]:
     """(Content-Length, chunked) of a head, refusing every ambiguous framing."""
-    lengths = [v for n, v in headers if n == b"content-length"]
-    codings = [c.strip().lower() for n, v in headers if n == b"transfer-encoding" for c in v.split(b",")]
-    codings = [c for c in codings if c]
-    if lengths and any(n == b"transfer-encoding" for n, _ in headers):
+    lengths = special.get(b"content-length")
+    encodings = special.get(b"transfer-encoding")
+    if lengths and encodings:
         raise HeadError(f"the {what} has both Content-Length and Transfer-Encoding")
-    if len(lengths) > 1:
-        raise HeadError(f"the {what} has more than one Content-Length")
-    length: int | None = None
-    if lengths:
-        value = lengths[0]
-        if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
-            raise HeadError(f"the {what}'s Content-Length is not a number: {value[:40]!r}")
-        length = int(value)
-    if any(n == b"transfer-encoding" for n, _ in headers):
+    if encodings:
         if version != b"1.1":
             raise HeadError(f"Transfer-Encoding in an HTTP/{version.decode()} {what}")
+        codings = [c for c in (c.strip().lower() for v in encodings for c in v.split(b",")) if c]
         if not codings or codings[-1] != b"chunked":
             raise HeadError(f"the {what}'s Transfer-Encoding does not end with chunked")
         if codings.count(b"chunked") > 1:
@@ -147,11 +155,21 @@ def _framing(headers: list[tuple[bytes, bytes]], version: bytes, what: str) -> t
         if len(codings) > 1:
             raise HeadError("Only Transfer-Encoding: chunked is supported", 501)
         return None, True
-    return length, False
+    if not lengths:
+        return None, False
+    if len(lengths) > 1:
+        raise HeadError(f"the {what} has more than one Content-Length")
+    value = lengths[0]
+    if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+        raise HeadError(f"the {what}'s Content-Length is not a number: {value[:40]!r}")
+    return int(value), False
 
 
-def _connection_close(headers: list[tuple[bytes, bytes]], version: bytes) -> bool:
-    tokens = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
+def _connection_close(special: dict[bytes, list[bytes]], version: bytes) -> bool:
+    values = special.get(b"connection")
+    if not values:
+        return version == b"1.0"
+    tokens = {t.strip().lower() for v in values for t in v.split(b",")}
     return b"close" in tokens or (version == b"1.0" and b"keep-alive" not in tokens)
 
 
@@ -183,29 +201,30 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 def check_request(head: bytes) -> RequestHead:
     """A complete request head (as `head_end` found it) checked whole."""
-    request_line, *lines = _lines(head)
+    request_line, block = _split(head)
     method, target, version = _request_line(request_line)
-    headers, raw_names = _fields(lines)
-    if version == b"1.1" and sum(1 for n, _ in headers if n == b"host") != 1:
+    headers, special = _fields(block)
+    if version == b"1.1" and len(special.get(b"host", ())) != 1:
         raise HeadError("an HTTP/1.1 request needs exactly one Host header")
-    length, chunked = _framing(headers, version, "request")
-    expect = [v.strip().lower() for n, v in headers if n == b"expect"]
+    length, chunked = _framing(special, version, "request")
+    expect = special.get(b"expect")
     return RequestHead(
-        method=method, target=origin_form(target), version=version, headers=headers, raw_names=raw_names,
-        length=length, chunked=chunked, expect_continue=version == b"1.1" and b"100-continue" in expect,
-        keep_alive=not _connection_close(headers, version),
+        method=method, target=origin_form(target), version=version, headers=headers, length=length,
+        chunked=chunked, keep_alive=not _connection_close(special, version),
+        expect_continue=bool(expect) and version == b"1.1"
+        and any(v.strip().lower() == b"100-continue" for v in expect or ()),
     )
 
 
 def check_response(head: bytes) -> ResponseHead:
     """A complete response head from the engine, checked whole."""
-    status_line, *lines = _lines(head)
+    status_line, block = _split(head)
     m = _STATUS_LINE.fullmatch(status_line)
     if m is None:
         raise HeadError(f"malformed status line {status_line[:60]!r}")
     minor, code, reason = m.groups()
     version = b"1." + minor
-    headers, _raw = _fields(lines)
-    length, chunked = _framing(headers, version, "response")
+    headers, special = _fields(block)
+    length, chunked = _framing(special, version, "response")
     return ResponseHead(status=int(code), reason=reason or b"", version=version, headers=headers,
-                        length=length, chunked=chunked, keep_alive=not _connection_close(headers, version))
+                        length=length, chunked=chunked, keep_alive=not _connection_close(special, version))
