@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -62,3 +63,22 @@ def test_the_gateways_own_engine_is_adopted_after_a_shim_restart(gw: Gateway) ->
     status, _, body = gw.chat()
     assert status == 200, body
     assert gw.unit_prop("vllm.service", "MainPID") == pid  # the same engine, adopted
+
+
+def test_a_stranger_that_answers_during_a_start_is_not_taken_for_the_engine(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "30"], stop_timeout="2s")  # the engine listens only when ready
+    result: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    waiting = threading.Thread(target=lambda: result.setdefault("chat", gw.chat()))
+    waiting.start()
+    try:
+        wait_until(lambda: gw.active("vllm.service") == "active", START_S, "the engine to start")
+        gw.sb.run(["systemd-run", "--user", "--unit", "stranger2", "--", sys.executable, str(FAKE_VLLM),
+                   "--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(gw.engine_port)])
+        waiting.join(START_S)
+        status, _, body = result["chat"]
+        assert status == 503, body
+        message = json.loads(body)["error"]["message"]
+        assert f"port {gw.engine_port} is taken by pid " in message and "fake-vllm" in message, message
+    finally:
+        gw.sb.systemctl("stop", "stranger2.service", check=False)
+        waiting.join(START_S)
