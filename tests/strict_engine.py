@@ -46,8 +46,9 @@ def answer(mode: str, rid: str) -> tuple[list[bytes], bool]:
         return [chunked(rid)], False
     if mode == "stray-same":
         return [ok(rid) + stray], False
-    if mode == "stray-after":
-        return [ok(rid), stray], False
+    if mode == "stray-after":  # a second write, bound to the end of the answer
+        answer = ok(rid)
+        return [answer[:-1], answer[-1:] + stray], False
     if mode == "garbage-after":
         return [ok(rid), b"\r\nxyz"], False
     if mode == "interim":

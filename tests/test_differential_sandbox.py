@@ -343,8 +343,8 @@ def test_clients_get_only_their_own_answers_from_a_hostile_engine(
     def one(scripts: list[list[str]]) -> None:
         with ThreadPoolExecutor(CLIENTS) as pool:
             problems = [p for found in pool.map(client, [gateway.port] * CLIENTS, scripts) for p in found]
-        assert not problems, problems
         seen = [e.get("id") for e in log.new() if "id" in e]
+        assert not problems, problems
         assert len(seen) == len(set(seen)) == sum(map(len, scripts)), "a request reached the engine twice"
         counts["inputs"] += 1
         counts["exchanges"] += sum(map(len, scripts))
