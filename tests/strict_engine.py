@@ -50,7 +50,8 @@ def answer(mode: str, rid: str) -> tuple[list[bytes], bool]:
         answer = ok(rid)
         return [answer[:-1], answer[-1:] + stray], False
     if mode == "garbage-after":
-        return [ok(rid), b"\r\nxyz"], False
+        answer = ok(rid)
+        return [answer[:-1], answer[-1:] + b"\r\nxyz"], False
     if mode == "interim":
         return [b"HTTP/1.1 100 Continue\r\n\r\n",
                 b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + ok(rid)], False
