@@ -149,20 +149,34 @@ class ChunkedPassthrough:
                 return
             line = buf[pos:end + 1]
             pos = end + 1
-            if line in (b"\r\n", b"\n"):
+            if _trailer_line(line):
                 self.done = True
                 self.leftover = buf[pos:]
                 return
 
 
+# A chunk-size line as strictly as h11 reads it (RFC 9112 section 7.1): hex
+# digits from the first byte, maybe extensions, CRLF; no bare LF or CR, no
+# space before the size, no "0x" and no sign.
+_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})((?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?)[ \t]*\r\n")
+# A trailer line: a header line, CRLF-terminated.
+_TRAILER_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[\t\x20-\x7e\x80-\xff]*\r\n")
+
+
 def _chunk_size(line: bytes) -> int:
-    text = line.split(b";", 1)[0].strip()
-    if not text or len(text) > 16 or text.startswith((b"+", b"-")) or b"_" in text:
+    m = _SIZE_LINE.fullmatch(line)
+    if m is None:
         raise ChunkedError(f"bad chunk-size line {line[:40]!r}")
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise ChunkedError(f"bad chunk-size line {line[:40]!r}") from None
+    return int(m.group(1), 16)
+
+
+def _trailer_line(line: bytes) -> bool:
+    """Whether the line ends the trailers; raises for a malformed one."""
+    if line == b"\r\n":
+        return True
+    if _TRAILER_LINE.fullmatch(line) is None:
+        raise ChunkedError(f"bad trailer line {line[:40]!r}")
+    return False
 
 
 class ChunkedDecoder:
@@ -268,7 +282,7 @@ class ChunkedDecoder:
                 return
             line = buf[pos:end + 1]
             pos = end + 1
-            if line in (b"\r\n", b"\n"):
+            if _trailer_line(line):
                 self.done = True
                 self.leftover = buf[pos:]
                 return

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from . import journal, learned, startcheck, stopping
+from . import journal, learned, portcheck, startcheck, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import Event, State, next_state
@@ -647,6 +647,11 @@ class Engine:
             self._begin_start(adopted=False)
             await self._fail("; ".join(cannot_run))
             return
+        taken = await portcheck.port_taken(self.systemd, self.cfg.unit, self.cfg.port)
+        if taken is not None:  # a stranger there would get the probe and the traffic
+            self._begin_start(adopted=False)
+            await self._fail(taken, quote_journal=False)
+            return
         for first_try in (True, False):
             try:
                 self._start_job = await self.systemd.start_transient(svc)
@@ -684,6 +689,10 @@ class Engine:
         deadline = trio.current_time() + self.cfg.start_timeout_s
         while trio.current_time() < deadline:
             if await probe("127.0.0.1", self.cfg.port, self.cfg.health_path) == 200:
+                taken = await portcheck.port_taken(self.systemd, self.cfg.unit, self.cfg.port)
+                if taken is not None:  # only the unit's own listener counts
+                    await self._inbox_send.send(_StartFailed(attempt, taken))
+                    return
                 # an engine adopted after a shim restart may be asleep: a
                 # request sent to it would break it
                 asleep = False
@@ -699,7 +708,7 @@ class Engine:
             attempt, f"the engine did not become ready within {self.cfg.start_timeout_s:g} s",
         ))
 
-    async def _fail(self, reason: str) -> None:
+    async def _fail(self, reason: str, *, quote_journal: bool = True) -> None:
         """A start failed: stop the unit, record why (with the engine's last
         words from the journal), and cool down before the next try."""
         self._cancel_attempt()
@@ -708,7 +717,8 @@ class Engine:
         cause = startcheck.exit_cause(unit.exec_main_code, unit.exec_main_status) or self._exit_cause
         reason = f"{reason}: {cause}" if cause else reason
         await self.systemd.stop_unit(self.cfg.unit)
-        lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch))
+        lines = journal.excerpt(await journal.settled_tail(self.cfg.unit, self._start_epoch)) \
+            if quote_journal else []
         if self.sleep_enabled and any(_SLEEP_REFUSED.search(line) for line in lines):
             # e.g. vLLM's CPU build refuses --enable-sleep-mode: say so once,
             # remember it for later shims, and start again at once without it

@@ -14,9 +14,10 @@ import trio
 # call; h11 copies what it is given, so bigger buffers mean fewer loop turns.
 READ_BYTES = 65536
 
+# (Expect too: the gateway answers `100-continue` itself, before it reads a body.)
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect",
 })
 
 

@@ -284,6 +284,8 @@ async def _send_request(
                 raise _BeforeResponse(up.cut_reason) from None
             if up is not None:
                 up.close()
+                if up.conn.answered:  # a broken answer, not a lost one: never sent twice
+                    raise UpstreamError(f"vllm-gateway: the engine's answer is not valid HTTP: {e}") from None
                 if up.reused:
                     continue
             raise _BeforeResponse(str(e) or type(e).__name__) from None
@@ -342,13 +344,17 @@ async def _pump(
     if preface:
         ex.bytes_out += len(preface)
         out.append(client.data_bytes(preface))
+    first = out[0] if out else None  # the head, until it is written
     pending: list[bytes] = []  # body bytes read but not yet framed for the client
     deadline = math.inf
     while True:
         try:
             event = conn.next_event()
         except h11.ProtocolError as e:
-            await _abort_stream(client, ex, e)
+            if first is not None and out and out[0] is first:
+                await _bad_gateway(client, ex, e)
+            else:
+                await _abort_stream(client, ex, e)
             raise _StreamBroken(str(e)) from None
         if type(event) is h11.Data:
             pending.append(event.data)
@@ -438,8 +444,12 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
             try:
                 forward_now = passthrough.feed(bytes(data))
             except ChunkedError as e:
-                await send_all(client.stream, b"".join(out))
-                await _abort_stream(client, ex, e)
+                if len(out) == 1 and not ex.bytes_out:  # only our head so far, unsent
+                    await _bad_gateway(client, ex, e)
+                else:
+                    # what was checked goes out, then the stream ends as broken
+                    await send_all(client.stream, b"".join(out))
+                    await _abort_stream(client, ex, e, passthrough.at_boundary)
                 raise _StreamBroken(str(e)) from None
             if forward_now:
                 ex.bytes_out += len(forward_now)
@@ -479,6 +489,22 @@ def _waited_comment(ex: Exchange) -> bytes:
     return f": vllm-gateway: cold start, waited {ex.waited_s:.1f} s for the engine\n\n".encode()
 
 
+async def _bad_gateway(client: ClientSide, ex: Exchange, cause: BaseException) -> None:
+    """The engine's answer broke before any of it reached the client: a
+    plain 502 instead of the head built for it (the connection closes)."""
+    log.warning("the engine's answer is not valid HTTP: %s", cause)
+    body = error_body(f"vllm-gateway: the engine's answer is not valid HTTP: {cause}", "upstream_error")
+    ex.status = 502
+    ex.bytes_out = 0
+    head = (b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n" % len(body))
+    client.linger = True
+    try:
+        await send_all(client.stream, head + (b"" if client.method == b"HEAD" else body))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
 class _StreamBroken(Exception):
     """The engine's response broke off after the client got its head."""
 
@@ -503,6 +529,8 @@ async def _abort_stream(
     elif isinstance(cause, trio.TooSlowError):
         message = f"vllm-gateway: the engine sent nothing for {ex.read_timeout_s:g} s; it is restarted"
         ex.outcome = "timeout"
+    elif isinstance(cause, h11.ProtocolError | ChunkedError):
+        message = f"vllm-gateway: the engine's answer is not valid HTTP: {cause}"
     log.warning("engine response broke off after %d bytes: %s", ex.bytes_out,
                 cut_reason or cause or "timeout")
     if not at_boundary:
@@ -522,6 +550,8 @@ async def _read_whole(up: UpstreamConn, ex: Exchange) -> bytes:
     while True:
         try:
             event = await next_event(up.conn, up.stream, deadline)
+        except h11.ProtocolError as e:
+            raise UpstreamError(f"vllm-gateway: the engine's answer is not valid HTTP: {e}") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             if up.cut_reason is not None:
                 raise EngineStopped(up.cut_reason) from None

@@ -350,6 +350,8 @@ class Gateway:
             # before the body is read: an unauthenticated or misdirected
             # request costs nothing, and never starts or wakes the engine
             self._check_access(client, event, route)
+            if conn.client_is_waiting_for_100_continue:  # ready for the body: ask for it
+                await client.send(h11.InformationalResponse(status_code=100, headers=[]))
             body = await self._read_body(client, trio.current_time() + REQUEST_READ_TIMEOUT_S)
         except trio.TooSlowError:
             if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
@@ -360,7 +362,7 @@ class Gateway:
             err: GatewayError = HeadersTooLarge(f"vllm-gateway: {e}") if e.error_status_hint == 431 \
                 else _bad_request(e)
             err.status = e.error_status_hint if e.error_status_hint >= 400 else 400
-            await self._send_error(client, err)
+            await self._send_error(client, err, close=True)
             return False
         except GatewayError as e:  # access refused, target or body too large
             log.info("refused %s: %d %s", _peer(client), e.status, e.message)

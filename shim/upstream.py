@@ -3,6 +3,7 @@ the health probe used while the engine starts."""
 
 from __future__ import annotations
 
+import select
 import weakref
 from dataclasses import dataclass, field
 
@@ -39,6 +40,18 @@ class UpstreamConn:
     def close(self) -> None:
         self.stream.socket.close()
 
+    def quiet(self) -> bool:
+        """Whether the engine has sent nothing since the last exchange and not
+        closed: checked without waiting. Bytes it sent after its response, or
+        its close, make the connection unfit for another exchange (those
+        bytes would be read as the next answer)."""
+        fd = self.stream.socket.fileno()
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLRDHUP)
+        return not poller.poll(0)
+
 
 class Upstream:
     """Connections to one engine's port. `reset()` drops every pooled
@@ -55,7 +68,7 @@ class Upstream:
         now = trio.current_time()
         while self._idle:
             c = self._idle.pop()
-            if c.generation == self.generation and now - c.idle_since < POOL_IDLE_S:
+            if c.generation == self.generation and now - c.idle_since < POOL_IDLE_S and c.quiet():
                 c.reused = True
                 self._busy.add(c)
                 return c

@@ -3,6 +3,8 @@ data; any input either passes or raises ChunkedError."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext as _nothing
+
 import h11
 import pytest
 from hypothesis import given, settings
@@ -140,3 +142,40 @@ def test_any_input_passes_or_raises_chunked_error(pieces: list[bytes]) -> None:
             p.feed(piece)
     except ChunkedError:
         pass
+
+
+# chunk-size lines and trailers that h11 refuses: relayed raw once, they
+# must be errors here too, however the bytes are split
+H11_REFUSES = [
+    b"0x4c\r\n" + b"a" * 76 + b"\r\n0\r\n\r\n",
+    b" 55\r\n" + b"a" * 85 + b"\r\n0\r\n\r\n",
+    b"5\nhello\r\n0\r\n\r\n",
+    b"5\r\r\nhello\r\n0\r\n\r\n",
+    b"5 x\r\nhello\r\n0\r\n\r\n",
+    b"5\r\nhello\r\n0\n\r\n",
+    b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n",
+]
+
+
+# and stricter than h11: no control byte in an extension,
+# and no bare LF in trailers
+STRICTER = [b"5;a\x00\r\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\nT: a\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n"]
+
+
+@pytest.mark.parametrize("bad", H11_REFUSES + STRICTER)
+@pytest.mark.parametrize("whole", [True, False])
+def test_what_h11_refuses_is_an_error_in_both_readers(bad: bytes, whole: bool) -> None:
+    with pytest.raises(h11.RemoteProtocolError) if bad not in STRICTER else _nothing():
+        c = h11.Connection(h11.CLIENT)
+        c.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        c.send(h11.EndOfMessage())
+        c.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + bad)
+        while c.next_event() is not h11.NEED_DATA:
+            pass
+    pieces = [bad] if whole else [bad[i:i + 1] for i in range(len(bad))]
+    for reader in (ChunkedPassthrough(), ChunkedDecoder()):
+        with pytest.raises(ChunkedError):
+            for piece in pieces:
+                reader.feed(piece)
+            reader.feed(b"")

@@ -2,8 +2,9 @@
 bad request lines, header injection, request smuggling, broken chunked
 bodies, invalid JSON, huge numbers and bad UTF-8.
 
-Every input gets a 4xx answer or a closed connection, never a 5xx and never
-a hang; the gateway stays up; nothing hidden behind a smuggle reaches the
+Every input gets a 4xx answer (501 for a transfer coding, 505 for a version
+it does not support) or a closed connection, never another 5xx and never a
+hang; the gateway stays up; nothing hidden behind a smuggle reaches the
 engine; and the engine is never started. Every input is either malformed or
 aimed where a well-formed request would be refused too (unknown paths, an
 unknown model), so any start of the engine is a fault."""
@@ -79,9 +80,12 @@ def assert_refused(gw: Gateway, kind: str, data: bytes) -> None:
     if not answer:
         return  # closed without a word: refused
     assert answer.startswith(b"HTTP/1."), f"not an HTTP answer: {answer[:200]!r} to {data[:300]!r}"
-    # RFC 9112 6.1: a transfer coding it does not implement is answered 501, a refusal too
+    # RFC 9112 6.1: a transfer coding it does not implement is answered 501, and
+    # RFC 9110 15.6.6 a version it does not support 505: refusals too
     unsupported_te = b"Only Transfer-Encoding: chunked is supported" in answer
-    bad = [c for c in codes if not (400 <= c < 500 or (c == 501 and unsupported_te))]
+    unsupported_version = b"is not supported (HTTP/1.0 and 1.1 are)" in answer
+    bad = [c for c in codes
+           if not (400 <= c < 500 or (c == 501 and unsupported_te) or (c == 505 and unsupported_version))]
     assert codes and not bad, f"answered {codes} to {data[:300]!r}: {answer[:400]!r}"
 
 

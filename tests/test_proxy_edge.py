@@ -1,0 +1,274 @@
+"""The proxy in front of a hostile engine, in process: a TCP server that
+answers each request with scripted bytes (stray bytes after a body, two
+framings, bad chunk lines, 1xx first), and the gateway's real connection
+handler and engine pool. Each client must get its own answer or a clean
+error, never bytes of another exchange."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from shim.fleet import Fleet
+from shim.lifecycle import State
+from shim.notify import Notifier
+from shim.server import Gateway
+from shim.upstream import Upstream
+from tests.test_proxy_memory import STEP_S, FakeEngine, make_cfg
+
+# the request id the client sent, read back from what the engine got
+_ID = re.compile(rb"\r\nx-request-id: ([^\r]+)\r\n", re.IGNORECASE)
+
+
+class ReadyEngine(FakeEngine):
+    """A ready engine: requests go to the real pool, to `port`."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(make_cfg().engine, State.READY)
+        self.upstream = Upstream(port)  # type: ignore[assignment]
+
+    @asynccontextmanager
+    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
+        yield 0.0
+
+
+@dataclass
+class Engine:
+    """A scripted engine: `answer(request_id, head)` gives the bytes to
+    write (a list: one write each, with a checkpoint between; an Event in
+    the list is waited for)."""
+
+    answer: Callable[[bytes, bytes], list[Any]]
+    port: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+                while len(buf) < length:
+                    buf += await stream.receive_some(65536)
+                buf = buf[length:]
+                self.heads.append(head)
+                m = _ID.search(head + b"\r\n")
+                for piece in self.answer(m.group(1) if m else b"", head):
+                    if isinstance(piece, trio.Event):  # the test says when to go on
+                        await piece.wait()
+                        continue
+                    await stream.send_all(piece)
+                    await trio.lowlevel.checkpoint()
+        except trio.BrokenResourceError:
+            return
+
+
+@asynccontextmanager
+async def gateway(
+    answer: Callable[[bytes, bytes], list[Any]],
+) -> AsyncIterator[tuple[Gateway, Engine, int]]:
+    engine = Engine(answer)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, engine.serve, 0, host="127.0.0.1"))
+        engine.port = listeners[0].socket.getsockname()[1]
+        cfg = make_cfg()
+        fake = ReadyEngine(engine.port)
+        gw = Gateway(cfg, Fleet(cfg, {"main": fake}, None), Notifier())  # type: ignore[dict-item]
+        front = await nursery.start(functools.partial(trio.serve_tcp, gw.handle, 0, host="127.0.0.1"))
+        yield gw, engine, front[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send, then read until the gateway closes or one whole answer came."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        out = b""
+        with trio.fail_after(STEP_S):
+            while True:
+                if _complete(out):
+                    return out
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return out
+                out += chunk
+
+
+def _complete(out: bytes) -> bool:
+    head, sep, body = out.partition(b"\r\n\r\n")
+    if not sep or head.startswith(b"HTTP/1.1 1"):
+        return False
+    if head.startswith((b"HTTP/1.1 204", b"HTTP/1.1 304")):
+        return True
+    m = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+    if m:
+        return len(body) >= int(m.group(1))
+    return body.endswith(b"0\r\n\r\n")
+
+
+def chat(request_id: str, extra: bytes = b"") -> bytes:
+    body = b'{"model": "org/model-a", "prompt": "x"}'
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+            b"X-Request-Id: " + request_id.encode() + b"\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def ok(request_id: bytes) -> bytes:
+    body = json.dumps({"id": request_id.decode()}).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def body_of(answer: bytes) -> Any:
+    return json.loads(answer.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("stray", [
+    b"garbage",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n{\"id\": \"not yours\"}",
+])
+@pytest.mark.parametrize("same_write", [True, False])
+async def test_bytes_after_a_response_never_reach_the_next_client(stray: bytes, same_write: bool) -> None:
+    def answer(rid: bytes, head: bytes) -> list[bytes]:
+        return [ok(rid) + stray] if same_write else [ok(rid), stray]
+
+    async with gateway(answer) as (_gw, engine, port):
+        for i in range(6):
+            reply = await exchange(port, chat(f"r{i}"))
+            assert status_of(reply) == 200, reply
+            assert body_of(reply) == {"id": f"r{i}"}
+    assert len(engine.heads) == 6
+    assert engine.connections == 6  # no connection with stray bytes was used again
+
+
+async def test_a_quiet_engine_connection_is_reused() -> None:
+    async with gateway(lambda rid, head: [ok(rid)]) as (_gw, engine, port):
+        for i in range(3):
+            assert body_of(await exchange(port, chat(f"r{i}"))) == {"id": f"r{i}"}
+    assert engine.connections == 1
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+BROKEN = {
+    "CL and TE": b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n0\r\n\r\n",
+    "two lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+    "0x size": CHUNKED + b"0x4c\r\n" + b"a" * 76 + b"\r\n0\r\n\r\n",
+    "space before size": CHUNKED + b" 55\r\n" + b"a" * 85 + b"\r\n0\r\n\r\n",
+    "bare LF size line": CHUNKED + b"5\nhello\r\n0\r\n\r\n",
+    "stray CR size line": CHUNKED + b"5\r\r\nhello\r\n0\r\n\r\n",
+    "bare LF head": b"HTTP/1.1 200 OK\ncontent-length: 5\n\nhello",
+    "101": b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+    "HTTP/2.0": b"HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "not HTTP": b"hello there\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("wire", list(BROKEN.values()), ids=list(BROKEN))
+async def test_a_broken_answer_is_a_clean_502_and_the_connection_closes(wire: bytes) -> None:
+    async with gateway(lambda rid, head: [wire]) as (_gw, engine, port):
+        reply = await exchange(port, chat("r1"))
+        assert status_of(reply) == 502, reply
+        assert b"not valid HTTP" in reply or b"status 101" in reply
+        assert body_of(reply)["error"]["type"] == "upstream_error"
+        # the request was sent once, and the next one takes a new connection
+        assert len(engine.heads) == 1
+        await exchange(port, chat("r2"))
+        assert engine.connections == 2
+
+
+async def test_interim_answers_are_skipped() -> None:
+    def answer(rid: bytes, head: bytes) -> list[bytes]:
+        return [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + ok(rid)]
+
+    async with gateway(answer) as (_gw, _engine, port):
+        reply = await exchange(port, chat("r1"))
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+        assert body_of(reply) == {"id": "r1"}
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_no_body_and_no_length_for_204_and_304(status: int) -> None:
+    wire = b"HTTP/1.1 %d X\r\ncontent-length: 7\r\nx-a: b\r\n\r\n" % status
+
+    async with gateway(lambda rid, head: [wire]) as (_gw, _engine, port):
+        reply = await exchange(port, chat("r1"))
+        assert await exchange(port, chat("r2")) == reply  # the connection stayed in step
+        head = reply.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 %d" % status)
+        assert b"content-length" not in head and b"transfer-encoding" not in head and b"x-a: b" in head
+
+
+async def test_expect_100_continue_is_answered_by_the_gateway_and_not_forwarded() -> None:
+    async with gateway(lambda rid, head: [ok(rid)]) as (_gw, engine, port):
+        request = chat("r1", b"Expect: 100-continue\r\n")
+        head, _, body = request.partition(b"\r\n\r\n")
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(head + b"\r\n\r\n")
+            with trio.fail_after(STEP_S):
+                interim = await stream.receive_some(65536)
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await stream.send_all(body)
+            out = b""
+            with trio.fail_after(STEP_S):
+                while not _complete(out):
+                    out += await stream.receive_some(65536)
+        assert body_of(out) == {"id": "r1"}
+        assert b"expect" not in engine.heads[0].lower()
+
+
+async def test_expect_without_a_key_is_refused_before_the_body() -> None:
+    async with gateway(lambda rid, head: [ok(rid)]) as (gw, engine, port):
+        gw.cfg = dataclasses.replace(gw.cfg, api_keys=("key-of-eight",))
+        head = chat("r1", b"Expect: 100-continue\r\n").partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        reply = await exchange(port, head)
+        assert status_of(reply) == 401
+        assert engine.heads == []
+
+
+async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None:
+    first_event_read = trio.Event()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    event = b'data: {"id": "x"}\n\n'
+
+    def answer(rid: bytes, _head: bytes) -> list[Any]:
+        return [head + b"%x\r\n%s\r\n" % (len(event), event), first_event_read, b"0x10\r\n"]
+
+    async with gateway(answer) as (_gw, _engine, port):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(chat("r1"))
+            out = b""
+            with trio.fail_after(STEP_S):
+                while event not in out:
+                    out += await stream.receive_some(65536)
+                first_event_read.set()
+                while chunk := await stream.receive_some(65536):
+                    out += chunk
+    assert out.startswith(b"HTTP/1.1 200 ")
+    body = out.partition(b"\r\n\r\n")[2]
+    assert b'data: {"error": {"message": "vllm-gateway: the engine\'s answer is not valid HTTP: ' in body
+    assert body.endswith(b"\r\n0\r\n\r\n")  # the body ends properly, then the connection closes
