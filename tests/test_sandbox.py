@@ -162,19 +162,31 @@ def test_script_usage_error() -> None:
 
 
 def test_keep_journal_copies_the_journal_out(tmp_path: Path) -> None:
-    unit_run = ["systemd-run", "--user", "--wait", "--unit=kept", "echo", "kept in the journal"]
+    # journald reads a service's output from a stream, after the unit may
+    # have ended: wait inside until the line is there, then leave.
+    unit_run = ["sh", "-c", "systemd-run --user --wait --unit=kept echo 'kept in the journal' && "
+                "timeout 45 sh -c 'until journalctl -u kept | grep -q kept; do sleep 0.1; done'"]
     assert run_script("--keep-journal", str(tmp_path), "--", *unit_run).returncode == 0
     shown = subprocess.run(["journalctl", "--no-pager", "-D", str(tmp_path), "-u", "kept"],
                            capture_output=True, text=True, check=True)
     assert "kept in the journal" in shown.stdout
 
 
+# A shell started in the background (`cmd &`, as CI runners and nohup may
+# start the suite) hands its children SIGINT ignored, and a shell cannot trap
+# a signal ignored on entry. Ctrl-C comes from a terminal, where SIGINT is at
+# its default: start the script that way, whatever this process inherited.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
+                  "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 # SIGTERM from a supervisor, and Ctrl-C, which reaches the whole process group.
 @pytest.mark.parametrize("sig, whole_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
 def test_signal_cleans_up(sig: signal.Signals, whole_group: bool) -> None:
     mounts_before = host_mounts()
-    proc = subprocess.Popen([str(SANDBOX_SCRIPT), "--", "sh", "-c", "echo up; exec sleep 300"],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    command = [str(SANDBOX_SCRIPT), "--", "sh", "-c", "echo up; exec sleep 300"]
+    proc = subprocess.Popen([*DEFAULT_SIGINT, *command], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "up"
