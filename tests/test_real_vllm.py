@@ -52,9 +52,13 @@ def forced(text: str) -> dict[str, Any]:
     return {"structured_outputs": {"regex": exact(text)}, "temperature": 0}
 
 
+# the tiny model's max_position_embeddings
+MAX_MODEL_LEN = 1024
+
+
 def engine_command(python: str, model: str, *extra: str) -> list[str]:
     return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--served-model-name", "tiny", "--max-model-len", "512", "--dtype", "float32",
+            "--served-model-name", "tiny", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
             "--gpu-memory-utilization", "0.1", "--enforce-eager", *extra]
 
 
@@ -144,6 +148,17 @@ def engine_running_requests(gw: Gateway) -> float:
               re.finditer(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.MULTILINE)]
     assert values, "no vllm:num_requests_running in the engine's /metrics"
     return sum(values)
+
+
+def engine_finished_requests(gw: Gateway) -> dict[str, float]:
+    """`vllm:request_success_total` from the engine's /metrics, by finished_reason."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.engine_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[str, float] = {}
+    for m in re.finditer(r'^vllm:request_success_total\{[^}]*finished_reason="([^"]+)"[^}]*\} (\S+)$',
+                         text, re.MULTILINE):
+        counts[m.group(1)] = counts.get(m.group(1), 0.0) + float(m.group(2))
+    return counts
 
 
 # ---- one engine, started by the first request ----
@@ -307,12 +322,20 @@ def test_real_tool_call_text_becomes_tool_calls_streamed(client: openai.OpenAI) 
 
 
 ABORT_LOG_WAIT_S = 60
+# Long enough (about 3 s of the tiny model's decoding) that the client leaves
+# while vLLM still generates; the scenario is tried again only when the whole
+# answer was decoded before the client got to close (a starved test process).
+DISCONNECT_MAX_TOKENS = 1000
+DISCONNECT_ATTEMPTS = 3
 
 
-def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) -> None:
+def _leave_mid_stream(gw: Gateway) -> tuple[str, float] | None:
+    """Start a long stream, read its first event and close the connection;
+    the request's id and when it was closed, or None when vLLM had already
+    finished the request by then."""
     body = json.dumps({
         "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 450, "ignore_eos": True,
+        "max_tokens": DISCONNECT_MAX_TOKENS, "ignore_eos": True,
     }).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
@@ -323,10 +346,24 @@ def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) ->
             chunk = s.recv(65536)
             assert chunk, got
             got += chunk
+        still_running = engine_running_requests(gw) == 1
     closed = time.monotonic()
     assert got.startswith(b"HTTP/1.1 200"), got[:200]
     first = json.loads(got.split(b"data: ", 1)[1].split(b"\n\n", 1)[0])
-    request_id = first["id"]
+    return (first["id"], closed) if still_running else None
+
+
+def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) -> None:
+    left = None
+    for _ in range(DISCONNECT_ATTEMPTS):
+        left = _leave_mid_stream(gw)
+        if left is not None:
+            break
+        wait_until(lambda: engine_running_requests(gw) == 0, ABORT_LOG_WAIT_S,
+                   "the finished request to leave vLLM")
+    assert left is not None, (f"vLLM decoded all {DISCONNECT_MAX_TOKENS} tokens before the client "
+                              f"could leave, {DISCONNECT_ATTEMPTS} times")
+    request_id, closed = left
 
     def aborted() -> bool:
         return any("abort" in line.lower() and request_id in line
@@ -335,7 +372,15 @@ def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) ->
     # vLLM notices the disconnect between two tokens and journald files the
     # line later still: on a loaded machine that took over 10 s. The wait
     # ends at the line; the bound is only for a vLLM that never aborts.
-    wait_until(aborted, ABORT_LOG_WAIT_S, f"vLLM to log the abort of {request_id}")
+    try:
+        wait_until(aborted, ABORT_LOG_WAIT_S, f"vLLM to log the abort of {request_id}")
+    except AssertionError as e:
+        # what vLLM and the gateway said of this request, and how vLLM's requests finished
+        said = [line for line in gw.journal("vllm").splitlines() if request_id in line]
+        ours = [line for line in gw.journal("vllm-gateway").splitlines()
+                if request_id.removeprefix("chatcmpl-") in line]
+        raise AssertionError(f"{e}\nvLLM's lines on it: {said}\nthe gateway's: {ours}\n"
+                             f"engine: {engine_finished_requests(gw)}") from None
     took = time.monotonic() - closed
     assert engine_running_requests(gw) == 0
     print(f"\nabort of {request_id} logged {took:.2f} s after the client left")
@@ -407,7 +452,8 @@ def test_vllms_fastapi_errors_reach_clients_in_openais_shape(gw: Gateway, client
     # vLLM's own OpenAI-shaped errors pass unchanged
     code, _, body = post(gw, "/v1/chat/completions", hi(100_000))
     error = json.loads(body)["error"]
-    assert code == 400 and "512" in error["message"] and not error["message"].startswith("vllm-gateway")
+    assert code == 400 and str(MAX_MODEL_LEN) in error["message"]
+    assert not error["message"].startswith("vllm-gateway")
 
 
 # ---- these change the configuration: last ----
@@ -535,3 +581,4 @@ def test_start_failure_answers_503_with_vllms_own_error(gw: Gateway, paths: tupl
     assert int(headers["retry-after"]) >= 1
     assert took < 60  # not the 5-minute start timeout
     assert gw.status()["state"] == "failed"
+
