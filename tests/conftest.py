@@ -12,8 +12,15 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.sandboxing import Sandbox, SandboxUnavailable
+
+# Speed is measured by the benchmarks, not by tests: a property test must not
+# fail because a loaded machine ran one example slowly (Hypothesis's default
+# deadline is 200 ms per example).
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 
 def _in_ci() -> bool:

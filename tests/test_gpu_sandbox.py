@@ -59,8 +59,9 @@ async def reading(probe: SliceProbe) -> GpuMemory:
     return m
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15) -> float:
-    """Poll until true; the seconds it took."""
+async def until(predicate: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60) -> float:
+    """Poll until true; the seconds it took. The bound is only for a reading
+    that never comes: a loaded machine took over 15 s to start an engine."""
     # systemd has no signal for memory: polling is the only way here.
     began = time.monotonic()
     with trio.move_on_after(timeout_s):
