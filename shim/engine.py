@@ -50,6 +50,9 @@ SLEEP_TIMEOUT_S = 180.0
 WAKE_TIMEOUT_S = 300.0
 # States in which the engine holds (or is taking) its GPU memory.
 AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
+# Runs the idle check while an engine runs (units/vllm-gateway-idle.timer):
+# each engine's unit wants it, and systemd stops it when none does.
+IDLE_TIMER = "vllm-gateway-idle.timer"
 # vLLM's banner with its version is among a start's first lines; a start
 # logs a few hundred.
 VERSION_LINES = 2000
@@ -638,6 +641,7 @@ class Engine:
             stop_timeout_s=self.cfg.stop_timeout_s,
             syslog_identifier=self.cfg.unit.removesuffix(".service"),
             slice=self.slice,
+            wants=(IDLE_TIMER,),
         )
         self._start_epoch = time.time()
         self._start_job = ""

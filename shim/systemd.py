@@ -127,6 +127,9 @@ class TransientService:
     # e.g. "vllm.slice": the engines in one slice can be measured together.
     # systemd makes the slice on demand; a dash nests it ("a-b.slice" in "a.slice").
     slice: str | None = None
+    # units started with this one and kept only while something wants them
+    # (the idle timer, which has StopWhenUnneeded=yes); a missing one is skipped
+    wants: Sequence[str] = ()
 
     def properties(self) -> list[tuple[str, tuple[str, Any]]]:
         exe = self.argv[0]
@@ -149,6 +152,8 @@ class TransientService:
         ]
         if self.slice:
             props.append(("Slice", ("s", self.slice)))
+        if self.wants:
+            props.append(("Wants", ("as", list(self.wants))))
         return props
 
 
