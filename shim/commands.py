@@ -447,8 +447,9 @@ async def _stop_without_shim(engine: EngineConfig) -> str:
             await sd.stop_unit(engine.unit)
             with trio.move_on_after(engine.stop_timeout_s + 10):
                 async for change in changes:
-                    if change in ("inactive", "failed", systemd.GONE):
-                        break
+                    match change:
+                        case systemd.UnitRemoved() | systemd.ActiveStateChanged("inactive" | "failed"):
+                            break
         final = await sd.unit_state(engine.unit)
     if final.running or final.active_state == "deactivating":
         raise CommandError(f"vllm-gateway: {engine.unit} is still {final.active_state} "

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import events
 from .config import GatewayConfig
 from .engine import AWAKE, Engine
 from .errors import GpuBusy, GpuYielded
@@ -274,7 +275,7 @@ class Fleet:
                 self._undrain(keep=())
                 if self._making_room_for is target:
                     self.swaps += 1
-                    target.on_event("swap", 0.0, "")
+                    target.on_event(events.Swap())
                     log.info("swapping in engine %s (swap %d)", target.cfg.name, self.swaps)
                 self._making_room_for = None
                 target.reserved = True
