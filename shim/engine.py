@@ -23,7 +23,7 @@ import trio
 from . import events, journal, learned, portcheck, startcheck, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
-from .lifecycle import Event, State, next_state
+from .lifecycle import AWAKE, Event, State, next_state
 from .systemd import (
     GONE,
     ActiveStateChanged,
@@ -52,8 +52,6 @@ FAILURE_COOLDOWN_MAX_S = 120.0
 # ~1.5 s, but a level-2 wake reloads the weights from disk.
 SLEEP_TIMEOUT_S = 180.0
 WAKE_TIMEOUT_S = 300.0
-# States in which the engine holds (or is taking) its GPU memory.
-AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
 # Runs the idle check while an engine runs (units/vllm-gateway-idle.timer):
 # each engine's unit wants it, and systemd stops it when none does.
 IDLE_TIMER = "vllm-gateway-idle.timer"
@@ -160,15 +158,6 @@ class Problem:
     message: str
     at: float  # epoch seconds
     past: bool = False
-
-
-def problem_json(p: Problem | None) -> dict[str, object]:
-    """The last error's fields of /gateway/status."""
-    return {
-        "last_error": None if p is None else p.message,
-        "last_error_at": None if p is None else round(p.at, 3),
-        "last_error_past": None if p is None else p.past,
-    }
 
 
 class Engine:

@@ -31,10 +31,10 @@ import trio
 
 from . import events
 from .config import GatewayConfig
-from .engine import AWAKE, Engine
+from .engine import Engine
 from .errors import GpuBusy, GpuYielded
 from .gpu import GpuMemory, GpuProbe, format_bytes, probes_for
-from .lifecycle import State
+from .lifecycle import AWAKE, State
 from .measured import MeasuredStore
 from .meter import Measurements
 from .placement import Device, EngineView, Evict, Fits, Refuse, Wait, plan

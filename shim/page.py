@@ -41,12 +41,12 @@ import h11
 import trio
 
 from .config import GatewayConfig
-from .engine import AWAKE, Engine
+from .engine import Engine
 from .errors import QueueFull, Unauthorized
 from .events import ColdStart, EngineEvent, Wake
 from .fleet import Fleet
 from .gpu import SliceProbe
-from .lifecycle import State
+from .lifecycle import AWAKE, State
 from .proxy import ClientSide, Exchange
 from .requestring import RequestRecord, RequestRing
 from .security import bearer, key_matches

@@ -20,9 +20,9 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from . import gpustatus, journal, reloading
+from . import gpustatus, journal, lifecycle, reloading, statusjson
 from .config import GatewayConfig
-from .engine import Engine, problem_json
+from .engine import Engine
 from .errors import (
     BadRequest,
     Conflict,
@@ -186,59 +186,59 @@ class Gateway:
         self.page.bump()
 
     def status_json(self) -> dict[str, object]:
-        """The gateway's state; with one engine, that engine's fields at the
-        top level too (as before there were several)."""
-        engines = {name: self.engine_json(e) for name, e in self.engines.items()}
+        """The gateway's state (statusjson.py has the schema)."""
         gpu = self.fleet.gpu
-        out: dict[str, object] = dict(engines[self.engine.cfg.name]) if not self.cfg.several else {
-            "state": _summary(self.engines.values()),
-            "in_flight": self.activity.in_flight,
-            "waiting": sum(e.waiting for e in self.engines.values()),
-        }
-        out.update({
-            "engines": engines,
+        fleet: dict[str, object] = {
             "holds": {who: round(since, 3) for who, since in self.fleet.holds.items()},
             "swaps": self.fleet.swaps,
             "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
                                              "source": gpu.source},
             **gpustatus.gpus_json(self.fleet),
-            "gateway_pid": os.getpid(),
-            "gateway_uptime_s": round(time.time() - self.started, 1),
-        })
-        return out
-
-    def engine_json(self, e: Engine) -> dict[str, object]:
-        st = self.shim_status(e)
-        check = self.fleet.memory_checks.get(e.cfg.name)
-        return {
-            "state": e.state.value,
-            "state_since": round(e.state_since, 3),
-            "idle_s": round(st.idle_s(time.time()), 1),
-            "in_flight": e.busy,
-            "waiting": e.waiting,
-            "engine": e.cfg.name,
-            "unit": e.cfg.unit,
-            "main_pid": e.main_pid or None,
-            "port": e.cfg.port,
-            "models": list(e.cfg.models),
-            "stop_after_s": e.cfg.stop_after_s,
-            "sleep_after_s": e.cfg.sleep_after_s,
-            "sleep_level": e.cfg.sleep_level,
-            "sleep_enabled": e.sleep_enabled,
-            "last_sleep_error": e.last_sleep_error,
-            "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
-            "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
-            **problem_json(e.last_error),
-            # vLLM refused sleep mode (now or, as learned, at an earlier start): why
-            "sleep_refused": e.last_sleep_error if e.sleep_refused else None,
-            "expected_start_s": e.facts.start_s,
-            "memory_bytes": self.fleet.need(e),
-            "pinned": e.cfg.pinned,
-            "draining": e.draining,
-            "last_memory_check": None if check is None else check.as_json(),
-            "gpus": list(e.cfg.devices),
-            "measured_memory": self.fleet.measured.as_json(e.cfg),
         }
+        return statusjson.gateway_json(
+            {name: (self.engine_status(e), self.engine_on_gpu(e)) for name, e in self.engines.items()},
+            summary=_summary(self.engines.values()) if self.cfg.several else None,
+            in_flight=self.activity.in_flight, fleet=fleet,
+            process=statusjson.GatewayProcess(os.getpid(), time.time() - self.started),
+        )
+
+    def engine_status(self, e: Engine) -> statusjson.EngineStatus:
+        error = e.last_error
+        return statusjson.EngineStatus(
+            state=e.state.value,
+            state_since=e.state_since,
+            idle_s=self.shim_status(e).idle_s(time.time()),
+            in_flight=e.busy,
+            waiting=e.waiting,
+            engine=e.cfg.name,
+            unit=e.cfg.unit,
+            main_pid=e.main_pid or None,
+            port=e.cfg.port,
+            models=tuple(e.cfg.models),
+            stop_after_s=e.cfg.stop_after_s,
+            sleep_after_s=e.cfg.sleep_after_s,
+            sleep_level=e.cfg.sleep_level,
+            sleep_enabled=e.sleep_enabled,
+            last_sleep_error=e.last_sleep_error,
+            last_wake_s=e.last_wake_s,
+            last_cold_start_s=e.last_cold_start_s,
+            last_error=None if error is None else error.message,
+            last_error_at=None if error is None else error.at,
+            last_error_past=None if error is None else error.past,
+            sleep_refused=e.last_sleep_error if e.sleep_refused else None,
+        )
+
+    def engine_on_gpu(self, e: Engine) -> statusjson.EngineOnGpu:
+        check = self.fleet.memory_checks.get(e.cfg.name)
+        return statusjson.EngineOnGpu(
+            expected_start_s=e.facts.start_s,
+            memory_bytes=self.fleet.need(e),
+            pinned=e.cfg.pinned,
+            draining=e.draining,
+            last_memory_check=None if check is None else check.as_json(),
+            gpus=tuple(e.cfg.devices),
+            measured_memory=self.fleet.measured.as_json(e.cfg),
+        )
 
     async def status_now(self) -> dict[str, object]:
         """`status_json`, with the start phase of starting engines from their journal."""
@@ -710,12 +710,7 @@ def _is_head(client: ClientSide) -> bool:
 
 def _summary(engines: Iterable[Engine]) -> str:
     """One word for several engines: the most awake state among them."""
-    states = {e.state for e in engines}
-    for state in (State.READY, State.WAKING, State.STARTING, State.GOING_TO_SLEEP, State.STOPPING,
-                  State.SLEEPING, State.FAILED):
-        if state in states:
-            return str(state.value)
-    return str(State.STOPPED.value)
+    return lifecycle.summary(e.state for e in engines).value
 
 
 def _float(value: str | None, default: float) -> float:
