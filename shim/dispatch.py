@@ -26,8 +26,9 @@ ADMIN_KINDS = frozenset({Kind.ADMIN_START, Kind.ADMIN_STOP, Kind.ADMIN_SLEEP, Ki
                          Kind.ADMIN_CONFIG})
 # The gateway answers these itself; none starts or wakes an engine.
 OWN_KINDS = frozenset({Kind.HEALTH, Kind.STATUS, Kind.PAGE, Kind.EVENTS, Kind.METRICS}) | ADMIN_KINDS
-# The model field of a multipart form (audio transcriptions), for routing.
-FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
+# The model field of a multipart form (audio transcriptions), for routing:
+# the part's own header lines (as few as there are), a blank line, the value.
+FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*?\r\n([^\r\n]{1,256})\r\n')
 # What each endpoint cannot do without; vLLM would refuse the request anyway,
 # after a cold start.
 REQUIRED_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {

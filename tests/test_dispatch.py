@@ -77,6 +77,12 @@ def test_a_form_names_its_model_for_routing() -> None:
     assert step("POST", "/v1/audio/transcriptions", form) == Forward("main", form, None, None)
 
 
+def test_a_form_with_the_model_before_the_file_routes_by_the_model() -> None:
+    form = (b'--b\r\nContent-Disposition: form-data; name="model"\r\nContent-Type: text/plain\r\n\r\nc1\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--b--\r\n')
+    assert step("POST", "/v1/audio/transcriptions", form, engines=TWO) == Forward("coder", form, None, "c1")
+
+
 def test_the_max_tokens_guardrail_adapts_the_body() -> None:
     got = step("POST", "/v1/chat/completions", chat())
     assert isinstance(got, Forward) and json.loads(got.body)["max_tokens"] == 100
