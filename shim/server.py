@@ -94,11 +94,11 @@ KEEPALIVE_IDLE_S = 75.0
 
 
 class Activity:
-    """Requests in flight and since when the gateway has been idle."""
+    """Requests in flight and open connections, for the status and the idle
+    exit. Idle time is each engine's own (engine.py)."""
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.idle_since: float | None = time.time()
         self.connections = 0
         self.last_connection = trio.current_time()
         self.changed: trio.Event = trio.Event()
@@ -107,14 +107,12 @@ class Activity:
     def request(self) -> Iterator[None]:
         self.in_flight += 1
         if self.in_flight == 1:
-            self.idle_since = None
             self.bump()
         try:
             yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
-                self.idle_since = time.time()
                 self.bump()
 
     def bump(self) -> None:
