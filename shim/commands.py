@@ -22,9 +22,10 @@ from typing import Any
 
 import trio
 
-from . import confdiff, control, systemd
+from . import confdiff, control, lifecycle, statusjson, systemd
 from .config import EngineConfig, GatewayConfig
 from .idle_check import idle_since_without_shim_us
+from .lifecycle import State
 from .status import parse_status
 
 SHIM_UNIT = "vllm-gateway.service"
@@ -36,19 +37,17 @@ PROBE_TIMEOUT_S = 5.0
 # systemd's "no value" for MemoryCurrent (no memory accounting).
 NOT_SET = 2**64 - 1
 
-# The keys of GET /gateway/status (server.Gateway.status_json); the fallback
-# built from systemd has the same ones, so scripts see one shape.
-STATUS_KEYS = (
-    "state", "state_since", "idle_s", "in_flight", "waiting", "engine", "unit", "main_pid", "port",
-    "models", "stop_after_s", "sleep_after_s", "sleep_level", "sleep_enabled", "last_sleep_error",
-    "last_wake_s", "last_cold_start_s", "last_error", "gateway_pid", "gateway_uptime_s",
-    "last_error_at", "last_error_past", "sleep_refused",
-)
+# The keys of one engine's status, from the shim (GET /gateway/status) or
+# from systemd (`status_from_systemd`): scripts see one shape.
+STATUS_KEYS = statusjson.STATUS_KEYS
 
-_COLOURS = {
-    "ready": "32", "starting": "33", "waking": "33", "going_to_sleep": "36", "sleeping": "36",
-    "stopping": "33", "stopped": "2", "failed": "31", "running": "32", "not running": "2",
-}
+# A colour per group of the engine's states (lifecycle.py), and for the gateway's own words.
+_GROUP_COLOURS = ((lifecycle.SERVING, "32"), (lifecycle.CHANGING, "33"), (lifecycle.RESTING, "36"),
+                  (lifecycle.OFF, "2"), (lifecycle.BROKEN, "31"))
+_COLOURS = {s.value: code for group, code in _GROUP_COLOURS for s in group} | {
+    "running": "32", "not running": "2"}
+# systemd's words for a running engine, in the status built without the shim
+_UNIT_RUNNING = ("active", "activating")
 
 
 class CommandError(Exception):
@@ -61,7 +60,7 @@ class CommandError(Exception):
 def engine_state(unit: systemd.UnitState) -> str:
     """The engine's state as systemd sees it, without the shim."""
     if unit.active_state in (systemd.GONE, "inactive"):
-        return "stopped"
+        return State.STOPPED.value
     return unit.active_state
 
 
@@ -83,35 +82,29 @@ def status_from_systemd(
         since_us = idle_since_without_shim_us(unit, shim)
         idle = max(0.0, now - since_us / 1e6) if since_us else None
     since_us = unit.active_enter_us if unit.running else unit.inactive_enter_us
-    status: dict[str, object] = {
-        "state": state,
-        "state_since": round(since_us / 1e6, 3) if since_us and reported is None else None,
-        "idle_s": None if idle is None else round(idle, 1),
-        "in_flight": in_flight,
-        "waiting": 0,
-        "engine": engine.name,
-        "unit": engine.unit,
-        "main_pid": unit.main_pid or None,
-        "port": engine.port,
-        "models": list(engine.models),
-        "stop_after_s": engine.stop_after_s,
-        "sleep_after_s": engine.sleep_after_s,
-        "sleep_level": engine.sleep_level,
-        "sleep_enabled": engine.sleep_after_s is not None,
-        "last_sleep_error": None,
-        "last_wake_s": None,
-        "last_cold_start_s": None,
-        "last_error": _unit_failure(unit),
-        "gateway_pid": (shim.main_pid or None) if shim.running else None,
-        "gateway_uptime_s": (
-            round(max(0.0, now - shim.active_enter_us / 1e6), 1)
-            if shim.running and shim.active_enter_us else None
-        ),
-        "last_error_at": None,
-        "last_error_past": None,
-        "sleep_refused": None,
-    }
-    return status
+    engine_status = statusjson.EngineStatus(
+        state=state,
+        state_since=since_us / 1e6 if since_us and reported is None else None,
+        idle_s=idle,
+        in_flight=in_flight,
+        waiting=0,
+        engine=engine.name,
+        unit=engine.unit,
+        main_pid=unit.main_pid or None,
+        port=engine.port,
+        models=tuple(engine.models),
+        stop_after_s=engine.stop_after_s,
+        sleep_after_s=engine.sleep_after_s,
+        sleep_level=engine.sleep_level,
+        sleep_enabled=engine.sleep_after_s is not None,
+        last_error=_unit_failure(unit),
+    )
+    process = statusjson.GatewayProcess(
+        gateway_pid=(shim.main_pid or None) if shim.running else None,
+        gateway_uptime_s=(max(0.0, now - shim.active_enter_us / 1e6)
+                          if shim.running and shim.active_enter_us else None),
+    )
+    return statusjson.without_shim_json(engine_status, process)
 
 
 def _unit_failure(unit: systemd.UnitState) -> str | None:
@@ -147,7 +140,7 @@ def countdown(after_s: object, idle_s: object, state: str, applies: Sequence[str
     if after_s is None:
         return "off"
     if state == done:
-        return "asleep" if done == "sleeping" else "-"
+        return "asleep" if done == State.SLEEPING.value else "-"
     if state not in applies:
         return "-"
     if not isinstance(after_s, int | float):
@@ -200,8 +193,8 @@ def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: 
 
     idle = status.get("idle_s")
     in_flight = status.get("in_flight") or 0
-    awake = ("ready",)
-    running = ("ready", "going_to_sleep", "sleeping", "waking", "active", "activating")
+    sleep_tier = tuple(s.value for s in lifecycle.SLEEP_TIER)
+    stop_tier = (*(s.value for s in lifecycle.STOP_TIER), *_UNIT_RUNNING)
     cold = status.get("last_cold_start_s")
     wake = status.get("last_wake_s")
     cold_value = "-" if cold is None else duration(float(cold))
@@ -214,8 +207,8 @@ def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: 
         ("main pid", str(status.get("main_pid") or extras.engine_pid or "-")),
         ("idle", "busy" if in_flight else duration(idle if isinstance(idle, int | float) else None)),
         ("next sleep", f"not supported: {status['sleep_refused']}" if status.get("sleep_refused")
-         else countdown(status.get("sleep_after_s"), idle, state, awake, "sleeping")),
-        ("next stop", countdown(status.get("stop_after_s"), idle, state, running, "stopped")),
+         else countdown(status.get("sleep_after_s"), idle, state, sleep_tier, State.SLEEPING.value)),
+        ("next stop", countdown(status.get("stop_after_s"), idle, state, stop_tier, State.STOPPED.value)),
         ("in flight", f"{in_flight}" + (f" ({status['waiting']} waiting)" if status.get("waiting") else "")),
         ("cold start", cold_value),
         ("last error", last_error(status)),
@@ -447,8 +440,9 @@ async def _stop_without_shim(engine: EngineConfig) -> str:
             await sd.stop_unit(engine.unit)
             with trio.move_on_after(engine.stop_timeout_s + 10):
                 async for change in changes:
-                    if change in ("inactive", "failed", systemd.GONE):
-                        break
+                    match change:
+                        case systemd.UnitRemoved() | systemd.ActiveStateChanged("inactive" | "failed"):
+                            break
         final = await sd.unit_state(engine.unit)
     if final.running or final.active_state == "deactivating":
         raise CommandError(f"vllm-gateway: {engine.unit} is still {final.active_state} "
@@ -480,7 +474,8 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
         before = _engine_status(await _start_shim(), engine)
         assert before is not None
     state = before.get("state")
-    if state == {"start": "ready", "stop": "stopped", "sleep": "sleeping", "wake": "ready"}.get(action):
+    done = {"start": State.READY, "stop": State.STOPPED, "sleep": State.SLEEPING, "wake": State.READY}
+    if action in done and state == done[action].value:
         return f"engine already {_DONE[action]}"
     timeout = {
         "start": engine.start_timeout_s + 60,
@@ -504,7 +499,7 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
     line = f"engine {_DONE[action]} in {took:.1f} s"
     if action in ("start", "wake", "restart") and pid:
         line += f" (pid {pid})"
-    if action == "start" and state == "sleeping":
+    if action == "start" and state == State.SLEEPING.value:
         line += " (woken from sleep)"
     if action == "sleep":
         line += f" (level {after.get('sleep_level')})"

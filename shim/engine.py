@@ -16,21 +16,25 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import assert_never
 
 import trio
 
-from . import journal, learned, portcheck, startcheck, stopping
+from . import events, journal, learned, portcheck, startcheck, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
-from .lifecycle import Event, State, next_state
+from .lifecycle import AWAKE, Event, State, next_state
 from .systemd import (
-    EXIT_PREFIX,
     GONE,
-    JOB_PREFIX,
-    RECHECK,
+    ActiveStateChanged,
+    JobDone,
+    MainExited,
+    ManagerBack,
     Systemd,
     SystemdError,
     TransientService,
+    UnitRemoved,
+    UnitSignal,
     UnitState,
 )
 from .upstream import Upstream, call, probe
@@ -48,8 +52,9 @@ FAILURE_COOLDOWN_MAX_S = 120.0
 # ~1.5 s, but a level-2 wake reloads the weights from disk.
 SLEEP_TIMEOUT_S = 180.0
 WAKE_TIMEOUT_S = 300.0
-# States in which the engine holds (or is taking) its GPU memory.
-AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
+# Runs the idle check while an engine runs (units/vllm-gateway-idle.timer):
+# each engine's unit wants it, and systemd stops it when none does.
+IDLE_TIMER = "vllm-gateway-idle.timer"
 # vLLM's banner with its version is among a start's first lines; a start
 # logs a few hundred.
 VERSION_LINES = 2000
@@ -83,7 +88,7 @@ class _Version:
 
 @dataclass(frozen=True)
 class _UnitChanged:
-    active_state: str
+    signal: UnitSignal
 
 
 @dataclass(frozen=True)
@@ -155,15 +160,6 @@ class Problem:
     past: bool = False
 
 
-def problem_json(p: Problem | None) -> dict[str, object]:
-    """The last error's fields of /gateway/status."""
-    return {
-        "last_error": None if p is None else p.message,
-        "last_error_at": None if p is None else round(p.at, 3),
-        "last_error_past": None if p is None else p.past,
-    }
-
-
 class Engine:
     """One engine behind the gateway, as a transient systemd unit."""
 
@@ -192,9 +188,8 @@ class Engine:
         self._cold_since: float | None = None  # when the start the first client waits for began
         self.waiting = 0
         self._on_change = on_change
-        # ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ("start_failure"):
         # set by whoever keeps metrics
-        self.on_event: Callable[[str, float, str], None] = lambda kind, value, label: None
+        self.on_event: Callable[[events.EngineEvent], None] = lambda event: None
         self.state_seconds: dict[State, float] = {}
         self._stop_cause = ""  # why the unit is going away, when we know it
         self._cut_message = ""  # what clients cut by that stop are told
@@ -402,9 +397,9 @@ class Engine:
             async for msg in self._inbox:
                 await self._handle(msg)
 
-    async def _forward_signals(self, signals: trio.MemoryReceiveChannel[str]) -> None:
-        async for active_state in signals:
-            await self._inbox_send.send(_UnitChanged(active_state))
+    async def _forward_signals(self, signals: trio.MemoryReceiveChannel[UnitSignal]) -> None:
+        async for signal in signals:
+            await self._inbox_send.send(_UnitChanged(signal))
 
     async def _adopt(self, unit: UnitState) -> None:
         """Take over whatever the unit is doing now (e.g. after a shim restart)."""
@@ -426,8 +421,8 @@ class Engine:
             case _GraceOver(attempt) if attempt == self._attempt and self.state is State.STOPPING:
                 self._attempt_scope = None
                 await self._stop_unit()
-            case _UnitChanged(active_state):
-                await self._on_unit(active_state)
+            case _UnitChanged(signal):
+                await self._on_unit(signal)
             case _Healthy(attempt, asleep) if attempt == self._attempt and self.state is State.STARTING:
                 took = time.monotonic() - self._start_t0
                 self._failures_in_row = 0
@@ -441,7 +436,7 @@ class Engine:
                 waited = took if self._cold_since is None else time.monotonic() - self._cold_since
                 self._cold_since = None
                 self.last_cold_start_s = waited
-                self.on_event("cold_start", waited, "")
+                self.on_event(events.ColdStart(waited))
                 self.main_pid = (await self.systemd.unit_state(self.cfg.unit)).main_pid
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
                 if self.last_error is not None:
@@ -454,7 +449,7 @@ class Engine:
                 took = time.monotonic() - self._start_t0
                 self._cancel_attempt()
                 self.last_wake_s = took
-                self.on_event("wake", took, "")
+                self.on_event(events.Wake(took))
                 log.info("engine %s awake after %.2f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
             case _Sleep(cause):
@@ -463,7 +458,7 @@ class Engine:
                 self._cancel_attempt()
                 log.info("engine %s asleep (level %d) after %.1f s", self.cfg.name,
                          self.cfg.sleep_level, time.monotonic() - self._start_t0)
-                self.on_event("sleep", 0.0, "")
+                self.on_event(events.Sleep())
                 self._set(Event.SLEPT)
                 await self._on_want()  # requests that arrived meanwhile wake it again
             case _SleepFailed(attempt, reason, unsupported) if attempt == self._attempt:
@@ -638,6 +633,7 @@ class Engine:
             stop_timeout_s=self.cfg.stop_timeout_s,
             syslog_identifier=self.cfg.unit.removesuffix(".service"),
             slice=self.slice,
+            wants=(IDLE_TIMER,),
         )
         self._start_epoch = time.time()
         self._start_job = ""
@@ -736,7 +732,7 @@ class Engine:
                 await self._start()
             return
         self._failures_in_row += 1
-        self.on_event("start_failure", 0.0, "")
+        self.on_event(events.StartFailure())
         cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
         self._retry_at = trio.current_time() + cooldown
         excerpt = ("; the engine's last output: " + " | ".join(lines)) if lines else ""
@@ -752,7 +748,7 @@ class Engine:
         if self.state in (State.STOPPED, State.FAILED):
             # never trust "stopped" over the unit: a stop asked of a stopped
             # engine checks the unit, and a running one is adopted and stopped
-            await self._unit_now(RECHECK)
+            await self._unit_now(None)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
             if only_if_idle and (self.active or self.waiting > self.queued):
                 # the idle check read a status that a new request has made stale
@@ -788,27 +784,36 @@ class Engine:
             log.warning("engine %s: %d requests in flight were cut by the stop", self.cfg.name, cut)
         await self.systemd.stop_unit(self.cfg.unit)
 
-    async def _on_unit(self, active_state: str) -> None:
+    async def _on_unit(self, signal: UnitSignal) -> None:
+        match signal:
+            case MainExited(code, status):
+                self._exit_cause = startcheck.exit_cause(code, status)
+            case JobDone(result, job):
+                if self.state is not State.STARTING or job != self._start_job:
+                    return  # e.g. the previous instance's stop job
+                if result == "done":
+                    self._seen_running = True
+                elif result != "canceled":
+                    await self._fail(f"systemd's start job for {self.cfg.unit} ended with {result!r}")
+            case ActiveStateChanged(active_state) if active_state not in ("inactive", "failed"):
+                await self._on_active_state(active_state)
+            case ActiveStateChanged(active_state):
+                # a signal may be stale: the unit's state now is what counts
+                if now := await self._unit_now(active_state):
+                    await self._on_active_state(now)
+            case UnitRemoved():
+                # maybe a reload's (UnitRemoved for every unit)
+                if now := await self._unit_now(GONE):
+                    await self._on_active_state(now)
+            case ManagerBack():
+                if now := await self._unit_now(None):
+                    await self._on_active_state(now)
+            case _:
+                assert_never(signal)
+
+    async def _on_active_state(self, active_state: str) -> None:
+        """Follow the unit's ActiveState (GONE when it is not loaded)."""
         st = self.state
-        if active_state in (GONE, RECHECK, "inactive", "failed"):
-            # a signal may be stale, or a reload's (UnitRemoved for every
-            # unit): the unit's state now is what counts
-            active_state = await self._unit_now(active_state)
-            if not active_state:
-                return
-        if active_state.startswith(EXIT_PREFIX):
-            code, _, status = active_state.removeprefix(EXIT_PREFIX).partition(" ")
-            self._exit_cause = startcheck.exit_cause(int(code), int(status))
-            return
-        if active_state.startswith(JOB_PREFIX):
-            result, _, job = active_state.removeprefix(JOB_PREFIX).partition(" ")
-            if st is not State.STARTING or job != self._start_job:
-                return  # e.g. the previous instance's stop job
-            if result == "done":
-                self._seen_running = True
-            elif result != "canceled":
-                await self._fail(f"systemd's start job for {self.cfg.unit} ended with {result!r}")
-            return
         if active_state in ("active", "activating", "reloading"):
             self._seen_running = True
             if st is State.STOPPED:  # started by somebody else, e.g. `systemctl start`
@@ -837,7 +842,7 @@ class Engine:
             log.warning("engine %s stopped unexpectedly (unit %s)", self.cfg.name, active_state)
         if st is not State.STOPPED:
             if st is not State.FAILED:
-                self.on_event("stop", 0.0, self._stop_cause or "external")
+                self.on_event(events.Stop(self._stop_cause or "external"))
             self._stop_cause = ""
             self._cut_message = ""
             self._set(Event.UNIT_GONE)
@@ -847,9 +852,11 @@ class Engine:
         if self.state is State.STOPPED and (self._wanted or restart):
             await self._start()
 
-    async def _unit_now(self, signalled: str) -> str:
+    async def _unit_now(self, signalled: str | None) -> str:
         """The unit's ActiveState now, after a signal that says it stopped
-        (or after systemd came back on the bus); "" when there is nothing to do."""
+        (`signalled`: inactive, failed or GONE), or when there is nothing
+        to go by (None: systemd came back on the bus, or a stop of an engine
+        the gateway has stopped); "" when there is nothing to do."""
         unit = await self.systemd.unit_state(self.cfg.unit)
         now = unit.active_state
         st = self.state
@@ -866,7 +873,7 @@ class Engine:
                 log.info("engine %s: %s said %r, but it is %s (a daemon-reload?): keeping it",
                          self.cfg.name, self.cfg.unit, signalled, now)
             return ""
-        if signalled != RECHECK:
+        if signalled is not None:
             return signalled
         return "" if st is State.STOPPED and now in (GONE, "inactive", "failed") else now
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import events
 from .config import GatewayConfig
-from .engine import AWAKE, Engine
+from .engine import Engine
 from .errors import GpuBusy, GpuYielded
 from .gpu import GpuMemory, GpuProbe, format_bytes, probes_for
-from .lifecycle import State
+from .lifecycle import AWAKE, State
 from .measured import MeasuredStore
 from .meter import Measurements
 from .placement import Device, EngineView, Evict, Fits, Refuse, Wait, plan
@@ -274,7 +275,7 @@ class Fleet:
                 self._undrain(keep=())
                 if self._making_room_for is target:
                     self.swaps += 1
-                    target.on_event("swap", 0.0, "")
+                    target.on_event(events.Swap())
                     log.info("swapping in engine %s (swap %d)", target.cfg.name, self.swaps)
                 self._making_room_for = None
                 target.reserved = True

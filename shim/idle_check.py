@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import control, systemd
+from . import control, lifecycle, systemd
 from .config import EngineConfig, GatewayConfig
 from .status import parse_statuses
 
@@ -69,7 +69,8 @@ def decide(
         idle = now - idle_since_without_shim_us(unit, shim) / 1e6
     if engine.stop_after_s is not None and idle >= engine.stop_after_s:
         return Verdict(Action.STOP, f"idle {idle:.0f} s, past stop_after {engine.stop_after_s:g} s")
-    if engine.sleep_after_s is not None and idle >= engine.sleep_after_s and state == "ready" and can_sleep:
+    sleep_tier = lifecycle.named(state) in lifecycle.SLEEP_TIER
+    if engine.sleep_after_s is not None and idle >= engine.sleep_after_s and sleep_tier and can_sleep:
         return Verdict(Action.SLEEP, f"idle {idle:.0f} s, past sleep_after {engine.sleep_after_s:g} s")
     return Verdict(none, f"idle {idle:.0f} s (engine {state})")
 

@@ -1,11 +1,16 @@
-"""The engine's lifecycle as named states and one table of transitions.
+"""The engine's lifecycle as named states, their groups, and one table of
+transitions.
 
-Pure logic: no I/O. The engine owner (engine.py) is the only caller.
+Pure logic: no I/O. The engine owner (engine.py) alone moves an engine
+through the table; everything else (the fleet, the status, the idle check,
+the command line) asks which group a state is in here rather than naming
+states of its own.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 
 class State(enum.Enum):
@@ -17,6 +22,40 @@ class State(enum.Enum):
     GOING_TO_SLEEP = "going_to_sleep"
     SLEEPING = "sleeping"
     WAKING = "waking"
+
+
+# The groups of states that the rest of the gateway asks about.
+
+# The engine holds (or is taking) its GPU memory.
+AWAKE = frozenset({State.STARTING, State.READY, State.WAKING, State.GOING_TO_SLEEP, State.STOPPING})
+# The sleep tier of the idle check applies (sleep_after): only a ready engine goes to sleep.
+SLEEP_TIER = frozenset({State.READY})
+# The stop tier applies (stop_after): the engine runs, awake or asleep.
+STOP_TIER = frozenset({State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING})
+# Several engines in one word: the first of these that any engine is in.
+MOST_AWAKE_FIRST = (State.READY, State.WAKING, State.STARTING, State.GOING_TO_SLEEP, State.STOPPING,
+                    State.SLEEPING, State.FAILED, State.STOPPED)
+# How people see a state: serving, on the way up or down, resting, off, broken.
+SERVING = frozenset({State.READY})
+CHANGING = frozenset({State.STARTING, State.WAKING, State.STOPPING})
+RESTING = frozenset({State.GOING_TO_SLEEP, State.SLEEPING})
+OFF = frozenset({State.STOPPED})
+BROKEN = frozenset({State.FAILED})
+
+
+def summary(states: Iterable[State]) -> State:
+    """One state for several engines: the most awake among them."""
+    present = set(states)
+    return next((s for s in MOST_AWAKE_FIRST if s in present), State.STOPPED)
+
+
+def named(value: str) -> State | None:
+    """The state of that name (as in STATUS texts and /gateway/status); None
+    for anything else, such as systemd's own words when the shim is not running."""
+    try:
+        return State(value)
+    except ValueError:
+        return None
 
 
 class Event(enum.Enum):

@@ -18,7 +18,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import assert_never
 
+from .events import ColdStart, EngineEvent, Sleep, StartFailure, Stop, Swap, Wake
 from .lifecycle import State
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -187,20 +189,23 @@ class Metrics:
             self.stops, self.swaps, self.tool_calls,
         ]
 
-    def engine_event(self, engine: str, kind: str, value: float, label: str) -> None:
-        """The engines' callback: ("cold_start", s), ("wake", s), ("sleep"), ("stop", cause), ..."""
-        if kind == "cold_start":
-            self.cold_starts.observe(value, engine)
-        elif kind == "wake":
-            self.wakes.observe(value, engine)
-        elif kind == "sleep":
-            self.sleeps.inc(1.0, engine)
-        elif kind == "stop":
-            self.stops.inc(1.0, engine, label)
-        elif kind == "start_failure":
-            self.start_failures.inc(1.0, engine)
-        elif kind == "swap":
-            self.swaps.inc(1.0, engine)
+    def engine_event(self, engine: str, event: EngineEvent) -> None:
+        """The engines' callback."""
+        match event:
+            case ColdStart(seconds):
+                self.cold_starts.observe(seconds, engine)
+            case Wake(seconds):
+                self.wakes.observe(seconds, engine)
+            case Sleep():
+                self.sleeps.inc(1.0, engine)
+            case Stop(cause):
+                self.stops.inc(1.0, engine, cause)
+            case StartFailure():
+                self.start_failures.inc(1.0, engine)
+            case Swap():
+                self.swaps.inc(1.0, engine)
+            case _:
+                assert_never(event)
 
     def request(self, route: str, status: int, seconds: float, tool_calls: int,
                 outcome: str = "complete") -> None:

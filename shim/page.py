@@ -41,11 +41,12 @@ import h11
 import trio
 
 from .config import GatewayConfig
-from .engine import AWAKE, Engine
+from .engine import Engine
 from .errors import QueueFull, Unauthorized
+from .events import ColdStart, EngineEvent, Wake
 from .fleet import Fleet
 from .gpu import SliceProbe
-from .lifecycle import State
+from .lifecycle import AWAKE, State
 from .proxy import ClientSide, Exchange
 from .requestring import RequestRecord, RequestRing
 from .security import bearer, key_matches
@@ -163,10 +164,10 @@ class Page:
         for name, e in self.engines.items():
             forward = e.on_event
 
-            def on_event(kind: str, value: float, label: str, name: str = name,
-                         forward: Callable[[str, float, str], None] = forward) -> None:
-                forward(kind, value, label)
-                self.engine_event(name, kind, value)
+            def on_event(event: EngineEvent, name: str = name,
+                         forward: Callable[[EngineEvent], None] = forward) -> None:
+                forward(event)
+                self.engine_event(name, event)
 
             e.on_event = on_event
 
@@ -179,10 +180,12 @@ class Page:
             changed, self._changed = self._changed, trio.Event()
             changed.set()
 
-    def engine_event(self, name: str, kind: str, value: float) -> None:
-        kept = self.history[name].get(kind)
-        if kept is not None:
-            kept.append(Timing(time.time(), value))
+    def engine_event(self, name: str, event: EngineEvent) -> None:
+        match event:
+            case ColdStart(seconds):
+                self.history[name]["cold_start"].append(Timing(time.time(), seconds))
+            case Wake(seconds):
+                self.history[name]["wake"].append(Timing(time.time(), seconds))
         self.bump()
 
     def request_done(self, method: str, route: str, label: str, model: str | None, status: int,

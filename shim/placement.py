@@ -217,7 +217,10 @@ def _evict(
     victims: Sequence[tuple[EngineView, str]], target: EngineView, why: str, now: float,
     min_residency_s: float,
 ) -> Decision:
-    protected = [v for v, _ in victims if v.awake and v.in_use and now - v.awake_since < min_residency_s]
+    # `now < since + residency`, the very sum that the Wait names: at that
+    # instant the victim is no longer protected (now - since < residency can
+    # still hold there, by rounding, and the caller would wait again at once)
+    protected = [v for v, _ in victims if v.awake and v.in_use and now < v.awake_since + min_residency_s]
     if protected:
         until = max(v.awake_since + min_residency_s for v in protected)
         names = ", ".join(repr(v.name) for v in protected)

@@ -6,7 +6,6 @@ stream through as they arrive, with backpressure both ways."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -608,31 +607,3 @@ async def _relay_whole_rewritten(
     # one write, as for responses relayed unchanged
     await _send_whole(client, (resp.status_code, headers, resp.reason), body, ex)
 
-
-# What each endpoint cannot do without; vLLM would refuse the request anyway,
-# after a cold start.
-REQUIRED_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
-    "/v1/chat/completions": ("messages", list),
-    "/v1/completions": ("prompt", (str, list)),
-    "/v1/embeddings": ("input", (str, list)),
-}
-
-
-def json_object_or_error(body: bytes, path: str = "") -> GatewayError | dict[str, object]:
-    """Parse a request body that must be a JSON object; the error to answer otherwise."""
-    try:
-        # decode first: json.loads(bytes) lets encoded surrogates (invalid
-        # UTF-8) through; ValueError covers over-long integers, and
-        # RecursionError absurdly deep nesting
-        value = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return BadRequest(f"vllm-gateway: the request body is not valid UTF-8: {e}")
-    except (ValueError, RecursionError) as e:
-        return BadRequest(f"vllm-gateway: the request body is not valid JSON: {str(e)[:200]}")
-    if not isinstance(value, dict):
-        return BadRequest("vllm-gateway: the request body must be a JSON object")
-    need = REQUIRED_FIELDS.get(path)
-    if need is not None and not isinstance(value.get(need[0]), need[1]):
-        return BadRequest(f"vllm-gateway: the request needs a '{need[0]}' field "
-                          f"({'a list' if need[1] is list else 'a string or a list'})")
-    return value

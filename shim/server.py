@@ -1,5 +1,8 @@
-"""The gateway's HTTP side: accepts clients, answers its own endpoints,
-forwards the rest through the proxy, and reports its state to systemd."""
+"""The gateway's HTTP side: accepts clients, reads and bounds their
+requests, asks the dispatch step (dispatch.py, pure) what serves each one,
+then answers its own endpoints or forwards through the proxy; it also
+reports its state to systemd. The status it serves has its schema in
+statusjson.py."""
 
 from __future__ import annotations
 
@@ -8,27 +11,27 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import assert_never
 from urllib.parse import parse_qsl
 
 import h11
 import trio
 
-from . import gpustatus, journal, reloading
+from . import gpustatus, journal, lifecycle, reloading, statusjson
 from .config import GatewayConfig
-from .engine import Engine, problem_json
+from .dispatch import ADMIN_KINDS, ConfiguredModels, Engines, Forward, Own, dispatch
+from .engine import Engine
 from .errors import (
     BadRequest,
     Conflict,
     GatewayError,
     HeadersTooLarge,
-    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -48,13 +51,12 @@ from .proxy import (
     Exchange,
     _StreamBroken,
     forward,
-    json_object_or_error,
     outcome_of,
     send_stream_error,
 )
 from .reqlog import RequestLog
-from .routes import GENERATION, JSON_BODY, Kind, Route, classify
-from .security import apply_max_tokens, check_admin, check_client
+from .routes import Kind, Route, classify
+from .security import check_admin, check_client
 from .status import ShimStatus, format_statuses
 from .upstream import call
 from .yielding import HOLDER, parse_gpus
@@ -69,13 +71,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Longer request targets are refused (414); OpenAI API paths are short.
 MAX_TARGET_BYTES = 8 * 1024
-ADMIN_KINDS = frozenset({Kind.ADMIN_START, Kind.ADMIN_STOP, Kind.ADMIN_SLEEP, Kind.ADMIN_WAKE,
-                         Kind.ADMIN_YIELD, Kind.ADMIN_RELEASE, Kind.ADMIN_RELOAD, Kind.ADMIN_RESTART,
-                         Kind.ADMIN_CONFIG})
 # `vllm-gateway yield` waits this long for requests in flight before stopping engines.
 YIELD_TIMEOUT_S = 120.0
-# The model field of a multipart form (audio transcriptions), for routing.
-_FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]*\r\n)*\r\n([^\r\n]{1,256})\r\n')
 _OVERLOADED_BODY = error_body("vllm-gateway: too many open connections; try again", "engine_unavailable",
                               "too_many_connections")
 OVERLOADED = (
@@ -97,11 +94,11 @@ KEEPALIVE_IDLE_S = 75.0
 
 
 class Activity:
-    """Requests in flight and since when the gateway has been idle."""
+    """Requests in flight and open connections, for the status and the idle
+    exit. Idle time is each engine's own (engine.py)."""
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.idle_since: float | None = time.time()
         self.connections = 0
         self.last_connection = trio.current_time()
         self.changed: trio.Event = trio.Event()
@@ -110,14 +107,12 @@ class Activity:
     def request(self) -> Iterator[None]:
         self.in_flight += 1
         if self.in_flight == 1:
-            self.idle_since = None
             self.bump()
         try:
             yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
-                self.idle_since = time.time()
                 self.bump()
 
     def bump(self) -> None:
@@ -143,6 +138,7 @@ class Gateway:
         self.fleet = fleet
         self.engines = fleet.engines
         self.engine = fleet.first  # the only one, with one engine
+        self._by_model = {m: name for name, e in self.engines.items() for m in e.cfg.models}
         self.notifier = notifier
         self.activity = Activity()
         self.started = time.time()
@@ -186,59 +182,59 @@ class Gateway:
         self.page.bump()
 
     def status_json(self) -> dict[str, object]:
-        """The gateway's state; with one engine, that engine's fields at the
-        top level too (as before there were several)."""
-        engines = {name: self.engine_json(e) for name, e in self.engines.items()}
+        """The gateway's state (statusjson.py has the schema)."""
         gpu = self.fleet.gpu
-        out: dict[str, object] = dict(engines[self.engine.cfg.name]) if not self.cfg.several else {
-            "state": _summary(self.engines.values()),
-            "in_flight": self.activity.in_flight,
-            "waiting": sum(e.waiting for e in self.engines.values()),
-        }
-        out.update({
-            "engines": engines,
+        fleet: dict[str, object] = {
             "holds": {who: round(since, 3) for who, since in self.fleet.holds.items()},
             "swaps": self.fleet.swaps,
             "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
                                              "source": gpu.source},
             **gpustatus.gpus_json(self.fleet),
-            "gateway_pid": os.getpid(),
-            "gateway_uptime_s": round(time.time() - self.started, 1),
-        })
-        return out
-
-    def engine_json(self, e: Engine) -> dict[str, object]:
-        st = self.shim_status(e)
-        check = self.fleet.memory_checks.get(e.cfg.name)
-        return {
-            "state": e.state.value,
-            "state_since": round(e.state_since, 3),
-            "idle_s": round(st.idle_s(time.time()), 1),
-            "in_flight": e.busy,
-            "waiting": e.waiting,
-            "engine": e.cfg.name,
-            "unit": e.cfg.unit,
-            "main_pid": e.main_pid or None,
-            "port": e.cfg.port,
-            "models": list(e.cfg.models),
-            "stop_after_s": e.cfg.stop_after_s,
-            "sleep_after_s": e.cfg.sleep_after_s,
-            "sleep_level": e.cfg.sleep_level,
-            "sleep_enabled": e.sleep_enabled,
-            "last_sleep_error": e.last_sleep_error,
-            "last_wake_s": None if e.last_wake_s is None else round(e.last_wake_s, 3),
-            "last_cold_start_s": None if e.last_cold_start_s is None else round(e.last_cold_start_s, 3),
-            **problem_json(e.last_error),
-            # vLLM refused sleep mode (now or, as learned, at an earlier start): why
-            "sleep_refused": e.last_sleep_error if e.sleep_refused else None,
-            "expected_start_s": e.facts.start_s,
-            "memory_bytes": self.fleet.need(e),
-            "pinned": e.cfg.pinned,
-            "draining": e.draining,
-            "last_memory_check": None if check is None else check.as_json(),
-            "gpus": list(e.cfg.devices),
-            "measured_memory": self.fleet.measured.as_json(e.cfg),
         }
+        return statusjson.gateway_json(
+            {name: (self.engine_status(e), self.engine_on_gpu(e)) for name, e in self.engines.items()},
+            summary=_summary(self.engines.values()) if self.cfg.several else None,
+            in_flight=self.activity.in_flight, fleet=fleet,
+            process=statusjson.GatewayProcess(os.getpid(), time.time() - self.started),
+        )
+
+    def engine_status(self, e: Engine) -> statusjson.EngineStatus:
+        error = e.last_error
+        return statusjson.EngineStatus(
+            state=e.state.value,
+            state_since=e.state_since,
+            idle_s=self.shim_status(e).idle_s(time.time()),
+            in_flight=e.busy,
+            waiting=e.waiting,
+            engine=e.cfg.name,
+            unit=e.cfg.unit,
+            main_pid=e.main_pid or None,
+            port=e.cfg.port,
+            models=tuple(e.cfg.models),
+            stop_after_s=e.cfg.stop_after_s,
+            sleep_after_s=e.cfg.sleep_after_s,
+            sleep_level=e.cfg.sleep_level,
+            sleep_enabled=e.sleep_enabled,
+            last_sleep_error=e.last_sleep_error,
+            last_wake_s=e.last_wake_s,
+            last_cold_start_s=e.last_cold_start_s,
+            last_error=None if error is None else error.message,
+            last_error_at=None if error is None else error.at,
+            last_error_past=None if error is None else error.past,
+            sleep_refused=e.last_sleep_error if e.sleep_refused else None,
+        )
+
+    def engine_on_gpu(self, e: Engine) -> statusjson.EngineOnGpu:
+        check = self.fleet.memory_checks.get(e.cfg.name)
+        return statusjson.EngineOnGpu(
+            expected_start_s=e.facts.start_s,
+            memory_bytes=self.fleet.need(e),
+            pinned=e.cfg.pinned,
+            draining=e.draining,
+            last_memory_check=None if check is None else check.as_json(),
+            gpus=tuple(e.cfg.devices),
+            measured_memory=self.fleet.measured.as_json(e.cfg),
+        )
 
     async def status_now(self) -> dict[str, object]:
         """`status_json`, with the start phase of starting engines from their journal."""
@@ -461,11 +457,27 @@ class Gateway:
         self, client: ClientSide, req: h11.Request, route: Route, body: bytes, request_id: str,
         ex: Exchange,
     ) -> Exchange:
-        kind = route.kind
-        if kind is Kind.NOT_FOUND:
-            raise NotFound(f"vllm-gateway: no such endpoint: {route.path}")
-        if kind is Kind.METHOD_NOT_ALLOWED:
-            raise MethodNotAllowed(f"vllm-gateway: {req.method.decode()} is not allowed on {route.path}")
+        step = dispatch(route, req.method.decode("ascii", "replace"), body, self._routing(),
+                        first_ready=self.engine.ready)
+        match step:
+            case Own(kind):
+                return await self._own(client, req, route, kind)
+            case ConfiguredModels():
+                return await self._json(client, 200, self._models_from_config())
+            case Forward(name, adapted, parsed, model):
+                ex.model = model
+                return await forward(self.engines[name], client, req, route, adapted, request_id,
+                                     self.cfg.max_waiting, parsed, self.cfg.stream_keepalive_s, ex)
+            case _:
+                assert_never(step)
+
+    def _routing(self) -> Engines:
+        """What the dispatch step knows of the engines: their configuration now."""
+        return Engines({name: e.cfg for name, e in self.engines.items()}, self._by_model,
+                       self.cfg.all_models())
+
+    async def _own(self, client: ClientSide, req: h11.Request, route: Route, kind: Kind) -> Exchange:
+        """The gateway's own endpoints."""
         if kind is Kind.HEALTH:
             health: dict[str, object] = {"status": "ok", "engine": self.engine.state.value}
             if self.cfg.several:
@@ -480,48 +492,7 @@ class Gateway:
             return await self.page.serve_events(client, req.headers)
         if kind is Kind.METRICS:
             return await self._metrics(client)
-        if kind in ADMIN_KINDS:
-            return await self._admin(client, route)
-        if kind is Kind.MODELS and (self.cfg.several or not self.engine.ready):
-            return await self._json(client, 200, self._models_from_config())
-        parsed: dict[str, object] | None = None
-        engine = self.engine
-        if route.path in JSON_BODY:
-            checked = json_object_or_error(body, route.path)
-            if isinstance(checked, GatewayError):
-                raise checked
-            parsed = checked
-            model = parsed.get("model")
-            engine = self._engine_for(model)
-            token_fields = GENERATION.get(route.path)
-            if token_fields is not None:
-                cfg = engine.cfg
-                body = apply_max_tokens(parsed, body, cfg.max_tokens, cfg.max_tokens_policy, token_fields)
-            model_name = model if isinstance(model, str) else None
-        else:
-            model_name = None
-            if self.cfg.several:
-                found = _FORM_MODEL.search(body)
-                if found is not None:
-                    model_name = found.group(1).decode("utf-8", "replace").strip()
-                    engine = self._engine_for(model_name)
-        ex.model = model_name
-        return await forward(engine, client, req, route, body, request_id, self.cfg.max_waiting,
-                             parsed, self.cfg.stream_keepalive_s, ex)
-
-    def _engine_for(self, model: object) -> Engine:
-        """The engine that serves `model` (the only one, with one engine)."""
-        if not self.cfg.several:
-            self._check_model(model)
-            return self.engine
-        if model is None:
-            raise BadRequest("vllm-gateway: the request names no `model`; this gateway serves several: "
-                             f"{', '.join(self.cfg.all_models())}")
-        engine = self.fleet.engine_for(model) if isinstance(model, str) else None
-        if engine is None:
-            raise NotFound(f"vllm-gateway: the model `{model}` does not exist; available: "
-                           f"{', '.join(self.cfg.all_models())}")
-        return engine
+        return await self._admin(client, route)
 
     def _targets(self, route: Route, *, all_by_default: bool) -> list[Engine]:
         """The engines an admin call names (`?engine=NAME`); with several
@@ -629,13 +600,6 @@ class Gateway:
             raise Conflict(f"vllm-gateway: the engine did not go to sleep (it is {e.state.value}; "
                            f"{e.active} requests in flight; {e.last_sleep_error or 'no error'})")
 
-    def _check_model(self, model: object) -> None:
-        models = self.engine.cfg.models
-        if models and model is not None and model not in models:
-            raise NotFound(
-                f"vllm-gateway: the model `{model}` does not exist; available: {', '.join(models)}"
-            )
-
     def _models_from_config(self) -> dict[str, object]:
         return {
             "object": "list",
@@ -710,12 +674,7 @@ def _is_head(client: ClientSide) -> bool:
 
 def _summary(engines: Iterable[Engine]) -> str:
     """One word for several engines: the most awake state among them."""
-    states = {e.state for e in engines}
-    for state in (State.READY, State.WAKING, State.STARTING, State.GOING_TO_SLEEP, State.STOPPING,
-                  State.SLEEPING, State.FAILED):
-        if state in states:
-            return str(state.value)
-    return str(State.STOPPED.value)
+    return lifecycle.summary(e.state for e in engines).value
 
 
 def _float(value: str | None, default: float) -> float:

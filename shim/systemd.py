@@ -51,12 +51,7 @@ CGROUP_IFACES = {
 NOT_SET = 2**64 - 1
 MANAGER = DBusAddress(MANAGER_PATH, bus_name=SYSTEMD, interface=MANAGER_IFACE)
 
-GONE = "gone"  # our name for "no such unit loaded"
-JOB_PREFIX = "job:"  # "job:RESULT JOB_PATH": a job for the unit finished
-EXIT_PREFIX = "exit:"  # "exit:CODE STATUS": how the unit's main process ended (ExecMainCode/Status)
-# The manager came back on the bus (after `systemctl --user daemon-reexec`, or
-# a restart of the manager): signals may have been missed, read the state again.
-RECHECK = "recheck"
+GONE = "gone"  # our name for the active state of a unit that is not loaded
 # D-Bus errors that mean "systemd is not on the bus right now" (it re-executes
 # itself): the call is retried until it is back, for at most this long.
 _AWAY_ERRORS = ("ServiceUnknown", "NameHasNoOwner", "NoReply", "Disconnected")
@@ -96,6 +91,50 @@ def session_bus_address() -> str:
     return f"unix:path={runtime}/bus"
 
 
+# ---- what `Systemd.watch` reports of a unit ----
+
+
+@dataclass(frozen=True)
+class ActiveStateChanged:
+    """The unit's ActiveState changed (active, activating, deactivating, ...)."""
+
+    active_state: str
+
+
+@dataclass(frozen=True)
+class UnitRemoved:
+    """systemd unloaded the unit. Not proof that it is gone: a daemon-reload
+    unloads and loads every unit again, and says so for each."""
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """A job for the unit finished: `result` is systemd's (done, canceled,
+    failed, ...), `job` its D-Bus path."""
+
+    result: str
+    job: str
+
+
+@dataclass(frozen=True)
+class MainExited:
+    """How the unit's main process ended (ExecMainCode, ExecMainStatus), read
+    at once: a failed transient unit is unloaded right after."""
+
+    code: int
+    status: int
+
+
+@dataclass(frozen=True)
+class ManagerBack:
+    """The manager came back on the bus (after `systemctl --user
+    daemon-reexec`, or a restart of the manager): signals may have been
+    missed, so read the state again."""
+
+
+UnitSignal = ActiveStateChanged | UnitRemoved | JobDone | MainExited | ManagerBack
+
+
 @dataclass(frozen=True)
 class UnitState:
     active_state: str  # active, activating, deactivating, inactive, failed, or GONE
@@ -127,6 +166,9 @@ class TransientService:
     # e.g. "vllm.slice": the engines in one slice can be measured together.
     # systemd makes the slice on demand; a dash nests it ("a-b.slice" in "a.slice").
     slice: str | None = None
+    # units started with this one and kept only while something wants them
+    # (the idle timer, which has StopWhenUnneeded=yes); a missing one is skipped
+    wants: Sequence[str] = ()
 
     def properties(self) -> list[tuple[str, tuple[str, Any]]]:
         exe = self.argv[0]
@@ -149,6 +191,8 @@ class TransientService:
         ]
         if self.slice:
             props.append(("Slice", ("s", self.slice)))
+        if self.wants:
+            props.append(("Wants", ("as", list(self.wants))))
         return props
 
 
@@ -298,18 +342,14 @@ class Systemd:
         await self._call(message_bus.AddMatch(rule), "AddMatch")
 
     @asynccontextmanager
-    async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
-        """Yield a channel that receives the unit's ActiveState as it changes,
-        in the order systemd emitted them, GONE when it is unloaded,
-        "job:RESULT JOB_PATH" when a job for it finished, "exit:CODE STATUS"
-        when its main process ended, and RECHECK when
-        the manager came back on the bus.
+    async def watch(self, unit: str) -> AsyncIterator[trio.MemoryReceiveChannel[UnitSignal]]:
+        """Yield a channel that receives what happens to the unit (a
+        `UnitSignal`), in the order systemd emitted it.
 
-        GONE does not prove that the unit is gone: a daemon-reload unloads
-        and loads every unit again, and says UnitRemoved for each. Whoever
-        reads GONE asks for the unit's state (`unit_state`) before acting."""
+        UnitRemoved does not prove that the unit is gone: whoever reads it
+        asks for the unit's state (`unit_state`) before acting."""
         path = unit_path(unit)
-        send, recv = trio.open_memory_channel[str](256)
+        send, recv = trio.open_memory_channel[UnitSignal](256)
         rules = [
             MatchRule(type="signal", interface=PROPS_IFACE, member="PropertiesChanged", path=path),
             MatchRule(type="signal", interface=MANAGER_IFACE, member="UnitRemoved", path=MANAGER_PATH),
@@ -331,7 +371,7 @@ class Systemd:
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, rules: list[MatchRule], unit: str, out: trio.MemorySendChannel[str]) -> None:
+    async def _pump(self, rules: list[MatchRule], unit: str, out: trio.MemorySendChannel[UnitSignal]) -> None:
         # One queue for every signal, so that they come out in the order
         # systemd sent them (e.g. the exit status before the failed job).
         with self.router.filter(MatchRule(type="signal"), bufsize=SIGNAL_QUEUE) as queue:
@@ -343,22 +383,22 @@ class Systemd:
                 if member == "PropertiesChanged":
                     iface, changed, _invalidated = msg.body
                     if iface == UNIT_IFACE and "ActiveState" in changed:
-                        await out.send(str(changed["ActiveState"][1]))
+                        await out.send(ActiveStateChanged(str(changed["ActiveState"][1])))
                     elif iface == SERVICE_IFACE and "ExecMainStatus" in changed and "ExecMainCode" in changed:
                         # read now: a failed transient unit is unloaded at once
                         code, status = changed["ExecMainCode"][1], changed["ExecMainStatus"][1]
-                        await out.send(f"{EXIT_PREFIX}{code} {status}")
+                        await out.send(MainExited(int(code), int(status)))
                 elif member == "UnitRemoved" and msg.body[0] == unit:
-                    await out.send(GONE)
+                    await out.send(UnitRemoved())
                 elif member == "JobRemoved" and msg.body[2] == unit:
-                    await out.send(f"{JOB_PREFIX}{msg.body[3]} {msg.body[1]}")
+                    await out.send(JobDone(str(msg.body[3]), str(msg.body[1])))
                 elif member == "NameOwnerChanged" and msg.body[2]:
                     log.info("systemd is back on the bus as %s; subscribing again", msg.body[2])
                     try:
                         await self.subscribe()
                     except SystemdError as e:
                         log.warning("cannot subscribe to systemd's signals again: %s", e)
-                    await out.send(RECHECK)
+                    await out.send(ManagerBack())
 
 
 @asynccontextmanager

@@ -82,6 +82,16 @@ class FakeVllm:
                 pids.append(int(line.rsplit("pid=", 1)[1]))
         return pids
 
+    def wait_logged(self, text: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until the server has written `text` to its stdout (its progress log)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.stdout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fake-vllm exited {self.proc.returncode} before logging {text!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fake-vllm did not log {text!r} within {timeout_s} s")
+            time.sleep(0.02)
+
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -90,7 +90,7 @@ class Gateway:
         self.sb.write_file(f"{self.home}/.config/vllm-gateway/config.toml", "\n".join(lines) + "\n")
         self.sb.systemctl("stop", "vllm-gateway.service", "vllm.service", check=False)
         self.sb.systemctl("reset-failed", check=False)
-        self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
+        self.sb.systemctl("enable", "--now", "vllm-gateway.socket")
 
     def configure_engines(
         self, engines: Mapping[str, Mapping[str, Any]], gateway: dict[str, Any] | None = None,
@@ -113,7 +113,7 @@ class Gateway:
             units += ["vllm-*.service", "vllm.service"]
         self.sb.systemctl("stop", *units, check=False)
         self.sb.systemctl("reset-failed", check=False)
-        self.sb.systemctl("enable", "--now", "vllm-gateway.socket", "vllm-gateway-idle.timer")
+        self.sb.systemctl("enable", "--now", "vllm-gateway.socket")
 
     # ---- HTTP ----
 

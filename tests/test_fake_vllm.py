@@ -55,7 +55,7 @@ def chat_text(chunks: list[dict[str, Any]]) -> str:
 def test_startup_delay_refuses_connections_then_is_healthy(start: Start) -> None:
     began = time.monotonic()
     fake = start("--startup-delay", "1.5", "--max-model-len", "512", "--dtype", "float32", ready=False)
-    time.sleep(0.3)
+    fake.wait_logged("Loading weights took")  # the startup delay runs now
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", fake.port), timeout=2).close()
     fake.wait_ready()
@@ -95,7 +95,7 @@ def test_fail_at_startup_exits_1_with_the_message(start: Start) -> None:
 
 def test_hang_at_startup_never_listens_until_sigterm(start: Start) -> None:
     fake = start("--hang-at-startup", ready=False)
-    time.sleep(1.0)
+    fake.wait_logged("Compiling a graph")  # where it hangs
     assert fake.proc.poll() is None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", fake.port), timeout=2).close()
@@ -502,15 +502,28 @@ def test_sigint_stops_cleanly(start: Start) -> None:
     assert fake.proc.wait(timeout=10) == 0
 
 
+def ignored_signals(pid: int) -> int:
+    """The process's mask of ignored signals (bit N-1 for signal N)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigIgn in /proc/{pid}/status")
+
+
 def test_orphan_workers_outlive_the_server(start: Start) -> None:
     fake = start("--workers", "1", "--orphan-workers")
     (worker,) = fake.worker_pids()
     try:
+        # it ignores SIGTERM, as a stuck engine would, once it has set that up
+        term = 1 << (signal.SIGTERM - 1)
+        deadline = time.monotonic() + 10
+        while not ignored_signals(worker) & term:
+            assert time.monotonic() < deadline, "the worker never ignored SIGTERM"
+            time.sleep(0.02)
         assert fake.terminate() == 0
-        time.sleep(0.2)
         assert pid_alive(worker)
-        os.kill(worker, signal.SIGTERM)  # ignored, as a stuck engine would
-        time.sleep(0.2)
+        # the kernel drops an ignored signal when it is sent: still there right after
+        os.kill(worker, signal.SIGTERM)
         assert pid_alive(worker)
     finally:
         os.kill(worker, signal.SIGKILL)

@@ -117,7 +117,7 @@ def test_in_flight_work_on_an_evicted_engine_finishes_first(gw: Gateway) -> None
 
     t = threading.Thread(target=long_stream)
     t.start()
-    time.sleep(0.5)
+    wait_until(lambda: gw.status()["engines"]["a"]["in_flight"] == 1, 30, "alpha's stream to be in flight")
     t0 = time.monotonic()
     assert chat(gw, "beta")[0] == 200
     t.join(60)
@@ -157,11 +157,8 @@ def test_mixed_load_swaps_in_batches_not_per_request(gw: Gateway) -> None:
 def test_a_busy_gpu_is_answered_at_once_and_the_engine_not_started(gw: Gateway) -> None:
     gw.configure_engines({"a": engine(["alpha"])}, gateway(ONE_FITS))
     # another program takes most of the fake GPU
-    gw.sb.run(["systemd-run", "--user", "--unit=game", f"--slice={SLICE}", "--", "python3", "-c",
-               "import mmap, time\nm = mmap.mmap(-1, 200 << 20)\n"
-               "for i in range(0, 200 << 20, 4096): m[i] = 1\ntime.sleep(600)"])
+    gw.hold_memory("game", SLICE, 200)
     try:
-        time.sleep(1.5)
         t0 = time.monotonic()
         code, headers, body = gw.chat(model="alpha")
         took = time.monotonic() - t0
@@ -176,7 +173,7 @@ def test_a_busy_gpu_is_answered_at_once_and_the_engine_not_started(gw: Gateway) 
         assert gw.active("vllm-a.service") != "active"
     finally:
         gw.sb.systemctl("stop", "game.service", check=False)
-    time.sleep(1.0)
+    # the stop returns once the unit's processes are gone, their memory with them
     code, answer = chat(gw, "alpha")
     assert code == 200, answer
 

@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 
-from shim import idle_check
 from shim.config import EngineConfig
-from shim.idle_check import decide
+from shim.idle_check import Action, decide
 from shim.status import ShimStatus
 from shim.systemd import GONE, UnitState
 
@@ -126,36 +125,31 @@ def test_shim_not_running_ignores_its_last_status() -> None:
     assert decide(ENGINE, unit, shim, NOW).stop
 
 
-# ---- the sleep tier, where this version has it ----
-
-Action = getattr(idle_check, "Action", None)
-needs_sleep = pytest.mark.skipif(Action is None, reason="no sleep tier in idle_check")
+# ---- the sleep tier ----
 
 
-@needs_sleep
 @pytest.mark.parametrize(
     ("idle_s", "state", "action"),
     [
-        (100, "ready", "NONE"),
-        (300, "ready", "SLEEP"),
-        (300, "sleeping", "NONE"),  # already asleep
-        (300, "starting", "NONE"),
-        (600, "sleeping", "STOP"),  # stop_after still applies to a sleeping engine
-        (600, "ready", "STOP"),
+        (100, "ready", Action.NONE),
+        (300, "ready", Action.SLEEP),
+        (300, "sleeping", Action.NONE),  # already asleep
+        (300, "starting", Action.NONE),
+        (600, "sleeping", Action.STOP),  # stop_after still applies to a sleeping engine
+        (600, "ready", Action.STOP),
     ],
 )
-def test_sleep_tier(idle_s: float, state: str, action: str) -> None:
-    engine = dataclasses.replace(ENGINE, sleep_after_s=300.0)  # type: ignore[call-arg, unused-ignore]
+def test_sleep_tier(idle_s: float, state: str, action: Action) -> None:
+    engine = dataclasses.replace(ENGINE, sleep_after_s=300.0)
     verdict = decide(engine, ENGINE_UP, shim_up(idle_s=idle_s, state=state), NOW)
-    assert verdict.action is getattr(Action, action)  # type: ignore[attr-defined, unused-ignore]
+    assert verdict.action is action
 
 
-@needs_sleep
 def test_sleep_tier_needs_the_shim() -> None:
-    engine = dataclasses.replace(ENGINE, sleep_after_s=300.0, stop_after_s=None)  # type: ignore[call-arg, unused-ignore]
+    engine = dataclasses.replace(ENGINE, sleep_after_s=300.0, stop_after_s=None)
     shim = UnitState("inactive", inactive_enter_us=us(NOW - 3000))
     verdict = decide(engine, ENGINE_UP, shim, NOW)
-    assert verdict.action is Action.NONE  # type: ignore[union-attr, unused-ignore]
+    assert verdict.action is Action.NONE
 
 
 def test_an_engine_that_refused_sleep_mode_is_never_asked_to_sleep() -> None:
@@ -163,7 +157,7 @@ def test_an_engine_that_refused_sleep_mode_is_never_asked_to_sleep() -> None:
     idle_since = NOW - 300
     text = ShimStatus("ready", 0, idle_since, ENGINE.unit, can_sleep=False).format(NOW)
     shim = UnitState("active", "running", status_text=text)
-    assert decide(engine, ENGINE_UP, shim, NOW).action is idle_check.Action.NONE
+    assert decide(engine, ENGINE_UP, shim, NOW).action is Action.NONE
     # the stop tier still applies
     late = ShimStatus("ready", 0, NOW - 700, ENGINE.unit, can_sleep=False).format(NOW)
     assert decide(engine, ENGINE_UP, UnitState("active", "running", status_text=late), NOW).stop

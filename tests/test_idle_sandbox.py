@@ -1,5 +1,7 @@
 """The idle timer stops the engine, processes and all, and a stop that races
-requests loses none of them."""
+requests loses none of them. The timer runs only while an engine runs: it
+stops the engine even with the shim gone, and with every engine stopped
+nothing of the gateway runs or fires."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from tests.gatewaying import Gateway, wait_until
 from tests.sandboxing import Sandbox
 
 pytestmark = pytest.mark.sandbox
+
+TIMER = "vllm-gateway-idle.timer"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,8 @@ def test_idle_timer_stops_the_engine_and_every_process_of_its_cgroup(gw: Gateway
         assert not gw.alive_in_sandbox(pid), f"process {pid} of the engine outlived its unit"
     assert "stopping vllm.service: idle" in gw.journal("vllm-gateway-idle")
     wait_until(lambda: gw.status()["state"] == "stopped", 30, "the shim to see the stop")
+    # no engine wants the timer any more: systemd stopped it
+    wait_until(lambda: gw.active(TIMER) == "inactive", 30, "systemd to stop the unneeded timer")
 
 
 def test_next_request_starts_the_engine_again(gw: Gateway) -> None:
@@ -47,6 +53,21 @@ def test_next_request_starts_the_engine_again(gw: Gateway) -> None:
     assert code == 200
     assert "x-vllm-gateway-cold-start-ms" in headers
     assert gw.active("vllm.service") == "active"
+    assert gw.active(TIMER) == "active"  # pulled in by the engine's unit
+
+
+def test_the_timer_stops_an_engine_whose_shim_is_gone(gw: Gateway) -> None:
+    gw.configure(["--startup-delay", "1"], stop_after="3s", stop_timeout="2s")
+    assert gw.chat()[0] == 200
+    assert gw.active(TIMER) == "active"
+    stops_before = gw.journal("vllm-gateway-idle").count("stopping vllm.service: idle")
+    # the engine outlives its shim (a new shim would adopt it); nobody connects
+    gw.sb.systemctl("stop", "vllm-gateway.service")
+    assert gw.active("vllm.service") == "active"
+    wait_until(lambda: gw.active("vllm.service") == "inactive", 40, "the idle timer to stop the engine")
+    assert gw.journal("vllm-gateway-idle").count("stopping vllm.service: idle") == stops_before + 1
+    wait_until(lambda: gw.active(TIMER) == "inactive", 30, "systemd to stop the unneeded timer")
+    assert gw.active("vllm-gateway.service") == "inactive"
 
 
 def test_engine_is_kept_while_a_request_is_in_flight(gw: Gateway) -> None:
@@ -93,11 +114,15 @@ def test_shim_exits_when_idle_and_the_socket_starts_it_again(gw: Gateway) -> Non
     gw.configure(["--startup-delay", "1"], gateway={"exit_after": "2s"}, stop_after="2s",
                  stop_timeout="2s")
     assert gw.chat()[0] == 200
-    # the timer stops the engine, then the shim leaves: nothing but systemd runs
+    # the timer stops the engine, then the shim leaves: nothing but systemd
+    # runs, and no timer of the gateway is left to fire; the socket listens
     wait_until(lambda: gw.active("vllm.service") == "inactive", 40, "the engine's idle stop")
     wait_until(lambda: gw.active("vllm-gateway.service") == "inactive", 40, "the shim's exit")
     assert gw.unit_prop("vllm-gateway.service", "Result") == "success"
-    assert gw.active("vllm-gateway.socket") == "active"
+    wait_until(lambda: gw.active(TIMER) == "inactive", 30, "systemd to stop the unneeded timer")
+    assert gw.unit_prop(TIMER, "NextElapseUSecMonotonic") in ("", "0", "infinity")
+    running = gw.sb.systemctl("list-units", "--state=active", "--plain", "--no-legend", "vllm*").stdout
+    assert [line.split()[0] for line in running.splitlines()] == ["vllm-gateway.socket"], running
     code, _, _ = gw.request("GET", "/health")
     assert code == 200
     assert gw.active("vllm-gateway.service") == "active"

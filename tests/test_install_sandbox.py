@@ -40,7 +40,9 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     assert f"ExecStart={venv}/bin/vllm-gateway serve" in unit
     assert str(REPO) not in unit  # nothing points back into the clone
     assert sandbox.systemctl("is-active", "vllm-gateway.socket").stdout.strip() == "active"
-    assert sandbox.systemctl("is-enabled", "vllm-gateway-idle.timer").stdout.strip() == "enabled"
+    # the idle timer is not enabled: it runs only while an engine runs
+    assert sandbox.systemctl("is-enabled", "vllm-gateway-idle.timer", check=False).stdout.strip() == "static"
+    assert sandbox.systemctl("is-active", "vllm-gateway-idle.timer", check=False).stdout.strip() == "inactive"
     check = sandbox.run([f"{home}/.local/bin/vllm-gateway", "config", "check"]).stdout
     assert "[engines.main]" in check
 
@@ -55,10 +57,14 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     assert entries, "no journal entry has REQUEST_ID=install-test-42"
     assert entries[0]["STATUS"] == "200" and entries[0]["ROUTE"]
 
-    # a second run upgrades in place and keeps the configuration
+    # a second run upgrades in place and keeps the configuration; it takes
+    # back the timer's enablement that earlier versions made
     sandbox.run(["sh", "-c", f"echo '# mine' >> {home}/.config/vllm-gateway/config.toml"])
+    wants = f"{home}/.config/systemd/user/timers.target.wants"
+    sandbox.run(["sh", "-c", f"mkdir -p {wants} && ln -s ../vllm-gateway-idle.timer {wants}/"])
     sandbox.run([str(REPO / "scripts" / "install"), "--now"], timeout=INSTALL_TIMEOUT_S)
     assert "# mine" in sandbox.run(["cat", f"{home}/.config/vllm-gateway/config.toml"]).stdout
+    assert sandbox.run(["test", "-e", f"{wants}/vllm-gateway-idle.timer"], check=False).returncode == 1
 
     out = sandbox.run([str(REPO / "scripts" / "uninstall")]).stdout
     assert sandbox.run(["test", "-e", f"{home}/.config/systemd/user/vllm-gateway.socket"],

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from shim import lifecycle
 from shim.lifecycle import TRANSITIONS, Event, LifecycleError, State, next_state
 
 S, E = State, Event
@@ -90,3 +91,28 @@ def test_paths_from_stopped(path: list[Event], end: State) -> None:
 def test_known_illegal(state: State, event: Event) -> None:
     with pytest.raises(LifecycleError, match=rf"event '{event.value}' is illegal in state '{state.value}'"):
         next_state(state, event)
+
+
+# ---- the groups of states ----
+
+
+def test_every_state_has_exactly_one_group_for_people() -> None:
+    groups = [lifecycle.SERVING, lifecycle.CHANGING, lifecycle.RESTING, lifecycle.OFF, lifecycle.BROKEN]
+    assert sorted(s.value for g in groups for s in g) == sorted(s.value for s in S)
+
+
+def test_the_idle_tiers_apply_to_running_engines_only() -> None:
+    assert lifecycle.SLEEP_TIER <= lifecycle.STOP_TIER
+    assert not lifecycle.STOP_TIER & {S.STOPPED, S.FAILED, S.STARTING, S.STOPPING}
+
+
+def test_several_engines_summed_up_by_the_most_awake() -> None:
+    assert set(lifecycle.MOST_AWAKE_FIRST) == set(S)
+    assert lifecycle.summary([S.SLEEPING, S.READY, S.FAILED]) is S.READY
+    assert lifecycle.summary([S.SLEEPING, S.FAILED]) is S.SLEEPING
+    assert lifecycle.summary([]) is S.STOPPED
+
+
+def test_states_by_name() -> None:
+    assert lifecycle.named("going_to_sleep") is S.GOING_TO_SLEEP
+    assert lifecycle.named("active") is None  # systemd's word, not ours

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shim.events import ColdStart, EngineEvent, Sleep, StartFailure, Stop, Swap, Wake
 from shim.lifecycle import State
 from shim.metrics import EngineLive, Live, Metrics, number
 
@@ -80,19 +81,20 @@ class _Reference:
 
         r.register(_Live())  # type: ignore[arg-type]
 
-    def engine_event(self, engine: str, kind: str, value: float, label: str) -> None:
-        if kind == "cold_start":
-            self.cold_starts.labels(engine).observe(value)
-        elif kind == "wake":
-            self.wakes.labels(engine).observe(value)
-        elif kind == "sleep":
-            self.sleeps.labels(engine).inc()
-        elif kind == "stop":
-            self.stops.labels(engine, label).inc()
-        elif kind == "start_failure":
-            self.start_failures.labels(engine).inc()
-        elif kind == "swap":
-            self.swaps.labels(engine).inc()
+    def engine_event(self, engine: str, event: EngineEvent) -> None:
+        match event:
+            case ColdStart(seconds):
+                self.cold_starts.labels(engine).observe(seconds)
+            case Wake(seconds):
+                self.wakes.labels(engine).observe(seconds)
+            case Sleep():
+                self.sleeps.labels(engine).inc()
+            case Stop(cause):
+                self.stops.labels(engine, cause).inc()
+            case StartFailure():
+                self.start_failures.labels(engine).inc()
+            case Swap():
+                self.swaps.labels(engine).inc()
 
     def request(self, route: str, status: int, seconds: float, tool_calls: int,
                 outcome: str = "complete") -> None:
@@ -112,9 +114,11 @@ events = st.one_of(
     st.tuples(st.just("request"), st.sampled_from(["/v1/chat/completions", "other", 'a"b\\c\nd']),
               st.sampled_from([200, 400, 404, 502]), seconds, st.integers(0, 3),
               st.sampled_from(["complete", "client_gone", "stopped"])),
-    st.tuples(st.sampled_from(["cold_start", "wake", "sleep", "start_failure", "swap"]), seconds,
-              st.sampled_from(["main", "coder"])),
-    st.tuples(st.just("stop"), st.sampled_from(["idle", "manual", "hung"]), st.sampled_from(["main", "b"])),
+    st.tuples(st.just("engine"),
+              st.one_of(st.builds(ColdStart, seconds), st.builds(Wake, seconds), st.just(Sleep()),
+                        st.just(StartFailure()), st.just(Swap()),
+                        st.builds(Stop, st.sampled_from(["idle", "manual", "hung"]))),
+              st.sampled_from(["main", "coder", "b"])),
 )
 
 
@@ -130,10 +134,8 @@ def test_same_text_as_prometheus_client(evs: list[tuple[object, ...]], state: St
         for m in (ours, theirs):
             if ev[0] == "request":
                 m.request(*ev[1:])  # type: ignore[arg-type]
-            elif ev[0] == "stop":
-                m.engine_event(ev[2], "stop", 0.0, ev[1])  # type: ignore[arg-type]
             else:
-                m.engine_event(ev[2], ev[0], ev[1], "")  # type: ignore[arg-type]
+                m.engine_event(ev[2], ev[1])  # type: ignore[arg-type]
     assert ours.render().decode() == theirs.render().decode()
 
 

@@ -20,6 +20,7 @@ import trio.testing
 
 from shim import page as page_module
 from shim.config import EngineConfig, GatewayConfig
+from shim.events import ColdStart
 from shim.fleet import Fleet
 from shim.lifecycle import State
 from shim.notify import Notifier
@@ -209,7 +210,7 @@ async def test_the_stream_shows_changes_without_starting_anything() -> None:
         name, snap = await stream.event()
         assert snap["status"]["engines"]["main"]["state"] == "starting"
         engine.state = State.READY
-        engine.on_event("cold_start", 2.5, "")
+        engine.on_event(ColdStart(2.5))
         engine.state_since = 1_800_000_010.0
         gw.engine_changed()
         _, snap = await stream.event()

@@ -80,6 +80,17 @@ def test_a_victim_swapped_in_moments_ago_and_in_use_is_kept_for_min_residency() 
     assert isinstance(d, Evict)
 
 
+def test_the_wait_for_min_residency_ends_at_the_instant_it_names() -> None:
+    # whatever the times, deciding again at `until` evicts: no second wait
+    for k in range(2000):
+        since = k * 0.0137  # about 4 % of these times used to round the wrong way
+        victim = awake("a", awake_since=since, in_use=True)
+        d = decide(replace(T, need=20 * GIB), victim, now=since)
+        assert isinstance(d, Wait), since
+        again = decide(replace(T, need=20 * GIB), victim, now=d.until)
+        assert isinstance(again, Evict), (since, d.until)
+
+
 def test_unknown_sizes_run_alone() -> None:
     alone = EngineView("new", need=None)
     d = decide(alone, awake("a", None), awake("b", None, can_sleep=False), total=None)

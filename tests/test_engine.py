@@ -1,0 +1,264 @@
+"""The engine's owner task against in-memory stand-ins for systemd and the
+engine's endpoints (tests/standins.py), on trio's autojump clock: start,
+ready, start failure and cool-down, sleep and wake, and stops that race
+requests, each in milliseconds. The sandbox tier runs the same against a
+real user manager."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from shim import events, learned
+from shim.config import EngineConfig
+from shim.engine import FAILURE_COOLDOWN_S, IDLE_TIMER, Engine
+from shim.errors import EngineUnavailable
+from shim.lifecycle import State
+from tests.standins import FakeSystemd, FakeVllm, standins
+
+__all__ = ["standins"]  # the fixture
+
+Standins = tuple[FakeSystemd, FakeVllm]
+UNIT = "vllm.service"
+MAX_WAITING = 10
+
+
+def config(**extra: object) -> EngineConfig:
+    fields: dict[str, object] = {"name": "main", "command": (sys.executable, "-c", "pass"), "port": 8100,
+                                 "models": ("m",), "start_timeout_s": 60.0, "stop_grace_s": 5.0,
+                                 "stop_timeout_s": 10.0}
+    return EngineConfig(**{**fields, **extra})  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running(
+        sd: FakeSystemd, cfg: EngineConfig) -> AsyncIterator[tuple[Engine, list[events.EngineEvent]]]:
+    """An engine whose owner task runs; yields it with the events it reported."""
+    engine = Engine(cfg, sd, store=learned.Store(None))  # type: ignore[arg-type]
+    seen: list[events.EngineEvent] = []
+    engine.on_event = seen.append
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        yield engine, seen
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_starts_the_engine_and_waits_until_it_is_ready(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config()) as (engine, seen):
+        assert engine.state is State.STOPPED and not sd.started
+        async with engine.lease(MAX_WAITING) as waited:
+            assert engine.state is State.READY
+            assert vllm.start_s <= waited < vllm.start_s + 0.2  # health is polled every 50 ms
+            assert engine.active == 1
+        (svc,) = sd.started
+        assert svc.name == UNIT and tuple(svc.wants) == (IDLE_TIMER,)
+        assert [type(e) for e in seen] == [events.ColdStart]
+        # a second request finds it ready: no wait, no second start
+        async with engine.lease(MAX_WAITING) as waited:
+            assert waited == 0.0
+        assert len(sd.started) == 1
+
+
+async def test_requests_that_arrive_during_a_start_share_it(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    served: list[float] = []
+    async with running(sd, config()) as (engine, _seen):
+
+        async def one() -> None:
+            async with engine.lease(MAX_WAITING) as waited:
+                served.append(waited)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one)
+        assert len(served) == 5 and len(sd.started) == 1
+
+
+async def test_a_crash_during_the_start_fails_the_waiting_requests_then_cools_down(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    vllm.start_s = 30.0
+    async with running(sd, config()) as (engine, seen):
+        async def crash_soon() -> None:
+            await engine.wait_for(State.STARTING, timeout_s=5)
+            await trio.sleep(1.0)
+            sd.crash(UNIT)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(crash_soon)
+            with pytest.raises(EngineUnavailable) as failed:
+                await engine.acquire(MAX_WAITING)
+        message = str(failed.value)
+        assert "failed to start" in message and "CUDA out of memory (stand-in)" in message
+        assert engine.state is State.FAILED and engine.last_error is not None
+        assert seen == [events.StartFailure()]
+        # during the cool-down a request is answered at once, with Retry-After
+        t0 = trio.current_time()
+        with pytest.raises(EngineUnavailable) as cooling:
+            await engine.acquire(MAX_WAITING)
+        assert trio.current_time() == t0 and 1 <= cooling.value.retry_after_s <= FAILURE_COOLDOWN_S
+        assert len(sd.started) == 1
+        # after it, the next request starts the engine again, and succeeds
+        await trio.sleep(FAILURE_COOLDOWN_S)
+        vllm.start_s = 1.0
+        async with engine.lease(MAX_WAITING):
+            assert engine.state is State.READY
+        assert len(sd.started) == 2
+        assert engine.last_error is not None and engine.last_error.past
+
+
+async def test_a_start_past_its_timeout_fails_and_the_unit_is_stopped(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    vllm.start_s = 1000.0
+    async with running(sd, config(start_timeout_s=20.0)) as (engine, _seen):
+        t0 = trio.current_time()
+        with pytest.raises(EngineUnavailable, match="did not become ready within 20 s"):
+            await engine.acquire(MAX_WAITING)
+        assert 20.0 <= trio.current_time() - t0 < 21.0
+        assert sd.stopped == [UNIT] and not sd.running(UNIT)
+        assert engine.state is State.FAILED
+
+
+async def test_systemd_refusing_the_start_is_a_start_failure(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    sd.refuse_starts = "org.freedesktop.DBus.Error.AccessDenied"
+    async with running(sd, config()) as (engine, _seen):
+        with pytest.raises(EngineUnavailable, match=r"systemd refused to start vllm\.service"):
+            await engine.acquire(MAX_WAITING)
+
+
+async def test_sleep_and_wake(standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        engine.request_sleep("idle")
+        assert await engine.wait_for(State.SLEEPING, timeout_s=5)
+        assert (8100, "POST", "/sleep?level=1") in vllm.calls
+        assert sd.running(UNIT)  # asleep, not stopped
+        async with engine.lease(MAX_WAITING) as waited:
+            assert engine.state is State.READY
+            assert vllm.wake_s <= waited < vllm.wake_s + 0.1
+        assert [type(e) for e in seen] == [events.ColdStart, events.Sleep, events.Wake]
+        assert len(sd.started) == 1
+
+
+async def test_no_sleep_while_a_request_is_in_flight(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            engine.request_sleep("idle")
+            await trio.sleep(1.0)
+            assert engine.state is State.READY
+        assert not any(path.startswith("/sleep") for _, _, path in vllm.calls)
+
+
+async def test_an_engine_that_cannot_sleep_is_kept_awake_and_remembers_it(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    vllm.can_sleep = False
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        engine.request_sleep("idle")
+        await engine.wait_for(State.GOING_TO_SLEEP, timeout_s=1)
+        assert await engine.wait_for(State.READY, timeout_s=5)
+        assert engine.sleep_refused and not engine.sleep_enabled
+        assert engine.last_sleep_error is not None and "404" in engine.last_sleep_error
+
+
+async def test_a_failed_wake_stops_the_engine_and_the_next_request_starts_it_cold(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        engine.request_sleep("idle")
+        assert await engine.wait_for(State.SLEEPING, timeout_s=5)
+        vllm.fail_wake = True
+        async with engine.lease(MAX_WAITING):
+            assert engine.state is State.READY
+        assert len(sd.started) == 2 and sd.stopped == [UNIT]
+
+
+async def test_a_stop_waits_for_requests_in_flight_and_a_request_racing_it_starts_it_again(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    served: list[float] = []
+    async with running(sd, config()) as (engine, seen):
+        first_may_end = trio.Event()
+
+        async def first() -> None:
+            async with engine.lease(MAX_WAITING):
+                engine.request_stop("manual")
+                await first_may_end.wait()
+
+        async def racing() -> None:
+            async with engine.lease(MAX_WAITING) as waited:
+                served.append(waited)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            assert await engine.wait_for(State.STOPPING, timeout_s=5)
+            nursery.start_soon(racing)
+            await trio.sleep(2.0)
+            # the request in flight holds the stop back (within stop_grace),
+            # and the one that came during the stop waits for the next start
+            assert sd.running(UNIT) and engine.state is State.STOPPING and not served
+            first_may_end.set()
+        assert sd.stopped == [UNIT] and len(sd.started) == 2
+        assert len(served) == 1 and engine.state is State.READY
+        assert events.Stop("manual") in seen
+
+
+async def test_an_idle_stop_is_refused_while_a_request_is_in_flight(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config()) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            engine.request_stop("idle", only_if_idle=True)
+            await trio.sleep(1.0)
+            assert engine.state is State.READY and not sd.stopped
+        engine.request_stop("idle", only_if_idle=True)
+        assert await engine.wait_for(State.STOPPED, timeout_s=5)
+        assert sd.stopped == [UNIT]
+
+
+async def test_a_crash_of_a_ready_engine_is_seen_and_the_next_request_starts_it(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config()) as (engine, seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        sd.crash(UNIT)
+        assert await engine.wait_for(State.STOPPED, timeout_s=1)
+        assert seen[-1] == events.Stop("external")
+        async with engine.lease(MAX_WAITING):
+            assert engine.state is State.READY
+        assert len(sd.started) == 2
+
+
+async def test_a_running_unit_is_adopted_not_started_twice(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    cfg = config()
+    async with running(sd, cfg) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+    # a new shim (a restart) finds the unit running
+    async with running(sd, cfg) as (engine, _seen):
+        assert engine.state is State.STARTING
+        async with engine.lease(MAX_WAITING):
+            assert engine.state is State.READY
+        assert len(sd.started) == 1
