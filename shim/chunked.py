@@ -19,6 +19,20 @@ MAX_TRAILER_BYTES = 16 * 1024
 _PLAIN_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
 
 
+def _one_chunk(buf: bytes) -> int:
+    """Where the data begins of a read that is exactly one whole chunk, with
+    a plain hex size and some data; -1 for anything else. That is what an
+    engine's stream reads as, one token's event a chunk, written on its own."""
+    m = _PLAIN_SIZE_LINE.match(buf)
+    if m is None:
+        return -1
+    start = m.end()
+    size = int(m.group(1), 16)
+    if size and start + size + 2 == len(buf) and buf.endswith(b"\r\n"):
+        return start
+    return -1
+
+
 # The sizes of a read's whole chunks, one per line, all plain hex.
 _PLAIN_SIZES = re.compile(rb"[0-9a-fA-F]{1,16}(?:\n[0-9a-fA-F]{1,16})*")
 
@@ -85,6 +99,8 @@ class ChunkedPassthrough:
             self._trailers(buf, 0)
             return b""
         if not (self._data_left or self._crlf_left):
+            if _one_chunk(buf) >= 0:
+                return buf
             whole = _whole_chunks(buf)
             if whole is not None:
                 last = whole[1]
@@ -207,6 +223,9 @@ class ChunkedDecoder:
             self._trailers(buf, 0)
             return b""
         if not (self._data_left or self._crlf_left):
+            start = _one_chunk(buf)
+            if start >= 0:
+                return buf[start:-2]
             whole = _whole_chunks(buf)
             if whole is not None:
                 datas, last = whole
