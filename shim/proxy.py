@@ -15,7 +15,7 @@ import h11
 import trio
 
 from . import toolcalls
-from .chunked import ChunkedError, ChunkedPassthrough
+from .chunked import ChunkedDecoder, ChunkedError, ChunkedPassthrough
 from .engine import Engine
 from .errors import (
     BadRequest,
@@ -338,6 +338,9 @@ async def _pump(
     if rewriter is None and head is not None and _both_chunked(client, up, head):
         await _pump_raw(client, up, ex, head, preface)
         return
+    if rewriter is not None and header(up.conn_response_headers, b"transfer-encoding") == b"chunked":
+        await _pump_rewritten(client, up, ex, rewriter, head, preface)
+        return
     conn = up.conn
     out: list[bytes] = [] if head is None else [client.head_bytes(head)]
     if preface:
@@ -507,6 +510,57 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
                 raise _StreamBroken("the engine closed mid-response")
             wait_first = len(data) < READ_BYTES
     await _timed_out(client, ex, timer, passthrough.at_boundary)
+
+
+async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
+                          rewriter: toolcalls.StreamRewriter, head: Head | None,
+                          preface: bytes = b"") -> None:
+    """Relay a chunked body through the tool-call rewriter: decoded here,
+    as each read comes (not through h11's events, two calls a read), and
+    framed anew for the client. The engine's connection stays reusable."""
+    decoder = ChunkedDecoder()
+    out: list[bytes] = [] if head is None else [client.head_bytes(head)]
+    first = out[0] if out else None  # the head, until it is written
+    if preface:
+        ex.bytes_out += len(preface)
+        out.append(client.data_bytes(preface))
+    data, _closed = up.conn.trailing_data  # body bytes read with the head
+    timer = _ReadTimer(ex.read_timeout_s)
+    wait_first = False
+    with timer.scope:
+        while True:
+            if data:
+                try:
+                    body = decoder.feed(bytes(data))
+                    if decoder.error:  # bad framing after good data: the stream is broken
+                        raise ChunkedError(decoder.error)
+                except ChunkedError as e:
+                    if first is not None and out and out[0] is first:  # nothing sent yet
+                        await _bad_gateway(client, ex, e)
+                    else:
+                        await _abort_stream(client, ex, e)
+                    raise _StreamBroken(str(e)) from None
+                if body:
+                    body = rewriter.feed(body)
+                    if body:
+                        ex.bytes_out += len(body)
+                        out.append(client.data_bytes(body))
+                if decoder.done:
+                    tail = rewriter.end()
+                    if tail:
+                        ex.bytes_out += len(tail)
+                        out.append(client.data_bytes(tail))
+                    ex.tool_calls = rewriter.tool_calls
+                    out.append(client.end_bytes())
+                    await _send_last(client, ex, out)
+                    up.raw_done = not decoder.leftover
+                    return
+            data = await _flush_and_read(client, up, ex, out, timer, True, wait_first)
+            if not data:
+                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"))
+                raise _StreamBroken("the engine closed mid-response")
+            wait_first = len(data) < READ_BYTES
+    await _timed_out(client, ex, timer, True)
 
 
 async def _relay_after_keepalive(

@@ -258,7 +258,8 @@ async def test_expect_without_a_key_is_refused_before_the_body() -> None:
         assert engine.heads == []
 
 
-async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None:
+@pytest.mark.parametrize("tools", [False, True])
+async def test_bad_framing_once_streaming_ends_with_an_sse_error_event(tools: bool) -> None:
     first_event_read = trio.Event()
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
     event = b'data: {"id": "x"}\n\n'
@@ -266,10 +267,10 @@ async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None
     def answer(rid: bytes, _head: bytes) -> list[Any]:
         return [head + b"%x\r\n%s\r\n" % (len(event), event), first_event_read, b"0x10\r\n"]
 
-    async with gateway(answer) as (_gw, _engine, port):
+    async with gateway(answer, tool_call_format="nemotron" if tools else None) as (_gw, _engine, port):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(chat("r1"))
+            await stream.send_all(tool_chat("r1") if tools else chat("r1"))
             out = b""
             with trio.fail_after(STEP_S):
                 while event not in out:
