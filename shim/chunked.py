@@ -33,6 +33,22 @@ def _one_chunk(buf: bytes) -> int:
     return -1
 
 
+def chunk_data(buf: bytes) -> bytes | None:
+    """The data of a read that is exactly one whole chunk (as `_one_chunk`
+    takes it); None for anything else."""
+    start = _one_chunk(buf)
+    return None if start < 0 else buf[start:-2]
+
+
+def whole_chunks_only(buf: bytes) -> bool:
+    """Whether a read is whole chunks only, none of them the last: passed
+    on as it is, it leaves a reader between chunks, as it found it."""
+    if _one_chunk(buf) >= 0:
+        return True
+    whole = _whole_chunks(buf)
+    return whole is not None and whole[1] < 0
+
+
 # The sizes of a read's whole chunks, one per line, all plain hex.
 _PLAIN_SIZES = re.compile(rb"[0-9a-fA-F]{1,16}(?:\n[0-9a-fA-F]{1,16})*")
 
@@ -89,6 +105,11 @@ class ChunkedPassthrough:
         """Whether everything forwarded so far ends between chunks (so that
         more chunks of our own may follow)."""
         return not (self._data_left or self._crlf_left)
+
+    @property
+    def idle(self) -> bool:
+        """Between chunks, holding nothing: whole chunks may pass it by."""
+        return not (self._data_left or self._crlf_left or self._held or self._in_trailers or self.done)
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
@@ -211,6 +232,13 @@ class ChunkedDecoder:
         self.done = False
         self.leftover = b""
         self.error: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Between chunks, holding nothing: whole chunks may be decoded
+        without it (`chunk_data`)."""
+        return not (self._data_left or self._crlf_left or self._held or self._in_trailers or self.done
+                    or self.error)
 
     def feed(self, data: bytes) -> bytes:
         if self.error:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -15,7 +17,7 @@ import h11
 import trio
 
 from . import toolcalls
-from .chunked import ChunkedDecoder, ChunkedError, ChunkedPassthrough
+from .chunked import ChunkedDecoder, ChunkedError, ChunkedPassthrough, chunk_data, whole_chunks_only
 from .engine import Engine
 from .errors import (
     BadRequest,
@@ -29,6 +31,7 @@ from .errors import (
 from .http1 import ServerConnection
 from .httpio import READ_BYTES, end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
+from .relay import RELAYS, Relay
 from .routes import CHAT, Route
 from .upstream import UpstreamConn
 
@@ -454,6 +457,78 @@ async def _flush_and_read(
     return data
 
 
+# Streamed bodies go through the relay thread (shim/relay.py). Tests on
+# trio's MockClock turn it off: the thread's reads take no virtual time, so
+# a clock that jumps while trio idles would see an engine that sends nothing.
+RELAY_THREAD = True
+
+
+def _relayable(client: ClientSide, up: UpstreamConn) -> bool:
+    """Whether the relay thread can take this body: both ends are sockets."""
+    return (RELAY_THREAD and isinstance(client.stream, trio.SocketStream)
+            and isinstance(up.stream, trio.SocketStream))
+
+
+async def _relayed(
+    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], timer: _ReadTimer,
+    step: Callable[[bytes], bytes | None],
+) -> bytes:
+    """As `_flush_and_read`, but the relay thread does the reads that `step`
+    takes whole, and their writes; the first read it does not take (b"" at
+    the engine's end) comes back here, for the caller's loop."""
+    while True:
+        if out:
+            try:
+                await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                ex.outcome = "client_gone"
+                raise _StreamBroken(f"the client went away: {e}") from None
+            out.clear()
+        relay = Relay(up.stream.socket.fileno(), client.stream.socket.fileno(), step)
+        up.relay = relay
+        RELAYS.hand_over(relay)
+        try:
+            await _wait_relay(relay, timer)
+        finally:
+            RELAYS.take_back(relay)  # where it was not handed back: cancelled
+            up.relay = None
+        if relay.pending:  # the client did not take it all at once: written here, with waiting
+            out.append(relay.pending)
+            continue
+        if relay.taken or relay.error:  # the socket was closed under it, or broke: as any read
+            return await _flush_and_read(client, up, ex, out, timer)
+        return relay.data
+
+
+async def _wait_relay(relay: Relay, timer: _ReadTimer) -> None:
+    """Wait until the relay thread hands the body back, keeping the read
+    timeout meanwhile: the thread counts its reads, looked at every
+    `slack_s`, so the timeout still fires between `timeout_s` and
+    `timeout_s + slack_s` after the engine's last bytes. Silence past it
+    takes the body back and ends it as a hung engine, through the timer's
+    scope (which waits meanwhile)."""
+    fire_at = timer.scope.deadline
+    timer.scope.deadline = math.inf
+    seen = 0
+    while True:
+        checked = trio.current_time()
+        with trio.move_on_at(min(fire_at, checked + timer.slack_s)):
+            await relay.done.wait()
+            break
+        now = trio.current_time()
+        if relay.reads != seen:  # the last read came after the last look
+            seen = relay.reads
+            fire_at = now + timer.timeout_s
+        elif now >= fire_at and RELAYS.take_back(relay):
+            timer.reading = True
+            timer.scope.cancel()
+            await trio.lowlevel.checkpoint()
+    if relay.reads != seen:
+        fire_at = trio.current_time() + timer.timeout_s
+    timer.armed_at = fire_at - timer.timeout_s - timer.slack_s
+    timer.scope.deadline = fire_at
+
+
 async def _send_last(client: ClientSide, ex: Exchange, out: list[bytes]) -> None:
     """The body's last write, under its read timer."""
     await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
@@ -475,6 +550,15 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
     """Relay a chunked body byte for byte: no decoding, no re-framing. Only
     the last chunk (and a preface's) is ours, so both connections stay reusable."""
     passthrough = ChunkedPassthrough()
+    relayable = _relayable(client, up)
+
+    def raw_step(data: bytes) -> bytes | None:
+        """In the relay thread: whole chunks pass as they are."""
+        if not whole_chunks_only(data):
+            return None
+        ex.bytes_out += len(data)
+        return data
+
     out = [client.head_bytes(head)]
     if preface:
         ex.bytes_out += len(preface)
@@ -503,7 +587,10 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
                     await _send_last(client, ex, out)
                     up.raw_done = not passthrough.leftover
                     return
-            data = await _flush_and_read(client, up, ex, out, timer, passthrough.at_boundary, wait_first)
+            if relayable and passthrough.idle:
+                data = await _relayed(client, up, ex, out, timer, raw_step)
+            else:
+                data = await _flush_and_read(client, up, ex, out, timer, passthrough.at_boundary, wait_first)
             if not data:
                 await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
                                     passthrough.at_boundary)
@@ -519,6 +606,19 @@ async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
     as each read comes (not through h11's events, two calls a read), and
     framed anew for the client. The engine's connection stays reusable."""
     decoder = ChunkedDecoder()
+    relayable = _relayable(client, up)
+
+    def rewrite_step(data: bytes) -> bytes | None:
+        """In the relay thread: a read of one whole chunk, rewritten and framed."""
+        body = chunk_data(data)
+        if body is None:
+            return None
+        body = rewriter.feed(body)
+        if not body:
+            return b""
+        ex.bytes_out += len(body)
+        return client.data_bytes(body)
+
     out: list[bytes] = [] if head is None else [client.head_bytes(head)]
     first = out[0] if out else None  # the head, until it is written
     if preface:
@@ -555,7 +655,10 @@ async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
                     await _send_last(client, ex, out)
                     up.raw_done = not decoder.leftover
                     return
-            data = await _flush_and_read(client, up, ex, out, timer, True, wait_first)
+            if relayable and decoder.idle:
+                data = await _relayed(client, up, ex, out, timer, rewrite_step)
+            else:
+                data = await _flush_and_read(client, up, ex, out, timer, True, wait_first)
             if not data:
                 await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"))
                 raise _StreamBroken("the engine closed mid-response")

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+import shim.proxy
 from shim.fleet import Fleet
 from shim.lifecycle import State
 from shim.notify import Notifier
@@ -305,50 +306,72 @@ async def read_all(port: int, data: bytes) -> tuple[bytes, float]:
     return out, trio.current_time() - t0
 
 
-@pytest.mark.parametrize("tools", [False, True])
-async def test_a_silent_engine_ends_the_stream_after_its_read_timeout(
-    tools: bool, autojump_clock: object
-) -> None:
+async def silent_engine(tools: bool, timeout_s: float) -> None:
     """Mid-stream silence past read_timeout: an SSE error event, the body's
     proper end, and the engine stopped as hung; never before the timeout,
-    and at most a sixteenth of it later."""
+    and at most a sixteenth of it later (and what the machine adds)."""
     never = trio.Event()
 
     def answer(rid: bytes, _head: bytes) -> list[Any]:
         return [SSE_HEAD + sse_chunk(0), sse_chunk(1), never]
 
-    async with gateway(answer, 8.0, "nemotron" if tools else None) as (_gw, engine, port):
+    async with gateway(answer, timeout_s, "nemotron" if tools else None) as (_gw, engine, port):
         out, took = await read_all(port, tool_chat("r1") if tools else chat("r1"))
         assert engine.fake is not None
         assert "request_stop" in engine.fake.calls
     body = out.partition(b"\r\n\r\n")[2]
     assert b'data: {"n": 1}' in body
-    assert b"the engine sent nothing for 8 s; it is restarted" in body
+    assert b"the engine sent nothing for %g s; it is restarted" % timeout_s in body
     assert body.endswith(b"\r\n0\r\n\r\n")
-    assert 8.0 <= took <= 8.5 + 0.1, took
+    assert timeout_s <= took <= timeout_s * 17 / 16 + 0.25, took
 
 
-@pytest.mark.parametrize("tools", [False, True])
-async def test_pauses_shorter_than_the_read_timeout_never_cut_a_stream(
-    tools: bool, autojump_clock: object
-) -> None:
-    """Events 3 s apart for 30 s in all, with read_timeout 4 s: the timeout
+async def paused_engine(tools: bool, timeout_s: float, pause_s: float, pauses: int) -> None:
+    """Events `pause_s` apart, longer than read_timeout in all: the timeout
     counts from the last bytes, not from the start of the body."""
 
     def answer(rid: bytes, _head: bytes) -> list[Any]:
         pieces: list[Any] = [SSE_HEAD + sse_chunk(0)]
-        for n in range(1, 11):
-            pieces += [3.0, sse_chunk(n)]
+        for n in range(1, pauses + 1):
+            pieces += [pause_s, sse_chunk(n)]
         return [*pieces, b"0\r\n\r\n"]
 
-    async with gateway(answer, 4.0, "nemotron" if tools else None) as (_gw, engine, port):
+    async with gateway(answer, timeout_s, "nemotron" if tools else None) as (_gw, engine, port):
         out, took = await read_all(port, tool_chat("r1") if tools else chat("r1"))
         assert engine.fake is not None
         assert "request_stop" not in engine.fake.calls
     body = out.partition(b"\r\n\r\n")[2]
     assert b"error" not in body
-    assert body.count(b"data: ") == 11 and body.endswith(b"\r\n0\r\n\r\n")
-    assert took >= 30.0
+    assert body.count(b"data: ") == pauses + 1 and body.endswith(b"\r\n0\r\n\r\n")
+    assert took >= pause_s * pauses > timeout_s
+
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_a_silent_engine_ends_the_stream_after_its_read_timeout(
+    tools: bool, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shim.proxy, "RELAY_THREAD", False)  # the trio task relays: virtual time
+    await silent_engine(tools, 8.0)
+
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_pauses_shorter_than_the_read_timeout_never_cut_a_stream(
+    tools: bool, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shim.proxy, "RELAY_THREAD", False)
+    await paused_engine(tools, 4.0, 3.0, 10)
+
+
+# The same through the relay thread, in real time (it cannot see a mock clock).
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_a_silent_engine_ends_a_relayed_stream_after_its_read_timeout(tools: bool) -> None:
+    await silent_engine(tools, 0.5)
+
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_pauses_shorter_than_the_read_timeout_never_cut_a_relayed_stream(tools: bool) -> None:
+    await paused_engine(tools, 0.5, 0.1, 8)
 
 
 def tool_chat(request_id: str) -> bytes:
