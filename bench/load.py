@@ -12,11 +12,23 @@ encoding; nothing else is parsed, so the client stays cheap.
           included) and prints events/s and time to first event (request
           written -> first byte of the first event)
 
+  paced   POST a streaming one that the stand-in engine (bench/upstream.py)
+          answers at a GPU's pace: `--events` events, `--interval-ms` apart,
+          each its own chunk stamped with its send time. Connections start
+          spread over one interval. Prints events/s achieved and offered,
+          the delay each event gained between the engine's write and this
+          client's read (p50, p99, max), time to first event, errors (a
+          status other than 200, a stream cut short or with the wrong
+          number of events) and stalls (a gap of more than STALL_MS, or
+          four intervals if longer, between two events of a stream, or
+          before the first); with `--cpu-pid`, that process's CPU time per
+          event and its share of one core.
+
 With `--cpu-pid PID`, also the CPU time (user + system, from /proc) that
 process spent per completed request in the measured window: the proxy's own
 cost, steadier than throughput on a shared machine.
 
-Prints one JSON object. usage: load.py chat|stream --url http://H:P --conns N --duration S
+Prints one JSON object. usage: load.py chat|stream|paced --url http://H:P --conns N --duration S
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -50,13 +63,21 @@ TOOLS = [
 ]
 
 
-def request_bytes(host: str, port: int, stream: bool, tools: bool = False) -> bytes:
+# A paced stream's gap between events that counts as a stall (at least four
+# intervals): far beyond scheduling noise, short of a client's timeout.
+STALL_MS = 100.0
+_SENT = re.compile(rb'"sent_ns":(\d+)\}')
+
+
+def request_bytes(host: str, port: int, stream: bool, tools: bool = False, pace: str = "") -> bytes:
     body = json.dumps(
         {**CHAT, **({"tools": TOOLS} if tools else {}), "stream": stream}, separators=(",", ":")
     ).encode()
     return (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nAccept: */*\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: application/json\r\nAccept: */*\r\n"
+        + (f"x-bench-pace: {pace}\r\n" if pace else "")
+        + f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
@@ -82,6 +103,8 @@ class Stats:
         self.events = 0
         self.latencies: list[float] = []
         self.ttfe: list[float] = []
+        self.delays_ns: list[int] = []
+        self.stalls = 0
 
 
 class Conn(asyncio.Protocol):
@@ -171,27 +194,94 @@ class StreamConn(Conn):
         super().finish()
 
 
+class PacedConn(Conn):
+    """A paced stream: each event's delay is its arrival here less the send
+    time the engine stamped in it."""
+
+    def __init__(self, req: bytes, stats: Stats, lost: asyncio.Future[None], events: int,
+                 stall_ns: int, start_after_s: float) -> None:
+        super().__init__(req, stats, lost)
+        self.expected = events
+        self.stall_ns = stall_ns
+        self.start_after_s = start_after_s
+        self.buf = b""
+        self.last_ns = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        asyncio.get_running_loop().call_later(self.start_after_s, self.send)
+
+    def send(self) -> None:
+        self.buf = b""
+        self.last_ns = time.monotonic_ns()
+        super().send()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        st = self.stats
+        buf = self.buf + data if self.buf else data
+        end = 0
+        for m in _SENT.finditer(buf):
+            if st.recording:
+                st.delays_ns.append(now - int(m.group(1)))
+                if now - self.last_ns > self.stall_ns:
+                    st.stalls += 1
+            self.last_ns = now
+            end = m.end()
+        if end:
+            self.buf = buf[end:]
+        elif len(buf) > 4096:
+            self.buf = buf[-64:]
+        else:
+            self.buf = buf
+        super().data_received(data)
+
+    def finish(self) -> None:
+        st = self.stats
+        if st.recording:
+            st.events += self.events
+            if self.ok and self.events != self.expected:
+                st.errors += 1
+        self.events = 0
+        if self.ok and self.last_ns and time.monotonic_ns() - self.last_ns > self.stall_ns and st.recording:
+            st.stalls += 1  # a long wait for the end
+        super().finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.stopping and self.stats.recording:
+            self.stats.errors += 1  # cut off mid-stream
+        super().connection_lost(exc)
+
+
 async def run(
     mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False,
-    cpu_pid: int | None = None,
+    cpu_pid: int | None = None, events: int = 50, interval_ms: float = 25.0,
 ) -> dict[str, object]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
-    req = request_bytes(host, port, mode == "stream", tools)
+    pace = f"{events}/{interval_ms:g}" if mode == "paced" else ""
+    req = request_bytes(host, port, mode != "chat", tools, pace)
     stats = Stats()
     loop = asyncio.get_running_loop()
     protos: list[Conn] = []
-    cls: type[Conn] = StreamConn if mode == "stream" else Conn
-    for _ in range(conns):
+    stall_ns = round(max(STALL_MS, 4 * interval_ms) * 1e6)
+    for i in range(conns):
         lost: asyncio.Future[None] = loop.create_future()
-        _, proto = await loop.create_connection(functools.partial(cls, req, stats, lost), host, port)
+        factory: functools.partial[Conn]
+        if mode == "paced":
+            factory = functools.partial(PacedConn, req, stats, lost, events, stall_ns,
+                                        i * interval_ms / 1000 / conns)
+        else:
+            factory = functools.partial(StreamConn if mode == "stream" else Conn, req, stats, lost)
+        _, proto = await loop.create_connection(factory, host, port)
         protos.append(proto)
     await asyncio.sleep(warmup)
     stats.recording = True
     t0 = time.perf_counter()
     cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     await asyncio.sleep(duration)
-    stats.recording = False
     cpu = cpu_seconds(cpu_pid) - cpu0 if cpu_pid else 0.0
     elapsed = time.perf_counter() - t0
     dropped = 0
@@ -199,6 +289,7 @@ async def run(
         p.stopping = True
         if p.transport is not None and p.transport.is_closing():
             dropped += 1
+    stats.recording = False
     for p in protos:
         if p.transport is not None:
             p.transport.close()
@@ -216,6 +307,24 @@ async def run(
     }
     if cpu_pid and stats.done:
         result["cpu_us_per_request"] = cpu / stats.done * 1e6
+    if mode == "paced":
+        delays = [d / 1e6 for d in stats.delays_ns]
+        result.update(
+            {
+                "events": len(delays),
+                "events_per_s": len(delays) / elapsed,
+                "offered_per_s": conns * 1000 / interval_ms,
+                "delay_p50_ms": percentile(delays, 50) or 0,
+                "delay_p99_ms": percentile(delays, 99) or 0,
+                "delay_max_ms": max(delays, default=0),
+                "ttfe_p50_ms": (percentile(stats.ttfe, 50) or 0) * ms,
+                "ttfe_p99_ms": (percentile(stats.ttfe, 99) or 0) * ms,
+                "stalls": stats.stalls,
+            }
+        )
+        if cpu_pid:
+            result["cpu_us_per_event"] = cpu / len(delays) * 1e6 if delays else 0
+            result["cpu_core_pct"] = cpu / elapsed * 100
     if mode == "stream":
         result.update(
             {
@@ -230,15 +339,18 @@ async def run(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["chat", "stream"])
+    p.add_argument("mode", choices=["chat", "stream", "paced"])
     p.add_argument("--url", required=True)
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--tools", action="store_true", help="offer a tool in every request")
     p.add_argument("--cpu-pid", type=int, help="report this process's CPU time per request")
+    p.add_argument("--events", type=int, default=50, help="paced: events per stream, [DONE] included")
+    p.add_argument("--interval-ms", type=float, default=25.0, help="paced: between two events of a stream")
     a = p.parse_args()
-    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup, a.tools, a.cpu_pid))))
+    print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup, a.tools, a.cpu_pid,
+                                     a.events, a.interval_ms))))
     return 0
 
 

@@ -33,6 +33,12 @@ PY = sys.executable
 SHIM = Path(PY).parent / "vllm-gateway"
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 EVENTS = 100  # SSE events per stream, [DONE] included
+# The paced streams: what a GPU's decoding looks like from the gateway, each
+# token its own chunk. 25 ms a token is 40 tokens/s a stream, a mid-sized
+# model's pace; 256 such streams are about what one large GPU decodes in all.
+PACED_EVENTS = 50
+PACED_INTERVAL_MS = 25.0
+PACED_STREAMS = (64, 256)
 
 sys.path.insert(0, str(BENCH))
 from load import TOOLS  # noqa: E402
@@ -49,10 +55,14 @@ class Durations:
     warmup: float
     cold_runs: int
     idle_s: float
+    paced: float  # the measured window at each number of paced streams
+    paced_warmup: float
 
 
-QUICK = Durations(chat32=2.0, chat1=1.5, stream64=2.0, stream1=1.0, warmup=0.3, cold_runs=3, idle_s=5.0)
-FULL = Durations(chat32=10.0, chat1=5.0, stream64=10.0, stream1=3.0, warmup=1.0, cold_runs=20, idle_s=10.0)
+QUICK = Durations(chat32=2.0, chat1=1.5, stream64=2.0, stream1=1.0, warmup=0.3, cold_runs=3, idle_s=5.0,
+                  paced=1.5, paced_warmup=0.5)
+FULL = Durations(chat32=10.0, chat1=5.0, stream64=10.0, stream1=3.0, warmup=1.0, cold_runs=20, idle_s=10.0,
+                 paced=8.0, paced_warmup=1.5)
 
 
 def log(msg: str) -> None:
@@ -206,7 +216,7 @@ def wrk(url: str, conns: int, seconds: float, tools: bool, cpu_pid: int | None =
 
 def loadpy(
     mode: str, url: str, conns: int, seconds: float, warmup: float, tools: bool = False,
-    cpu_pid: int | None = None,
+    cpu_pid: int | None = None, extra_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     out = subprocess.run(
         [
@@ -223,6 +233,7 @@ def loadpy(
             str(warmup),
             *(["--tools"] if tools else []),
             *(["--cpu-pid", str(cpu_pid)] if cpu_pid else []),
+            *extra_args,
         ],
         capture_output=True,
         text=True,
@@ -274,6 +285,19 @@ def measure(
         ttfe_p50_1=s1["ttfe_p50_ms"],
         errors=r["errors"] + s64["errors"] + s1["errors"],
     )
+    return r
+
+
+def paced(url: str, d: Durations, tools: bool, pid: int | None) -> dict[str, float]:
+    """The paced streams at each number of streams, as `pN_`-prefixed figures."""
+    r: dict[str, float] = {}
+    for n in PACED_STREAMS:
+        x = loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
+                   ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}"))
+        for key in ("events_per_s", "offered_per_s", "delay_p50_ms", "delay_p99_ms", "delay_max_ms",
+                    "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct"):
+            if key in x:
+                r[f"p{n}_{key}"] = float(x[key])
     return r
 
 
@@ -557,6 +581,71 @@ def cpu_table(res: dict[str, dict[str, float]]) -> list[str]:
     return rows
 
 
+def paced_table(res: dict[str, dict[str, float]]) -> list[str]:
+    """The paced streams: throughput against what the engine offered, CPU per
+    event, and the delay each event gained on the way (engine's write to the
+    client's read)."""
+    p = res.get("socket-proxyd", {})
+    rows = [
+        "| peer | streams | events/s | of offered | CPU µs per event | vs proxyd | % of a core "
+        "| delay p50 ms | delay p99 ms | delay max ms | first event p50 / p99 ms | errors | stalls |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in PACED_STREAMS:
+        for name in PEERS:
+            r = res.get(name, {})
+            k = f"p{n}_"
+            if k + "events_per_s" not in r:
+                rows.append(f"| {name} | {n} | not measured | | | | | | | | | | |")
+                continue
+            cpu = r.get(k + "cpu_us_per_event")
+            core = r.get(k + "cpu_core_pct")
+            rows.append(
+                f"| {name} | {n} | {fmt(r[k + 'events_per_s'])} "
+                f"| {r[k + 'events_per_s'] / r[k + 'offered_per_s']:.0%} "
+                f"| {fmt(cpu, 1) if cpu else '-'} "
+                f"| {ratio(cpu, p.get(k + 'cpu_us_per_event')) if cpu else '-'} "
+                f"| {f'{core:.0f} %' if core else '-'} "
+                f"| {fmt(r[k + 'delay_p50_ms'], 2)} | {fmt(r[k + 'delay_p99_ms'], 2)} "
+                f"| {fmt(r[k + 'delay_max_ms'], 1)} "
+                f"| {fmt(r[k + 'ttfe_p50_ms'], 2)} / {fmt(r[k + 'ttfe_p99_ms'], 1)} "
+                f"| {fmt(r[k + 'errors'])} | {fmt(r[k + 'stalls'])} |"
+            )
+    return rows
+
+
+def paced_targets(res: dict[str, dict[str, float]]) -> list[tuple[str, str, str, bool | None]]:
+    """CPU per event against socket-proxyd's, and the delay p99, at each
+    number of paced streams, rewriting off and on."""
+    p = res.get("socket-proxyd", {})
+    out: list[tuple[str, str, str, bool | None]] = []
+    limits = (("vllm-gateway", "rewrite off", 2.0), ("vllm-gateway+rewrite", "rewrite on", 2.5))
+    for name, what, most in limits:
+        g = res.get(name, {})
+        for n in PACED_STREAMS:
+            key = f"p{n}_cpu_us_per_event"
+            label = f"CPU per event vs socket-proxyd @{n} paced streams ({what})"
+            if not g.get(key) or not p.get(key):
+                out.append((label, f"<= {most:g}x", "-", None))
+                continue
+            x = g[key] / p[key]
+            out.append((label, f"<= {most:g}x", f"{x:.2f}x", x <= most))
+    # what the proxy adds: its p99 less direct's (the engine's and the client's own)
+    d = res.get("direct", {})
+    for name, what in (("vllm-gateway", "rewrite off"), ("vllm-gateway+rewrite", "rewrite on")):
+        g = res.get(name, {})
+        for n, below in zip(PACED_STREAMS, (1.0, 5.0), strict=True):
+            key = f"p{n}_delay_p99_ms"
+            v, floor = g.get(key), d.get(key)
+            label = f"delay added p99 @{n} paced streams ({what})"
+            if v is None or floor is None:
+                out.append((label, f"< {below:g} ms", "-", None))
+                continue
+            out.append((label, f"< {below:g} ms", f"{v - floor:.2f} ms ({v:.2f} less direct's {floor:.2f})",
+                        v - floor < below))
+    return out
+
+
 def targets(
     res: dict[str, dict[str, float]], extra: dict[str, Any]
 ) -> list[tuple[str, str, str, bool | None]]:
@@ -584,6 +673,7 @@ def targets(
         rel(g, p, "rps32", 0.25, "req/s vs socket-proxyd (rewrite off)"),
         rel(g, p, "eps64", 0.5, "events/s vs socket-proxyd (rewrite off)"),
         rel(gr, p, "eps64", 0.3, "events/s vs socket-proxyd (rewrite on)"),
+        *paced_targets(res),
     ]
     if "p50_1" in g and "p50_1" in d:
         added = g["p50_1"] - d["p50_1"]
@@ -604,6 +694,15 @@ def targets(
             "< 30 MB",
             f"{rss:.1f} MB" if rss is not None else "-",
             None if rss is None else rss < 30,
+        )
+    )
+    idle = extra.get("rss_idle_mb")
+    out.append(
+        (
+            f"shim RSS idle, after {PACED_STREAMS[-1]} paced streams too",
+            "< 30 MB",
+            f"{idle:.1f} MB" if idle is not None else "-",
+            None if idle is None else idle < 30,
         )
     )
     for key, what in (
@@ -729,6 +828,10 @@ def main() -> int:
             log(f"measuring {name}")
             try:
                 res[name] = measure(port, d, use_wrk, tools, pid)
+                if name == "vllm-gateway" and pid:  # the footprint of the load before, as always
+                    extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
+                log(f"measuring {name}: paced streams")
+                res[name].update(paced(f"http://127.0.0.1:{port}", d, tools, pid))
             except Exception as e:  # a peer that fails leaves a gap, not a crashed run
                 log(f"{name} failed: {e}")
                 notes.append(f"{name}: not measured: {e}")
@@ -769,12 +872,12 @@ def main() -> int:
         spy_bin = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
 
         def profile(shim: Shim, tools: bool) -> None:
-            """py-spy profiles of a shim under the 32-connection and 64-stream loads."""
+            """py-spy profiles of a shim under the 32-connection, 64-stream and paced loads."""
             if not a.profile or not Path(spy_bin).exists() or shim.proc is None:
                 return
             profile_dir = out / "profiles"
             profile_dir.mkdir(exist_ok=True)
-            for mode, conns in (("chat", 32), ("stream", 64)):
+            for mode, conns in (("chat", 32), ("stream", 64), ("paced", PACED_STREAMS[-1])):
                 folded = profile_dir / f"shim-{shim.name}-{mode}.folded.txt"
                 spy = procs.start(
                     f"py-spy-{shim.name}-{mode}",
@@ -785,7 +888,7 @@ def main() -> int:
                 spy.wait(30)
 
         profile(g, tools=False)
-        extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
+        extra["rss_paced_mb"], extra["rss_paced_peak_mb"] = rss_mb(pid)
         time.sleep(0.5)
         log(f"idle footprint: engine ready, {d.idle_s:g} s")
         extra["wake_ready"] = wakeups(pid, d.idle_s)
@@ -865,17 +968,20 @@ def main() -> int:
     elapsed = time.monotonic() - started
     pt = peer_table(res)
     ct = cpu_table(res)
+    pct_ = paced_table(res)
     ts = targets(res, extra)
     tt = target_rows(ts)
     print("\n".join(pt))
     print()
     print("\n".join(ct))
     print()
+    print("\n".join(pct_))
+    print()
     print("\n".join(tt))
     for n in notes:
         print(f"note: {n}")
     images = plots(res, extra, out)
-    write_doc(out / "benchmarks.md", a, d, use_wrk, pt, ct, tt, extra, notes, images, elapsed)
+    write_doc(out / "benchmarks.md", a, d, use_wrk, pt, ct, pct_, tt, extra, notes, images, elapsed)
     log(f"wrote {out / 'benchmarks.md'} in {elapsed:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -888,6 +994,7 @@ def write_doc(
     use_wrk: bool,
     pt: list[str],
     ct: list[str],
+    pct_: list[str],
     tt: list[str],
     extra: dict[str, Any],
     notes: list[str],
@@ -919,7 +1026,10 @@ def write_doc(
         f"- machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
         f"{m['systemd']}",
         f"- run time: {elapsed:.0f} s; windows: {d.chat32:g} s at 32 connections, {d.chat1:g} s at 1, "
-        f"{d.stream64:g} s at 64 streams, {d.stream1:g} s at 1 stream",
+        f"{d.stream64:g} s at 64 streams, {d.stream1:g} s at 1 stream, {d.paced:g} s at each number "
+        "of paced streams",
+        "- the machine was shared: other work ran on its 2 cores at the same time, so absolute figures "
+        "move between runs; the ratios within one run are what the targets read",
         "",
         "## Proxying",
         "",
@@ -931,6 +1041,19 @@ def write_doc(
         "",
         *ct,
         "",
+        "## Paced streams",
+        "",
+        f"The engine writes each event as its own chunk, {PACED_INTERVAL_MS:g} ms apart on every stream "
+        f"({PACED_EVENTS} events a stream), as a GPU decodes: the relay pays one wake-up, one read and one "
+        "write per event. Offered: "
+        + ", ".join(f"{n} streams = {n * 1000 / PACED_INTERVAL_MS:,.0f} events/s" for n in PACED_STREAMS)
+        + ". Delay: from the engine's write (its send time is in the event) to the client's read; "
+        "`direct` is the floor that the engine and the client themselves add on this machine. "
+        "CPU: the proxy's own (user + system, from /proc) over the window, per event and as a share "
+        "of one core. The targets read the delay a proxy adds as its p99 less direct's.",
+        "",
+        *pct_,
+        "",
         "## Targets",
         "",
         *tt,
@@ -939,7 +1062,10 @@ def write_doc(
         "",
         f"- shim RSS: {extra.get('rss_mb', 0):.1f} MB after load "
         f"(peak {extra.get('rss_peak_mb', 0):.1f} MB), "
-        f"{extra.get('rss_idle_mb', 0):.1f} MB idle with the engine stopped",
+        f"{extra.get('rss_idle_mb', 0):.1f} MB idle with the engine stopped; "
+        f"{extra.get('rss_paced_mb', 0):.1f} MB after the paced streams too "
+        f"(peak {extra.get('rss_paced_peak_mb', 0):.1f} MB: {PACED_STREAMS[-1]} client and "
+        f"{PACED_STREAMS[-1]} engine connections at once)",
         f"- shim wake-ups (context switches of all its threads) while idle: "
         f"{extra.get('wake_ready', float('nan')):.2f}/s with the engine ready, "
         f"{extra.get('wake_stopped', float('nan')):.2f}/s with it stopped ({d.idle_s:g} s each)",
@@ -975,6 +1101,13 @@ def write_doc(
         "- **Streaming**: `bench/load.py stream`, 64 keep-alive connections each streaming one completion "
         "after another; events/s counts `data:` lines of completed streams; first event = request sent "
         "to the first byte of the first event, at 1 and at 64 streams (at 64 it is mostly queueing).",
+        f"- **Paced streams**: `bench/load.py paced` with `x-bench-pace: {PACED_EVENTS}/"
+        f"{PACED_INTERVAL_MS:g}`, which the stand-in engine answers on a fixed schedule from the "
+        "request's arrival, stamping each event with CLOCK_MONOTONIC at its write; the connections "
+        "start spread over one interval, each streaming one completion after another. Events are "
+        "counted when they arrive within the window. Errors: a status other than 200, a stream cut "
+        "short or with the wrong number of events. Stalls: a gap of over 100 ms between two events "
+        "of a stream (or before its first). `+rewrite` offers a tool, as above.",
         "- **Cold-start lag**: the engine is `scripts/fake-vllm --startup-delay 2`, which opens its port "
         "only when ready. With the engine stopped, one client sends a chat completion to the gateway "
         "while another polls the engine's `/health` directly every 1 ms. The engine became ready after "
@@ -997,7 +1130,8 @@ def write_doc(
         "on this machine): httpx's connection pool costs more as concurrency grows. That is the design "
         "as it was used, so it stays the yardstick.",
         "- `scripts/bench --profile` also records py-spy profiles (folded stacks) of both shims "
-        "(rewriting off and on) under the 32-connection and 64-stream loads into OUT/profiles.",
+        f"(rewriting off and on) under the 32-connection, 64-stream and {PACED_STREAMS[-1]} paced-stream "
+        "loads into OUT/profiles.",
         "- Everything runs on the same machine as the load client: on a small machine the client, the "
         "peer and the upstream share the CPUs, so absolute figures are low and ratios taken within one "
         "run are what to compare.",

@@ -11,6 +11,12 @@ answer the paths a gateway calls, with replies rendered once at start-up:
                                chat.completion.chunk shape (one HTTP chunk
                                each), then `data: [DONE]`; no pacing
 
+A streamed request with the header `x-bench-pace: EVENTS/INTERVAL_MS` is
+answered at a GPU's pace instead: EVENTS events (the first at once, [DONE]
+last), each its own HTTP chunk written on its own, INTERVAL_MS apart on a
+fixed schedule, each carrying the time it was written (`"sent_ns"`,
+CLOCK_MONOTONIC in ns, the clock every process on the machine shares).
+
 Every reply is one write of prepared bytes, so the upstream costs little
 next to whatever sits in front of it. `--procs N` forks N processes that
 share the port through SO_REUSEPORT. It takes vLLM's `--host`/`--port` and
@@ -29,12 +35,18 @@ import re
 import signal
 import socket
 import sys
+import time
 from typing import ClassVar
 
 MODEL = "bench"
 _STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CONN_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+_PACE = re.compile(rb"\r\nx-bench-pace:[ \t]*(\d+)/(\d+(?:\.\d+)?)", re.IGNORECASE)
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+)
 
 
 def _response(status: str, ctype: str, body: bytes) -> bytes:
@@ -93,10 +105,66 @@ def render(events: int) -> dict[str, bytes]:
             ).encode(),
         ),
         "chat": _response("200 OK", "application/json", json.dumps(completion).encode()),
-        "stream": b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n" + stream,
+        "stream": _STREAM_HEAD + stream,
         "not_found": _response("404 Not Found", "application/json", b'{"detail":"Not Found"}'),
     }
+
+
+def paced_event(i: int, events: int) -> tuple[bytes, bytes]:
+    """The bytes of a paced stream's event `i` around its send time: the
+    first has the role, the last two the finish and [DONE]."""
+    if i == events - 1:
+        return b"data: [DONE]\n\n", b""
+    if i == 0:
+        delta: dict[str, object] = {"role": "assistant", "content": ""}
+    elif i == events - 2:
+        delta = {"content": ""}
+    else:
+        delta = {"content": " word"}
+    obj = {
+        "id": "chatcmpl-bench0123456789",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": "stop" if i == events - 2 else None,
+            }
+        ],
+        "sent_ns": 0,
+    }
+    text = json.dumps(obj, separators=(",", ":")).encode()
+    before, _, after = text.partition(b'"sent_ns":0')
+    return b"data: " + before + b'"sent_ns":', after + b"\n\n"
+
+
+class PacedStream:
+    """One paced answer: each event written on its own, on a fixed schedule
+    from the request's arrival (late writes do not push the later ones)."""
+
+    def __init__(self, transport: asyncio.Transport, events: int, interval_s: float) -> None:
+        self.transport = transport
+        self.parts = [paced_event(i, events) for i in range(events)]
+        self.interval_s = interval_s
+        self.loop = asyncio.get_running_loop()
+        self.t0 = self.loop.time()
+        self.i = 0
+        transport.write(_STREAM_HEAD)
+        self.send()
+
+    def send(self) -> None:
+        if self.transport.is_closing():
+            return
+        before, after = self.parts[self.i]
+        event = before + (b"%d" % time.monotonic_ns() if after else b"") + after
+        self.i += 1
+        last = self.i == len(self.parts)
+        self.transport.write(b"%x\r\n%s\r\n" % (len(event), event) + (b"0\r\n\r\n" if last else b""))
+        if not last:
+            self.loop.call_at(self.t0 + self.i * self.interval_s, self.send)
 
 
 class Upstream(asyncio.Protocol):
@@ -133,7 +201,16 @@ class Upstream(asyncio.Protocol):
             path = rest.partition(b" ")[0].partition(b"?")[0]
             r = self.replies
             if path == b"/v1/chat/completions" and method == b"POST":
-                out.append(r["stream"] if _STREAM_TRUE.search(body) else r["chat"])
+                stream = _STREAM_TRUE.search(body) is not None
+                pace = _PACE.search(head) if stream else None
+                if pace is not None:  # the next request on this connection follows its end
+                    assert self.transport is not None
+                    if out:
+                        self.transport.write(b"".join(out))
+                        out.clear()
+                    PacedStream(self.transport, max(2, int(pace.group(1))), float(pace.group(2)) / 1000)
+                    continue
+                out.append(r["stream"] if stream else r["chat"])
             elif path == b"/health":
                 out.append(r["health"])
             elif path == b"/v1/models":

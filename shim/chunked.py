@@ -19,6 +19,36 @@ MAX_TRAILER_BYTES = 16 * 1024
 _PLAIN_SIZE_LINE = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")
 
 
+def _one_chunk(buf: bytes) -> int:
+    """Where the data begins of a read that is exactly one whole chunk, with
+    a plain hex size and some data; -1 for anything else. That is what an
+    engine's stream reads as, one token's event a chunk, written on its own."""
+    m = _PLAIN_SIZE_LINE.match(buf)
+    if m is None:
+        return -1
+    start = m.end()
+    size = int(m.group(1), 16)
+    if size and start + size + 2 == len(buf) and buf.endswith(b"\r\n"):
+        return start
+    return -1
+
+
+def chunk_data(buf: bytes) -> bytes | None:
+    """The data of a read that is exactly one whole chunk (as `_one_chunk`
+    takes it); None for anything else."""
+    start = _one_chunk(buf)
+    return None if start < 0 else buf[start:-2]
+
+
+def whole_chunks_only(buf: bytes) -> bool:
+    """Whether a read is whole chunks only, none of them the last: passed
+    on as it is, it leaves a reader between chunks, as it found it."""
+    if _one_chunk(buf) >= 0:
+        return True
+    whole = _whole_chunks(buf)
+    return whole is not None and whole[1] < 0
+
+
 # The sizes of a read's whole chunks, one per line, all plain hex.
 _PLAIN_SIZES = re.compile(rb"[0-9a-fA-F]{1,16}(?:\n[0-9a-fA-F]{1,16})*")
 
@@ -76,6 +106,11 @@ class ChunkedPassthrough:
         more chunks of our own may follow)."""
         return not (self._data_left or self._crlf_left)
 
+    @property
+    def idle(self) -> bool:
+        """Between chunks, holding nothing: whole chunks may pass it by."""
+        return not (self._data_left or self._crlf_left or self._held or self._in_trailers or self.done)
+
     def feed(self, data: bytes) -> bytes:
         if self.done:
             raise ChunkedError("data after the end of the body")
@@ -85,6 +120,8 @@ class ChunkedPassthrough:
             self._trailers(buf, 0)
             return b""
         if not (self._data_left or self._crlf_left):
+            if _one_chunk(buf) >= 0:
+                return buf
             whole = _whole_chunks(buf)
             if whole is not None:
                 last = whole[1]
@@ -196,6 +233,13 @@ class ChunkedDecoder:
         self.leftover = b""
         self.error: str | None = None
 
+    @property
+    def idle(self) -> bool:
+        """Between chunks, holding nothing: whole chunks may be decoded
+        without it (`chunk_data`)."""
+        return not (self._data_left or self._crlf_left or self._held or self._in_trailers or self.done
+                    or self.error)
+
     def feed(self, data: bytes) -> bytes:
         if self.error:
             raise ChunkedError(self.error)
@@ -207,6 +251,9 @@ class ChunkedDecoder:
             self._trailers(buf, 0)
             return b""
         if not (self._data_left or self._crlf_left):
+            start = _one_chunk(buf)
+            if start >= 0:
+                return buf[start:-2]
             whole = _whole_chunks(buf)
             if whole is not None:
                 datas, last = whole

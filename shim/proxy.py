@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -15,7 +16,7 @@ import h11
 import trio
 
 from . import toolcalls
-from .chunked import ChunkedError, ChunkedPassthrough
+from .chunked import ChunkedDecoder, ChunkedError, ChunkedPassthrough, chunk_data, whole_chunks_only
 from .engine import Engine
 from .errors import (
     BadRequest,
@@ -27,8 +28,9 @@ from .errors import (
     error_body,
 )
 from .http1 import ServerConnection
-from .httpio import end_to_end_headers, header, next_event, receive, send, send_all
+from .httpio import READ_BYTES, end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
+from .relay import RELAYS, Relay
 from .routes import CHAT, Route
 from .upstream import UpstreamConn
 
@@ -338,6 +340,9 @@ async def _pump(
     if rewriter is None and head is not None and _both_chunked(client, up, head):
         await _pump_raw(client, up, ex, head, preface)
         return
+    if rewriter is not None and header(up.conn_response_headers, b"transfer-encoding") == b"chunked":
+        await _pump_rewritten(client, up, ex, rewriter, head, preface)
+        return
     conn = up.conn
     out: list[bytes] = [] if head is None else [client.head_bytes(head)]
     if preface:
@@ -345,75 +350,187 @@ async def _pump(
         out.append(client.data_bytes(preface))
     first = out[0] if out else None  # the head, until it is written
     pending: list[bytes] = []  # body bytes read but not yet framed for the client
-    deadline = math.inf
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.ProtocolError as e:
-            if first is not None and out and out[0] is first:
-                await _bad_gateway(client, ex, e)
-            else:
-                await _abort_stream(client, ex, e)
-            raise _StreamBroken(str(e)) from None
-        if type(event) is h11.Data:
-            pending.append(event.data)
-            continue
-        if pending:
-            raw = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
-            data = rewriter.feed(bytes(raw)) if rewriter else raw
-            if data:
-                ex.bytes_out += len(data)
-                out.append(client.data_bytes(data))
-        if type(event) is h11.EndOfMessage:
-            if rewriter:
-                tail = rewriter.end()
-                if tail:
-                    ex.bytes_out += len(tail)
-                    out.append(client.data_bytes(tail))
-                ex.tool_calls = rewriter.tool_calls
-            out.append(client.end_bytes())
-            await _send_last(client, ex, out, deadline)
-            return
-        if event is not h11.NEED_DATA:
-            continue  # trailers' end (EndOfMessage covers them) or nothing
-        data, deadline = await _flush_and_read(client, up, ex, out, deadline)
-        conn.receive_data(data)  # b"": the end
+    timer = _ReadTimer(ex.read_timeout_s)
+    wait_first = False
+    with timer.scope:
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.ProtocolError as e:
+                if first is not None and out and out[0] is first:
+                    await _bad_gateway(client, ex, e)
+                else:
+                    await _abort_stream(client, ex, e)
+                raise _StreamBroken(str(e)) from None
+            if type(event) is h11.Data:
+                pending.append(event.data)
+                continue
+            if pending:
+                raw = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                data = rewriter.feed(bytes(raw)) if rewriter else raw
+                if data:
+                    ex.bytes_out += len(data)
+                    out.append(client.data_bytes(data))
+            if type(event) is h11.EndOfMessage:
+                if rewriter:
+                    tail = rewriter.end()
+                    if tail:
+                        ex.bytes_out += len(tail)
+                        out.append(client.data_bytes(tail))
+                    ex.tool_calls = rewriter.tool_calls
+                out.append(client.end_bytes())
+                await _send_last(client, ex, out)
+                return
+            if event is not h11.NEED_DATA:
+                continue  # trailers' end (EndOfMessage covers them) or nothing
+            data = await _flush_and_read(client, up, ex, out, timer, wait_first=wait_first)
+            wait_first = 0 < len(data) < READ_BYTES
+            conn.receive_data(data)  # b"": the end
+    await _timed_out(client, ex, timer, True)
+
+
+class _ReadTimer:
+    """The engine's read timeout over a whole relayed body: one cancel
+    scope, whose deadline moves with the reads. A scope per read cost about
+    a fifth of the CPU of relaying an event (an engine writes each token on
+    its own, so nearly every read waits), and so does moving a deadline at
+    every read (trio re-files it each time): the deadline moves at most
+    once per `slack_s`, so the scope fires between `timeout_s` and
+    `timeout_s + slack_s` after the engine's last bytes, never sooner.
+    `reading` tells whether it fired while the gateway waited for the
+    engine (a hung engine) or for the client to take what it was sent."""
+
+    __slots__ = ("armed_at", "reading", "scope", "slack_s", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        # late by at most 1 s at the default 600 s, a sixteenth for short ones
+        self.slack_s = min(1.0, timeout_s / 16)
+        self.armed_at = trio.current_time()
+        self.scope = trio.CancelScope(deadline=self.armed_at + timeout_s + self.slack_s)
+        self.reading = False
+
+    def read(self) -> None:
+        """The engine sent bytes: the timeout counts from now."""
+        now = trio.current_time()
+        if now - self.armed_at > self.slack_s:
+            self.armed_at = now
+            self.scope.deadline = now + self.timeout_s + self.slack_s
+
+
+async def _timed_out(client: ClientSide, ex: Exchange, timer: _ReadTimer, at_boundary: bool) -> None:
+    """A body's read timer fired: the engine went silent (the stream ends
+    with an error, the engine is restarted), or the client did not take
+    its bytes in that time (trio.TooSlowError, as for any slow write)."""
+    if not timer.reading:
+        raise trio.TooSlowError
+    await _abort_stream(client, ex, trio.TooSlowError(), at_boundary)
+    raise _StreamBroken("timeout", hung=True)
 
 
 async def _flush_and_read(
-    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], deadline: float,
-    at_boundary: bool = True,
-) -> tuple[bytes, float]:
+    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], timer: _ReadTimer,
+    at_boundary: bool = True, wait_first: bool = False,
+) -> bytes:
     """Write what is pending to the client in one go, then read the engine's
-    next bytes; also the deadline of that read. Each read moves the deadline
-    (the write to the client runs under the previous one); waiting past it
-    means the engine went silent. No timer is set while data is at hand."""
+    next bytes, under the body's read timer. `wait_first` after a read that
+    emptied the socket: an engine writes each event on its own, so a read
+    right after the write to the client would only find nothing."""
     if out:
         try:
-            await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out), deadline)
+            await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             ex.outcome = "client_gone"
             raise _StreamBroken(f"the client went away: {e}") from None
         out.clear()
+    timer.reading = True
     try:
-        deadline = trio.current_time() + ex.read_timeout_s
-        return await receive(up.stream, deadline), deadline
+        data = await receive(up.stream, wait_first=wait_first)
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        timer.reading = False
         await _abort_stream(client, ex, e, at_boundary, up.cut_reason)
         raise _StreamBroken(str(e)) from None
-    except trio.TooSlowError:
-        await _abort_stream(client, ex, trio.TooSlowError(), at_boundary)
-        raise _StreamBroken("timeout", hung=True) from None
+    timer.reading = False
+    timer.read()
+    return data
 
 
-async def _send_last(client: ClientSide, ex: Exchange, out: list[bytes], deadline: float) -> None:
-    """The body's last write, under the last read's deadline."""
-    try:
-        await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out), deadline)
-    except trio.TooSlowError:
-        await _abort_stream(client, ex, trio.TooSlowError())
-        raise _StreamBroken("timeout", hung=True) from None
+# Streamed bodies go through the relay thread (shim/relay.py). Tests on
+# trio's MockClock turn it off: the thread's reads take no virtual time, so
+# a clock that jumps while trio idles would see an engine that sends nothing.
+RELAY_THREAD = True
+
+
+def _relayable(client: ClientSide, up: UpstreamConn) -> bool:
+    """Whether the relay thread can take this body: both ends are sockets."""
+    return (RELAY_THREAD and isinstance(client.stream, trio.SocketStream)
+            and isinstance(up.stream, trio.SocketStream))
+
+
+async def _relayed(
+    client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], timer: _ReadTimer,
+    step: Callable[[bytes], bytes | None],
+) -> bytes:
+    """As `_flush_and_read`, but the relay thread does the reads that `step`
+    takes whole, and their writes; the first read it does not take (b"" at
+    the engine's end) comes back here, for the caller's loop."""
+    while True:
+        if out:
+            try:
+                await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                ex.outcome = "client_gone"
+                raise _StreamBroken(f"the client went away: {e}") from None
+            out.clear()
+        relay = Relay(up.stream.socket.fileno(), client.stream.socket.fileno(), step)
+        up.relay = relay
+        RELAYS.hand_over(relay)
+        try:
+            await _wait_relay(relay, timer)
+        finally:
+            RELAYS.take_back(relay)  # where it was not handed back: cancelled
+            up.relay = None
+        if relay.pending:  # the client did not take it all at once: written here, with waiting
+            out.append(relay.pending)
+            continue
+        if relay.taken or relay.error:  # the socket was closed under it, or broke: as any read
+            return await _flush_and_read(client, up, ex, out, timer)
+        return relay.data
+
+
+async def _wait_relay(relay: Relay, timer: _ReadTimer) -> None:
+    """Wait until the relay thread hands the body back, keeping the read
+    timeout meanwhile: the thread counts its reads, looked at every
+    `slack_s`, so the timeout still fires between `timeout_s` and
+    `timeout_s + slack_s` after the engine's last bytes. Silence past it
+    takes the body back and ends it as a hung engine, through the timer's
+    scope (which waits meanwhile)."""
+    fire_at = timer.scope.deadline
+    timer.scope.deadline = math.inf
+    seen = 0
+    while True:
+        checked = trio.current_time()
+        with trio.move_on_at(min(fire_at, checked + timer.slack_s)):
+            await relay.done.wait()
+            break
+        now = trio.current_time()
+        if relay.reads != seen:  # the last read came after the last look
+            seen = relay.reads
+            fire_at = now + timer.timeout_s
+        elif now >= fire_at and RELAYS.take_back(relay):
+            timer.reading = True
+            timer.scope.cancel()
+            await trio.lowlevel.checkpoint()
+    if relay.reads != seen:
+        fire_at = trio.current_time() + timer.timeout_s
+    timer.armed_at = fire_at - timer.timeout_s - timer.slack_s
+    timer.scope.deadline = fire_at
+
+
+async def _send_last(client: ClientSide, ex: Exchange, out: list[bytes]) -> None:
+    """The body's last write, under its read timer."""
+    await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
 
 
 def _both_chunked(client: ClientSide, up: UpstreamConn, head: Head) -> bool:
@@ -432,37 +549,120 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
     """Relay a chunked body byte for byte: no decoding, no re-framing. Only
     the last chunk (and a preface's) is ours, so both connections stay reusable."""
     passthrough = ChunkedPassthrough()
+    relayable = _relayable(client, up)
+
+    def raw_step(data: bytes) -> bytes | None:
+        """In the relay thread: whole chunks pass as they are."""
+        if not whole_chunks_only(data):
+            return None
+        ex.bytes_out += len(data)
+        return data
+
     out = [client.head_bytes(head)]
     if preface:
         ex.bytes_out += len(preface)
         out.append(client.data_bytes(preface))
     data, _closed = up.conn.trailing_data  # body bytes read with the head
-    deadline = math.inf
-    while True:
-        if data:
-            try:
-                forward_now = passthrough.feed(bytes(data))
-            except ChunkedError as e:
-                if len(out) == 1 and not ex.bytes_out:  # only our head so far, unsent
-                    await _bad_gateway(client, ex, e)
-                else:
-                    # what was checked goes out, then the stream ends as broken
-                    await send_all(client.stream, b"".join(out))
-                    await _abort_stream(client, ex, e, passthrough.at_boundary)
-                raise _StreamBroken(str(e)) from None
-            if forward_now:
-                ex.bytes_out += len(forward_now)
-                out.append(forward_now)
-            if passthrough.done:
-                out.append(client.end_bytes())
-                await _send_last(client, ex, out, deadline)
-                up.raw_done = not passthrough.leftover
-                return
-        data, deadline = await _flush_and_read(client, up, ex, out, deadline, passthrough.at_boundary)
-        if not data:
-            await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
-                                passthrough.at_boundary)
-            raise _StreamBroken("the engine closed mid-response")
+    timer = _ReadTimer(ex.read_timeout_s)
+    wait_first = False
+    with timer.scope:
+        while True:
+            if data:
+                try:
+                    forward_now = passthrough.feed(bytes(data))
+                except ChunkedError as e:
+                    if len(out) == 1 and not ex.bytes_out:  # only our head so far, unsent
+                        await _bad_gateway(client, ex, e)
+                    else:
+                        # what was checked goes out, then the stream ends as broken
+                        await send_all(client.stream, b"".join(out))
+                        await _abort_stream(client, ex, e, passthrough.at_boundary)
+                    raise _StreamBroken(str(e)) from None
+                if forward_now:
+                    ex.bytes_out += len(forward_now)
+                    out.append(forward_now)
+                if passthrough.done:
+                    out.append(client.end_bytes())
+                    await _send_last(client, ex, out)
+                    up.raw_done = not passthrough.leftover
+                    return
+            if relayable and passthrough.idle:
+                data = await _relayed(client, up, ex, out, timer, raw_step)
+            else:
+                data = await _flush_and_read(client, up, ex, out, timer, passthrough.at_boundary, wait_first)
+            if not data:
+                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
+                                    passthrough.at_boundary)
+                raise _StreamBroken("the engine closed mid-response")
+            wait_first = len(data) < READ_BYTES
+    await _timed_out(client, ex, timer, passthrough.at_boundary)
+
+
+async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
+                          rewriter: toolcalls.StreamRewriter, head: Head | None,
+                          preface: bytes = b"") -> None:
+    """Relay a chunked body through the tool-call rewriter: decoded here,
+    as each read comes (not through h11's events, two calls a read), and
+    framed anew for the client. The engine's connection stays reusable."""
+    decoder = ChunkedDecoder()
+    relayable = _relayable(client, up)
+
+    def rewrite_step(data: bytes) -> bytes | None:
+        """In the relay thread: a read of one whole chunk, rewritten and framed."""
+        body = chunk_data(data)
+        if body is None:
+            return None
+        body = rewriter.feed(body)
+        if not body:
+            return b""
+        ex.bytes_out += len(body)
+        return client.data_bytes(body)
+
+    out: list[bytes] = [] if head is None else [client.head_bytes(head)]
+    first = out[0] if out else None  # the head, until it is written
+    if preface:
+        ex.bytes_out += len(preface)
+        out.append(client.data_bytes(preface))
+    data, _closed = up.conn.trailing_data  # body bytes read with the head
+    timer = _ReadTimer(ex.read_timeout_s)
+    wait_first = False
+    with timer.scope:
+        while True:
+            if data:
+                try:
+                    body = decoder.feed(bytes(data))
+                    if decoder.error:  # bad framing after good data: the stream is broken
+                        raise ChunkedError(decoder.error)
+                except ChunkedError as e:
+                    if first is not None and out and out[0] is first:  # nothing sent yet
+                        await _bad_gateway(client, ex, e)
+                    else:
+                        await _abort_stream(client, ex, e)
+                    raise _StreamBroken(str(e)) from None
+                if body:
+                    body = rewriter.feed(body)
+                    if body:
+                        ex.bytes_out += len(body)
+                        out.append(client.data_bytes(body))
+                if decoder.done:
+                    tail = rewriter.end()
+                    if tail:
+                        ex.bytes_out += len(tail)
+                        out.append(client.data_bytes(tail))
+                    ex.tool_calls = rewriter.tool_calls
+                    out.append(client.end_bytes())
+                    await _send_last(client, ex, out)
+                    up.raw_done = not decoder.leftover
+                    return
+            if relayable and decoder.idle:
+                data = await _relayed(client, up, ex, out, timer, rewrite_step)
+            else:
+                data = await _flush_and_read(client, up, ex, out, timer, True, wait_first)
+            if not data:
+                await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"))
+                raise _StreamBroken("the engine closed mid-response")
+            wait_first = len(data) < READ_BYTES
+    await _timed_out(client, ex, timer, True)
 
 
 async def _relay_after_keepalive(

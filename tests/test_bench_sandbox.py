@@ -41,6 +41,20 @@ def test_quick_bench_measures_every_peer(sandbox: Sandbox, tmp_path: Path) -> No
     for peer in ("vllm-gateway", "vllm-gateway+rewrite"):
         cells = [c.strip() for c in rows[peer].strip("|").split("|")]
         assert len(cells) == 14 and "-" not in cells and cells[-1] == "0", rows[peer]
+    # the paced streams: a row of 13 figures a peer at 64 and at 256 streams,
+    # and no stream of the gateway's broken
+    paced = [line.split("|")[1:-1] for line in report.splitlines()
+             if line.startswith("| ") and line.count("|") == 14]
+    for peer in PEERS:
+        for streams in ("64", "256"):
+            row = next((c for c in paced if c[0].strip() == peer and c[1].strip() == streams), None)
+            assert row is not None, f"{peer} at {streams} paced streams missing from the report"
+            assert "not measured" not in "|".join(row), row
+            if peer.startswith("vllm-gateway"):
+                assert row[-2].strip() == "0", row
+                assert "-" not in [c.strip() for c in row], row
+    assert "| CPU per event vs socket-proxyd @256 paced streams (rewrite on) | <= 2.5x |" in report
+    assert "| delay added p99 @64 paced streams (rewrite off) | < 1 ms |" in report
     assert "| shim RSS after load |" in report
     assert "| processes left when fully idle | 0 | 0 | PASS |" in report
     assert "cold-start lag over 3 starts" in report

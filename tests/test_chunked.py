@@ -82,6 +82,27 @@ def test_a_whole_event_stream_in_one_read(upper: bool) -> None:
     assert d.done and d.leftover == b""
 
 
+def test_a_paced_stream_one_chunk_a_read() -> None:
+    # an engine writes each event on its own: each read is one whole chunk,
+    # passed on as it is (CRLFs in the data included) and decoded exactly
+    events = [*EVENTS[:3], b"a\r\n\r\nb", b"x" * 4096]
+    p, d = ChunkedPassthrough(), ChunkedDecoder()
+    for e in events:
+        piece = b"%x\r\n%s\r\n" % (len(e), e)
+        assert p.feed(piece) is piece
+        assert d.feed(piece) == e
+    assert p.feed(b"0\r\n\r\n") == b"" and p.done
+    assert d.feed(b"0\r\n\r\n") == b"" and d.done
+
+
+@pytest.mark.parametrize("bad", [b"5\r\nhelloXX", b"5\r\nhell\r\n\r\n", b"4\r\nhello\r\n"])
+def test_one_chunk_a_read_with_a_wrong_size_is_an_error(bad: bytes) -> None:
+    for reader in (ChunkedPassthrough(), ChunkedDecoder()):
+        with pytest.raises(ChunkedError):
+            reader.feed(bad)
+            reader.feed(b"0\r\n\r\n")
+
+
 @pytest.mark.parametrize("after", [b"5\r\nhello\r\n", b"0\r\n\r\n", b"HTTP/1.1 200 OK\r\n"])
 def test_what_follows_the_last_chunk_is_left_over(after: bytes) -> None:
     # bytes past the body that look like chunks too must not be taken as body

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+import shim.proxy
 from shim.fleet import Fleet
 from shim.lifecycle import State
 from shim.notify import Notifier
@@ -46,12 +47,13 @@ class ReadyEngine(FakeEngine):
 class Engine:
     """A scripted engine: `answer(request_id, head)` gives the bytes to
     write (a list: one write each, with a checkpoint between; an Event in
-    the list is waited for)."""
+    the list is waited for, a number is a pause of that many seconds)."""
 
     answer: Callable[[bytes, bytes], list[Any]]
     port: int = 0
     heads: list[bytes] = field(default_factory=list)
     connections: int = 0
+    fake: ReadyEngine | None = None  # what the gateway sees of the engine
 
     async def serve(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -74,6 +76,9 @@ class Engine:
                     if isinstance(piece, trio.Event):  # the test says when to go on
                         await piece.wait()
                         continue
+                    if isinstance(piece, float):
+                        await trio.sleep(piece)
+                        continue
                     await stream.send_all(piece)
                     await trio.lowlevel.checkpoint()
         except trio.BrokenResourceError:
@@ -82,14 +87,19 @@ class Engine:
 
 @asynccontextmanager
 async def gateway(
-    answer: Callable[[bytes, bytes], list[Any]],
+    answer: Callable[[bytes, bytes], list[Any]], read_timeout_s: float | None = None,
+    tool_call_format: str | None = None,
 ) -> AsyncIterator[tuple[Gateway, Engine, int]]:
     engine = Engine(answer)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(functools.partial(trio.serve_tcp, engine.serve, 0, host="127.0.0.1"))
         engine.port = listeners[0].socket.getsockname()[1]
         cfg = make_cfg()
-        fake = ReadyEngine(engine.port)
+        fake = engine.fake = ReadyEngine(engine.port)
+        if read_timeout_s is not None:
+            fake.cfg = dataclasses.replace(fake.cfg, read_timeout_s=read_timeout_s)
+        if tool_call_format is not None:
+            fake.cfg = dataclasses.replace(fake.cfg, tool_call_format=tool_call_format)
         gw = Gateway(cfg, Fleet(cfg, {"main": fake}, None), Notifier())  # type: ignore[dict-item]
         front = await nursery.start(functools.partial(trio.serve_tcp, gw.handle, 0, host="127.0.0.1"))
         yield gw, engine, front[0].socket.getsockname()[1]
@@ -249,7 +259,8 @@ async def test_expect_without_a_key_is_refused_before_the_body() -> None:
         assert engine.heads == []
 
 
-async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None:
+@pytest.mark.parametrize("tools", [False, True])
+async def test_bad_framing_once_streaming_ends_with_an_sse_error_event(tools: bool) -> None:
     first_event_read = trio.Event()
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
     event = b'data: {"id": "x"}\n\n'
@@ -257,10 +268,10 @@ async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None
     def answer(rid: bytes, _head: bytes) -> list[Any]:
         return [head + b"%x\r\n%s\r\n" % (len(event), event), first_event_read, b"0x10\r\n"]
 
-    async with gateway(answer) as (_gw, _engine, port):
+    async with gateway(answer, tool_call_format="nemotron" if tools else None) as (_gw, _engine, port):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(chat("r1"))
+            await stream.send_all(tool_chat("r1") if tools else chat("r1"))
             out = b""
             with trio.fail_after(STEP_S):
                 while event not in out:
@@ -272,3 +283,101 @@ async def test_bad_framing_once_streaming_ends_with_an_sse_error_event() -> None
     body = out.partition(b"\r\n\r\n")[2]
     assert b'data: {"error": {"message": "vllm-gateway: the engine\'s answer is not valid HTTP: ' in body
     assert body.endswith(b"\r\n0\r\n\r\n")  # the body ends properly, then the connection closes
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def sse_chunk(n: int) -> bytes:
+    event = b'data: {"n": %d}\n\n' % n
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+async def read_all(port: int, data: bytes) -> tuple[bytes, float]:
+    """Send, then read until the gateway closes or the body ends; the bytes
+    and how long it took."""
+    t0 = trio.current_time()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        out = b""
+        while not out.endswith(b"\r\n0\r\n\r\n") and (chunk := await stream.receive_some(65536)):
+            out += chunk
+    return out, trio.current_time() - t0
+
+
+async def silent_engine(tools: bool, timeout_s: float) -> None:
+    """Mid-stream silence past read_timeout: an SSE error event, the body's
+    proper end, and the engine stopped as hung; never before the timeout,
+    and at most a sixteenth of it later (and what the machine adds)."""
+    never = trio.Event()
+
+    def answer(rid: bytes, _head: bytes) -> list[Any]:
+        return [SSE_HEAD + sse_chunk(0), sse_chunk(1), never]
+
+    async with gateway(answer, timeout_s, "nemotron" if tools else None) as (_gw, engine, port):
+        out, took = await read_all(port, tool_chat("r1") if tools else chat("r1"))
+        assert engine.fake is not None
+        assert "request_stop" in engine.fake.calls
+    body = out.partition(b"\r\n\r\n")[2]
+    assert b'data: {"n": 1}' in body
+    assert b"the engine sent nothing for %g s; it is restarted" % timeout_s in body
+    assert body.endswith(b"\r\n0\r\n\r\n")
+    assert timeout_s <= took <= timeout_s * 17 / 16 + 0.25, took
+
+
+async def paused_engine(tools: bool, timeout_s: float, pause_s: float, pauses: int) -> None:
+    """Events `pause_s` apart, longer than read_timeout in all: the timeout
+    counts from the last bytes, not from the start of the body."""
+
+    def answer(rid: bytes, _head: bytes) -> list[Any]:
+        pieces: list[Any] = [SSE_HEAD + sse_chunk(0)]
+        for n in range(1, pauses + 1):
+            pieces += [pause_s, sse_chunk(n)]
+        return [*pieces, b"0\r\n\r\n"]
+
+    async with gateway(answer, timeout_s, "nemotron" if tools else None) as (_gw, engine, port):
+        out, took = await read_all(port, tool_chat("r1") if tools else chat("r1"))
+        assert engine.fake is not None
+        assert "request_stop" not in engine.fake.calls
+    body = out.partition(b"\r\n\r\n")[2]
+    assert b"error" not in body
+    assert body.count(b"data: ") == pauses + 1 and body.endswith(b"\r\n0\r\n\r\n")
+    assert took >= pause_s * pauses > timeout_s
+
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_a_silent_engine_ends_the_stream_after_its_read_timeout(
+    tools: bool, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shim.proxy, "RELAY_THREAD", False)  # the trio task relays: virtual time
+    await silent_engine(tools, 8.0)
+
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_pauses_shorter_than_the_read_timeout_never_cut_a_stream(
+    tools: bool, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shim.proxy, "RELAY_THREAD", False)
+    await paused_engine(tools, 4.0, 3.0, 10)
+
+
+# The same through the relay thread, in real time (it cannot see a mock clock).
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_a_silent_engine_ends_a_relayed_stream_after_its_read_timeout(tools: bool) -> None:
+    await silent_engine(tools, 0.5)
+
+
+@pytest.mark.parametrize("tools", [False, True])
+async def test_pauses_shorter_than_the_read_timeout_never_cut_a_relayed_stream(tools: bool) -> None:
+    await paused_engine(tools, 0.5, 0.1, 8)
+
+
+def tool_chat(request_id: str) -> bytes:
+    """A chat request that offers a tool: its stream goes through the rewriter."""
+    body = json.dumps({"model": "org/model-a", "messages": [{"role": "user", "content": "x"}],
+                       "stream": True, "tools": [{"type": "function", "function": {"name": "f"}}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+            b"X-Request-Id: " + request_id.encode() + b"\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)

@@ -1,0 +1,150 @@
+"""The common case of a streamed body, relayed off trio's loop.
+
+An engine writes each token as its own chunk, tens of milliseconds apart
+on every stream. Relayed by a trio task, each of them costs a trip through
+trio's scheduler: the task's wait armed again in epoll, a turn of the run
+loop, a task switch. That was most of the gateway's CPU per event, twice a
+plain relay's (socket-proxyd's), although the work itself is a read, a
+check of the chunk and a write.
+
+One thread with its own epoll does that work instead, for the reads that
+the body's `step` takes whole: it reads, lets `step` check (and rewrite)
+the bytes, and writes them to the client. Anything else goes back to the
+task, unprocessed: the body's end, a read `step` does not take (bad
+framing, a chunk split across reads), a client that does not keep up, the
+engine's close or an error. The task then goes on with its own loop, which
+handles all of that as before.
+
+A relay belongs to the thread from `hand_over` until it is handed back
+(the task's `done` event) or taken back (`take_back`, under the lock);
+only then may the task touch its sockets, or anyone close them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+
+import trio
+
+log = logging.getLogger("vllm_gateway.relay")
+
+# As much as the trio side reads at once (shim/httpio.py READ_BYTES).
+READ_BYTES = 65536
+# The events one epoll call returns at most; more wait for the next call.
+MAX_EVENTS = 256
+
+
+class Relay:
+    """One body handed to the relay thread: its engine and client sockets,
+    its step, and what the task finds when it gets it back."""
+
+    __slots__ = ("data", "done", "dst", "eof", "error", "pending", "reads", "src", "step", "taken",
+                 "token")
+
+    def __init__(self, src: int, dst: int, step: Callable[[bytes], bytes | None]) -> None:
+        self.src = src  # the engine's socket
+        self.dst = dst  # the client's socket
+        # bytes read -> the bytes to write to the client, or None: the task's to handle
+        self.step = step
+        self.token = trio.lowlevel.current_trio_token()
+        self.done = trio.Event()  # handed back
+        self.reads = 0  # reads taken; the task's read timer watches them
+        self.data = b""  # read, not taken by step: the task's to handle
+        self.pending = b""  # taken by step, not yet written: the task writes it
+        self.eof = False  # the engine closed its end
+        self.error: OSError | None = None  # reading the engine failed
+        self.taken = False  # taken back, before the thread handed it back
+
+
+class Relays:
+    """The relay thread (started with the first relay) and its relays."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_fd: dict[int, Relay] = {}
+        self._epoll: select.epoll | None = None
+        self._buffer = bytearray(READ_BYTES)
+
+    def hand_over(self, relay: Relay) -> None:
+        """From the task: the thread relays until it hands the body back."""
+        with self._lock:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                threading.Thread(target=self._run, args=(self._epoll,), name="vllm-gateway-relay",
+                                 daemon=True).start()
+            self._by_fd[relay.src] = relay
+            self._epoll.register(relay.src, select.EPOLLIN)
+
+    def take_back(self, relay: Relay) -> bool:
+        """From the task (or whoever closes its sockets): the thread no longer
+        touches this relay once this returns. False if it had handed it back."""
+        with self._lock:
+            if self._by_fd.get(relay.src) is not relay:
+                return False
+            del self._by_fd[relay.src]
+            assert self._epoll is not None
+            self._epoll.unregister(relay.src)
+            relay.taken = True
+        relay.done.set()
+        return True
+
+    def _run(self, epoll: select.epoll) -> None:
+        view = memoryview(self._buffer)
+        while True:
+            try:
+                events = epoll.poll(-1, MAX_EVENTS)
+            except InterruptedError:  # pragma: no cover - a signal; Python retries
+                continue
+            with self._lock:
+                for fd, _mask in events:
+                    relay = self._by_fd.get(fd)
+                    if relay is None:  # taken back meanwhile
+                        continue
+                    try:
+                        keep = self._relay_one(relay, view)
+                    except BaseException:  # never the thread: the task handles what went wrong
+                        log.exception("relay thread: handing a body back")
+                        keep = False
+                    if not keep:
+                        del self._by_fd[fd]
+                        epoll.unregister(fd)
+                        try:
+                            relay.token.run_sync_soon(relay.done.set)
+                        except trio.RunFinishedError:  # pragma: no cover - its trio run is over
+                            pass
+
+    def _relay_one(self, relay: Relay, view: memoryview) -> bool:
+        """One read of the relay's engine socket; whether the thread keeps it."""
+        try:
+            n = os.readv(relay.src, (self._buffer,))
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            relay.error = e
+            return False
+        if not n:
+            relay.eof = True
+            return False
+        data = view[:n].tobytes()
+        relay.reads += 1
+        out = relay.step(data)
+        if out is None:
+            relay.data = data
+            return False
+        if not out:
+            return True
+        try:
+            sent = os.write(relay.dst, out)
+        except OSError:  # full (BlockingIOError) or gone: the task writes, and finds out which
+            sent = 0
+        if sent < len(out):
+            relay.pending = out[sent:]
+            return False
+        return True
+
+
+RELAYS = Relays()

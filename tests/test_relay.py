@@ -1,0 +1,108 @@
+"""The relay thread on socket pairs: what `step` takes is written to the
+client by the thread; everything else comes back to the task as it was."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from shim.relay import RELAYS, Relay
+
+STEP_S = 5.0
+
+
+@pytest.fixture
+def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
+    """(engine's end, the gateway's engine socket, the gateway's client socket, client's end)."""
+    engine, src = socket.socketpair()
+    dst, client = socket.socketpair()
+    for s in (src, dst):
+        s.setblocking(False)
+    yield engine, src, dst, client
+    for s in (engine, src, dst, client):
+        s.close()
+
+
+def upper(data: bytes) -> bytes | None:
+    """A step: takes lower-case reads (upper-cased), leaves anything else."""
+    return data.upper() if data.islower() else None
+
+
+async def handed_back(relay: Relay) -> None:
+    with trio.fail_after(STEP_S):
+        await relay.done.wait()
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(STEP_S)
+    out = b""
+    while len(out) < n:
+        out += sock.recv(n - len(out))
+    return out
+
+
+async def test_what_step_takes_is_written_and_the_rest_comes_back(pairs: tuple[socket.socket, ...]) -> None:
+    engine, src, dst, client = pairs
+    relay = Relay(src.fileno(), dst.fileno(), upper)
+    RELAYS.hand_over(relay)
+    for word in (b"hello", b"world"):
+        engine.sendall(word)
+        assert await trio.to_thread.run_sync(read_exactly, client, len(word)) == word.upper()
+    engine.sendall(b"THE END")
+    await handed_back(relay)
+    assert relay.data == b"THE END" and relay.reads == 3
+    assert not (relay.pending or relay.eof or relay.error or relay.taken)
+    assert RELAYS.take_back(relay) is False  # already back
+
+
+async def test_the_engine_closing_comes_back_as_eof(pairs: tuple[socket.socket, ...]) -> None:
+    engine, src, dst, _client = pairs
+    relay = Relay(src.fileno(), dst.fileno(), upper)
+    RELAYS.hand_over(relay)
+    engine.shutdown(socket.SHUT_WR)
+    await handed_back(relay)
+    assert relay.eof and relay.data == b""
+
+
+async def test_a_client_that_does_not_keep_up_comes_back_with_what_is_unwritten(
+    pairs: tuple[socket.socket, ...]
+) -> None:
+    engine, src, dst, _client = pairs
+    big = 8 * 2**20  # more than a socket buffer takes
+    relay = Relay(src.fileno(), dst.fileno(), lambda data: b"y" * big)
+    RELAYS.hand_over(relay)
+    engine.sendall(b"x")
+    await handed_back(relay)
+    assert 0 < len(relay.pending) < big and relay.pending == b"y" * len(relay.pending)
+    assert not relay.data and relay.reads == 1
+
+
+async def test_taken_back_the_thread_lets_go(pairs: tuple[socket.socket, ...]) -> None:
+    engine, src, dst, client = pairs
+    relay = Relay(src.fileno(), dst.fileno(), upper)
+    RELAYS.hand_over(relay)
+    engine.sendall(b"first")
+    assert await trio.to_thread.run_sync(read_exactly, client, 5) == b"FIRST"
+    assert RELAYS.take_back(relay) is True
+    assert relay.taken and relay.done.is_set()
+    engine.sendall(b"second")
+    # the thread no longer reads it: the bytes wait in the socket for the task
+    with trio.fail_after(STEP_S):
+        await trio.lowlevel.wait_readable(src)
+    assert src.recv(100) == b"second"
+
+
+async def test_a_failing_step_hands_the_body_back(pairs: tuple[socket.socket, ...]) -> None:
+    engine, src, dst, _client = pairs
+
+    def broken(data: bytes) -> bytes | None:
+        raise RuntimeError("a bug")
+
+    relay = Relay(src.fileno(), dst.fileno(), broken)
+    RELAYS.hand_over(relay)
+    engine.sendall(b"anything")
+    await handed_back(relay)
+    assert relay.reads == 1 and not relay.pending
