@@ -131,7 +131,11 @@ class Relays:
             return False
         data = view[:n].tobytes()
         relay.reads += 1
-        out = relay.step(data)
+        try:
+            out = relay.step(data)
+        except Exception:  # a bug in a step: the read goes back to the task, whose own code meets it
+            log.exception("relay thread: a step failed; the read goes back to the task")
+            out = None
         if out is None:
             relay.data = data
             return False

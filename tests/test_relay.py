@@ -106,3 +106,19 @@ async def test_a_failing_step_hands_the_body_back(pairs: tuple[socket.socket, ..
     engine.sendall(b"anything")
     await handed_back(relay)
     assert relay.reads == 1 and not relay.pending
+
+
+async def test_a_step_that_fails_gives_its_read_back(pairs: tuple[socket.socket, ...]) -> None:
+    # The bytes were read from the engine: dropped, the client's stream would
+    # silently lose them; the task gets them and handles them as any read.
+    engine, src, dst, _client = pairs
+
+    def broken(data: bytes) -> bytes | None:
+        raise ValueError("a bug")
+
+    relay = Relay(src.fileno(), dst.fileno(), broken)
+    RELAYS.hand_over(relay)
+    engine.sendall(b"token")
+    await handed_back(relay)
+    assert relay.data == b"token" and relay.reads == 1
+    assert not (relay.pending or relay.eof or relay.error)
