@@ -34,10 +34,14 @@ def _one_chunk(buf: bytes) -> int:
 
 
 def chunk_data(buf: bytes) -> bytes | None:
-    """The data of a read that is exactly one whole chunk (as `_one_chunk`
-    takes it); None for anything else."""
+    """The data of a read that is whole chunks only, none of them the last:
+    one (as `_one_chunk` takes it), or several that a busy gateway read at
+    once (as `_whole_chunks` takes them); None for anything else."""
     start = _one_chunk(buf)
-    return None if start < 0 else buf[start:-2]
+    if start >= 0:
+        return buf[start:-2]
+    whole = _whole_chunks(buf)
+    return None if whole is None or whole[1] >= 0 else b"".join(whole[0])
 
 
 def whole_chunks_only(buf: bytes) -> bool:
