@@ -144,6 +144,17 @@ _Message = (
 
 
 @dataclass(frozen=True)
+class Lease:
+    """One request's hold on a ready engine (`Engine.take_lease`): while any
+    is out, the owner does not put the engine to sleep, and a stop or an
+    eviction gives its request a grace. Given back once (`Engine.return_lease`)."""
+
+    engine: str
+    waited_s: float  # what the request waited for the engine to be ready
+    serial: int
+
+
+@dataclass(frozen=True)
 class Failure:
     message: str
     at: float  # epoch seconds
@@ -186,7 +197,15 @@ class Engine:
         self._facts_key = learned.engine_key(cfg.command, cfg.environment)
         self.facts = self.store.get(self._facts_key)
         self._cold_since: float | None = None  # when the start the first client waits for began
-        self.waiting = 0
+        # The requests' hold on the engine, written here alone (`take_lease`,
+        # `return_lease`, `acquire`): read them through the properties below.
+        self._waiting = 0  # requests waiting for the engine to be ready
+        self._queued = 0  # of those, the ones waiting at the fleet's gate
+        self._leases: set[int] = set()  # the serials of the leases out
+        self._lease_serial = 0
+        self._last_used = 0.0  # trio time a lease was last taken or given back
+        # epoch seconds since nothing is in flight or waiting; None while busy
+        self._idle_since: float | None = time.time()
         self._on_change = on_change
         # set by whoever keeps metrics
         self.on_event: Callable[[events.EngineEvent], None] = lambda event: None
@@ -213,7 +232,6 @@ class Engine:
         # uses this one, and the running engine is restarted once idle
         self.restart_with: EngineConfig | None = None
         self._restart_now = False
-        self.active = 0  # requests holding a lease: the engine must stay awake
         # set once the engine showed it cannot sleep (now or, as learned, before);
         # then only the stop tier applies
         self.sleep_refused = self.facts.sleep_refused is not None
@@ -227,11 +245,7 @@ class Engine:
         self.on_drained: Callable[[], None] = lambda: None
         self.reserved = False
         self.draining = False
-        self.queued = 0  # requests waiting at the gate (part of `waiting`)
-        self.last_used = 0.0  # trio time
         self.awake_since = 0.0  # trio time it last became ready
-        # epoch seconds since nothing is in flight or waiting; None while busy
-        self.idle_since: float | None = time.time()
 
     @property
     def sleep_enabled(self) -> bool:
@@ -249,14 +263,39 @@ class Engine:
         return self.reserved or self.state in AWAKE
 
     @property
+    def active(self) -> int:
+        """Requests holding a lease: the engine must stay awake."""
+        return len(self._leases)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the engine to be ready (those at the gate included)."""
+        return self._waiting
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting at the fleet's gate (part of `waiting`)."""
+        return self._queued
+
+    @property
+    def last_used(self) -> float:
+        """The trio time a lease was last taken or given back."""
+        return self._last_used
+
+    @property
+    def idle_since(self) -> float | None:
+        """Epoch seconds since nothing is in flight or waiting; None while busy."""
+        return self._idle_since
+
+    @property
     def busy(self) -> int:
         """Requests in flight or waiting for this engine."""
-        return self.active + self.waiting
+        return self.active + self._waiting
 
     def _busy_changed(self, before: int) -> None:
         now = self.busy
         if (before == 0) != (now == 0):
-            self.idle_since = time.time() if now == 0 else None
+            self._idle_since = time.time() if now == 0 else None
             self._on_change()
             if now == 0 and self.restart_with is not None:
                 self._inbox_send.send_nowait(_Idle())
@@ -273,14 +312,14 @@ class Engine:
         """
         if self.ready and not self.draining:
             return 0.0
-        if self.waiting >= max_waiting:
+        if self._waiting >= max_waiting:
             raise QueueFull(
-                f"vllm-gateway: {self.waiting} requests already wait for the engine to start; try again",
+                f"vllm-gateway: {self._waiting} requests already wait for the engine to start; try again",
                 retry_after_s=5,
             )
         t0 = trio.current_time()
         seen = self.last_failure.seq if self.last_failure else 0
-        self.waiting += 1
+        self._waiting += 1
         self._busy_changed(self.busy - 1)
         try:
             while not (self.ready and not self.draining):
@@ -291,53 +330,73 @@ class Engine:
                     assert failure is not None
                     raise self._unavailable(failure)
                 if self.gate is not None and (self.draining or not self.holds_memory):
-                    self.queued += 1
+                    self._queued += 1
                     try:
                         await self.gate(self)
                     finally:
-                        self.queued -= 1
+                        self._queued -= 1
                     continue
                 changed = self._changed
                 self._inbox_send.send_nowait(_Want())
                 await changed.wait()
         finally:
-            self.waiting -= 1
+            self._waiting -= 1
             self._busy_changed(self.busy + 1)
         return trio.current_time() - t0
 
     @property
     def _wanted(self) -> bool:
         """Requests wait for this engine past the gate: start or wake it."""
-        return self.waiting > self.queued and not self.draining
+        return self._waiting > self._queued and not self.draining
 
     def _unavailable(self, failure: Failure) -> EngineUnavailable:
         retry = max(1.0, self._retry_at - trio.current_time())
         return EngineUnavailable(failure.message, retry_after_s=retry)
 
-    @asynccontextmanager
-    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
-        """Hold the engine awake for one request; yields the seconds waited.
+    async def take_lease(self, max_waiting: int) -> Lease:
+        """Hold the engine awake for one request, once it is ready; give the
+        lease back with `return_lease`. Raises as `acquire` does.
 
         The count goes up in the same step as `acquire` returns (no
         checkpoint between), so the owner never puts to sleep an engine that
         a request is about to use.
         """
         waited = await self.acquire(max_waiting)
-        self.active += 1
-        self.last_used = trio.current_time()
-        if self.active == 1 and self.waiting == 0:
+        self._lease_serial += 1
+        lease = Lease(self.cfg.name, waited, self._lease_serial)
+        self._leases.add(lease.serial)
+        self._last_used = trio.current_time()
+        if len(self._leases) == 1 and self._waiting == 0:
             self._busy_changed(0)
+        return lease
+
+    def return_lease(self, lease: Lease) -> None:
+        """The request is done with the engine (however it ended)."""
+        if lease.engine != self.cfg.name or lease.serial not in self._leases:
+            raise ValueError(f"engine {self.cfg.name}: lease {lease.serial} of {lease.engine} is not out")
+        self._leases.remove(lease.serial)
+        self._last_used = trio.current_time()
+        ended, self._lease_ended = self._lease_ended, trio.Event()
+        ended.set()
+        if not self._leases and self._waiting == 0:
+            self._busy_changed(1)
+        if not self._leases and self.draining:
+            self.on_drained()
+
+    @asynccontextmanager
+    async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
+        """`take_lease` and `return_lease` around a block."""
+        lease = await self.take_lease(max_waiting)
         try:
-            yield waited
+            yield lease
         finally:
-            self.active -= 1
-            self.last_used = trio.current_time()
-            ended, self._lease_ended = self._lease_ended, trio.Event()
-            ended.set()
-            if self.active == 0 and self.waiting == 0:
-                self._busy_changed(1)
-            if self.active == 0 and self.draining:
-                self.on_drained()
+            self.return_lease(lease)
+
+    def admit(self) -> None:
+        """The fleet lets the engine take its GPU memory: it counts as holding
+        it, and as just used and swapped in, from now on."""
+        self.reserved = True
+        self._last_used = self.awake_since = trio.current_time()
 
     def request_sleep(self, cause: str) -> None:
         self._inbox_send.send_nowait(_Sleep(cause))
@@ -513,7 +572,7 @@ class Engine:
             return
         if self.active > 0 or self._wanted:
             log.info("not putting engine %s to sleep (%s): %d requests in flight",
-                     self.cfg.name, cause, self.active + self.waiting - self.queued)
+                     self.cfg.name, cause, self.active + self._waiting - self._queued)
             return
         log.info("putting engine %s to sleep at level %d (%s)", self.cfg.name, self.cfg.sleep_level, cause)
         self._set(Event.SLEEP)
@@ -750,10 +809,10 @@ class Engine:
             # engine checks the unit, and a running one is adopted and stopped
             await self._unit_now(None)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
-            if only_if_idle and (self.active or self.waiting > self.queued):
+            if only_if_idle and (self.active or self._waiting > self._queued):
                 # the idle check read a status that a new request has made stale
                 log.info("not stopping engine %s (%s): %d requests in flight",
-                         self.cfg.name, cause, self.active + self.waiting - self.queued)
+                         self.cfg.name, cause, self.active + self._waiting - self._queued)
                 return
             self._stop_cause = cause
             self._cold_since = None

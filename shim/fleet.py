@@ -278,8 +278,7 @@ class Fleet:
                     target.on_event(events.Swap())
                     log.info("swapping in engine %s (swap %d)", target.cfg.name, self.swaps)
                 self._making_room_for = None
-                target.reserved = True
-                target.last_used = target.awake_since = trio.current_time()
+                target.admit()
                 self._release_admitted()
                 return trio.current_time()  # look at the next in line
             case Evict(victims, reason):

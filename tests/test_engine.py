@@ -53,16 +53,16 @@ async def test_a_request_starts_the_engine_and_waits_until_it_is_ready(
     sd, vllm = standins
     async with running(sd, config()) as (engine, seen):
         assert engine.state is State.STOPPED and not sd.started
-        async with engine.lease(MAX_WAITING) as waited:
+        async with engine.lease(MAX_WAITING) as lease:
             assert engine.state is State.READY
-            assert vllm.start_s <= waited < vllm.start_s + 0.2  # health is polled every 50 ms
+            assert vllm.start_s <= lease.waited_s < vllm.start_s + 0.2  # health is polled every 50 ms
             assert engine.active == 1
         (svc,) = sd.started
         assert svc.name == UNIT and tuple(svc.wants) == (IDLE_TIMER,)
         assert [type(e) for e in seen] == [events.ColdStart]
         # a second request finds it ready: no wait, no second start
-        async with engine.lease(MAX_WAITING) as waited:
-            assert waited == 0.0
+        async with engine.lease(MAX_WAITING) as lease:
+            assert lease.waited_s == 0.0
         assert len(sd.started) == 1
 
 
@@ -73,8 +73,8 @@ async def test_requests_that_arrive_during_a_start_share_it(
     async with running(sd, config()) as (engine, _seen):
 
         async def one() -> None:
-            async with engine.lease(MAX_WAITING) as waited:
-                served.append(waited)
+            async with engine.lease(MAX_WAITING) as lease:
+                served.append(lease.waited_s)
 
         async with trio.open_nursery() as nursery:
             for _ in range(5):
@@ -146,9 +146,9 @@ async def test_sleep_and_wake(standins: Standins, autojump_clock: trio.testing.M
         assert await engine.wait_for(State.SLEEPING, timeout_s=5)
         assert (8100, "POST", "/sleep?level=1") in vllm.calls
         assert sd.running(UNIT)  # asleep, not stopped
-        async with engine.lease(MAX_WAITING) as waited:
+        async with engine.lease(MAX_WAITING) as lease:
             assert engine.state is State.READY
-            assert vllm.wake_s <= waited < vllm.wake_s + 0.1
+            assert vllm.wake_s <= lease.waited_s < vllm.wake_s + 0.1
         assert [type(e) for e in seen] == [events.ColdStart, events.Sleep, events.Wake]
         assert len(sd.started) == 1
 
@@ -205,8 +205,8 @@ async def test_a_stop_waits_for_requests_in_flight_and_a_request_racing_it_start
                 await first_may_end.wait()
 
         async def racing() -> None:
-            async with engine.lease(MAX_WAITING) as waited:
-                served.append(waited)
+            async with engine.lease(MAX_WAITING) as lease:
+                served.append(lease.waited_s)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first)
@@ -262,3 +262,21 @@ async def test_a_running_unit_is_adopted_not_started_twice(
         async with engine.lease(MAX_WAITING):
             assert engine.state is State.READY
         assert len(sd.started) == 1
+
+
+async def test_a_lease_is_taken_when_ready_and_given_back_once(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config()) as (engine, _seen):
+        assert engine.busy == 0 and engine.idle_since is not None
+        lease = await engine.take_lease(MAX_WAITING)
+        assert lease.engine == "main" and lease.waited_s >= vllm.start_s
+        assert engine.active == 1 and engine.idle_since is None
+        assert engine.last_used == trio.current_time()
+        await trio.sleep(3.0)
+        engine.return_lease(lease)
+        assert engine.active == 0 and engine.idle_since is not None
+        assert engine.last_used == trio.current_time()
+        with pytest.raises(ValueError, match="is not out"):
+            engine.return_lease(lease)
+        assert engine.active == 0

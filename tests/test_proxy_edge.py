@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from shim.engine import Lease
 from shim.fleet import Fleet
 from shim.lifecycle import State
 from shim.notify import Notifier
@@ -38,8 +39,8 @@ class ReadyEngine(FakeEngine):
         self.upstream = Upstream(port)  # type: ignore[assignment]
 
     @asynccontextmanager
-    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
-        yield 0.0
+    async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
+        yield Lease(self.cfg.name, 0.0, 1)
 
 
 @dataclass

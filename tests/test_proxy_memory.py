@@ -19,6 +19,7 @@ import trio.testing
 
 from shim import server
 from shim.config import EngineConfig, GatewayConfig
+from shim.engine import Lease
 from shim.fleet import Fleet
 from shim.learned import Facts
 from shim.lifecycle import State
@@ -93,10 +94,10 @@ class FakeEngine:
         raise AssertionError("the engine must not be acquired")
 
     @asynccontextmanager
-    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
+    async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
         self.calls.append("lease")
         raise AssertionError("the engine must not be leased")
-        yield 0.0  # pragma: no cover
+        yield Lease(self.cfg.name, 0.0, 1)  # pragma: no cover
 
     async def wait_for(self, *states: State, timeout_s: float) -> bool:
         self.calls.append("wait_for")
