@@ -1,9 +1,18 @@
 """The one owner of an engine's lifecycle.
 
 A single trio task (`Engine.run`) owns the state. Everything that wants to
-change it — request handlers, admin calls, systemd's signals, the start
-attempt's health probe — posts a message to its inbox; handlers then wait for
-the state to change. Nothing else writes the state.
+change it — request handlers, admin calls, the fleet, systemd's signals, the
+start attempt's health probe — posts a message to its inbox (a step's result
+tagged with its attempt, so that a stale one is dropped); handlers then wait
+for the state to change.
+
+What requests and the fleet hold of an engine is written by this class's
+methods alone, in the caller's step so that no checkpoint separates a wait
+from what it grants: a request's `Lease` (`take_lease`, `return_lease`), and
+the fleet's admission (`admit`) and drain (`drain`, `undrain`; the sleep or
+stop that follows goes through the inbox). Others read the state through
+read-only properties; the fleet plans with a `Report`, the snapshot that
+`report` gives. Nothing else writes the state.
 """
 
 from __future__ import annotations
@@ -155,6 +164,25 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Report:
+    """An engine as its owner reports it at one instant: what the fleet
+    plans with."""
+
+    state: State
+    active: int  # leases out
+    wanted: int  # requests waiting past the fleet's gate
+    last_used: float  # trio time
+    awake_since: float  # trio time it last became ready, or was admitted
+    reserved: bool
+    draining: bool
+    sleep_enabled: bool
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.reserved or self.state in AWAKE
+
+
+@dataclass(frozen=True)
 class Failure:
     message: str
     at: float  # epoch seconds
@@ -239,13 +267,13 @@ class Engine:
         self.last_sleep_error: str | None = self.facts.sleep_refused
         # Several engines share the GPU: a request for an engine that holds
         # no memory passes the fleet's gate first (None: no gate), which
-        # admits it (`reserved`) once it fits; `draining` marks an engine
-        # that must make room: new requests wait at the gate meanwhile.
-        self.gate: Callable[[Engine], Awaitable[None]] | None = None
-        self.on_drained: Callable[[], None] = lambda: None
-        self.reserved = False
-        self.draining = False
-        self.awake_since = 0.0  # trio time it last became ready
+        # admits it (`admit`) once it fits; an engine that must make room
+        # drains (`drain`): new requests wait at the gate meanwhile.
+        self._gate: Callable[[Engine], Awaitable[None]] | None = None
+        self._on_drained: Callable[[], None] = lambda: None
+        self._reserved = False
+        self._draining = False
+        self._awake_since = 0.0  # trio time it last became ready, or was admitted
 
     @property
     def sleep_enabled(self) -> bool:
@@ -260,7 +288,27 @@ class Engine:
     @property
     def holds_memory(self) -> bool:
         """Awake, or admitted to wake or start."""
-        return self.reserved or self.state in AWAKE
+        return self._reserved or self.state in AWAKE
+
+    @property
+    def reserved(self) -> bool:
+        """Admitted by the fleet to take its memory, and not yet awake."""
+        return self._reserved
+
+    @property
+    def draining(self) -> bool:
+        """Making room on the GPU: new requests wait at the fleet's gate."""
+        return self._draining
+
+    @property
+    def awake_since(self) -> float:
+        """The trio time it last became ready, or was admitted to."""
+        return self._awake_since
+
+    def report(self) -> Report:
+        """What the fleet plans with, as of now."""
+        return Report(self.state, self.active, self._waiting - self._queued, self._last_used,
+                      self._awake_since, self._reserved, self._draining, self.sleep_enabled)
 
     @property
     def active(self) -> int:
@@ -310,7 +358,7 @@ class Engine:
         Raises EngineUnavailable when a start this request waited for failed,
         or while cooling down after failures; QueueFull past `max_waiting`.
         """
-        if self.ready and not self.draining:
+        if self.ready and not self._draining:
             return 0.0
         if self._waiting >= max_waiting:
             raise QueueFull(
@@ -322,17 +370,18 @@ class Engine:
         self._waiting += 1
         self._busy_changed(self.busy - 1)
         try:
-            while not (self.ready and not self.draining):
+            while not (self.ready and not self._draining):
                 failure = self.last_failure
                 if failure is not None and failure.seq != seen:
                     raise self._unavailable(failure)
                 if self.state is State.FAILED and trio.current_time() < self._retry_at:
                     assert failure is not None
                     raise self._unavailable(failure)
-                if self.gate is not None and (self.draining or not self.holds_memory):
+                if self._gate is not None and (self._draining or not self.holds_memory):
                     self._queued += 1
+                    self._settle_reservation()
                     try:
-                        await self.gate(self)
+                        await self._gate(self)
                     finally:
                         self._queued -= 1
                     continue
@@ -341,13 +390,18 @@ class Engine:
                 await changed.wait()
         finally:
             self._waiting -= 1
+            self._settle_reservation()
             self._busy_changed(self.busy + 1)
         return trio.current_time() - t0
 
     @property
+    def _wanted_past_gate(self) -> bool:
+        return self._waiting > self._queued
+
+    @property
     def _wanted(self) -> bool:
         """Requests wait for this engine past the gate: start or wake it."""
-        return self._waiting > self._queued and not self.draining
+        return self._wanted_past_gate and not self._draining
 
     def _unavailable(self, failure: Failure) -> EngineUnavailable:
         retry = max(1.0, self._retry_at - trio.current_time())
@@ -380,8 +434,8 @@ class Engine:
         ended.set()
         if not self._leases and self._waiting == 0:
             self._busy_changed(1)
-        if not self._leases and self.draining:
-            self.on_drained()
+        if not self._leases and self._draining:
+            self._on_drained()
 
     @asynccontextmanager
     async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
@@ -392,11 +446,46 @@ class Engine:
         finally:
             self.return_lease(lease)
 
-    def admit(self) -> None:
+    # ---- asked by the fleet (its task) ----
+
+    def join_fleet(self, gate: Callable[[Engine], Awaitable[None]], on_drained: Callable[[], None]) -> None:
+        """Several engines share the GPU: requests for this one while it holds
+        no memory, or drains, wait at `gate`; `on_drained` is called once the
+        last request in flight of a draining engine ends. Before `run`."""
+        self._gate = gate
+        self._on_drained = on_drained
+
+    def admit(self, *, swapped: bool = False) -> None:
         """The fleet lets the engine take its GPU memory: it counts as holding
-        it, and as just used and swapped in, from now on."""
-        self.reserved = True
-        self._last_used = self.awake_since = trio.current_time()
+        it, and as just used and swapped in, from now on. The admission ends
+        once it is awake, or when no request past the gate waits for it.
+        `swapped`: others made room for it."""
+        self._reserved = self.state not in AWAKE
+        self._last_used = self._awake_since = trio.current_time()
+        if swapped:
+            self.on_event(events.Swap())
+
+    def drain(self, action: str, cause: str, detail: str) -> None:
+        """Make room on the GPU: new requests wait at the fleet's gate; those
+        in flight (or past the gate) finish within stop_grace, then the fleet
+        asks again; without any, the engine sleeps (`action` "sleep", where it
+        can) or stops. `detail` names who the room is for."""
+        self._draining = True
+        if self.active > 0 or self._wanted_past_gate:
+            self.cut_after_grace(cause, detail)
+            return
+        if action == "sleep" and self.state is State.READY and self.sleep_enabled:
+            self.request_sleep(cause)
+        elif self.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
+            self.request_stop(cause, detail=detail)
+
+    def undrain(self) -> None:
+        """It no longer needs to make room: requests may use it again."""
+        self._draining = False
+
+    def _settle_reservation(self) -> None:
+        if self._reserved and (self.state in AWAKE or self._waiting == self._queued):
+            self._reserved = False
 
     def request_sleep(self, cause: str) -> None:
         self._inbox_send.send_nowait(_Sleep(cause))
@@ -945,7 +1034,8 @@ class Engine:
             self.state = new
             self.state_since = now
             if new is State.READY:
-                self.awake_since = trio.current_time()
+                self._awake_since = trio.current_time()
+            self._settle_reservation()
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         self._on_change()

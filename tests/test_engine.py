@@ -280,3 +280,75 @@ async def test_a_lease_is_taken_when_ready_and_given_back_once(
         with pytest.raises(ValueError, match="is not out"):
             engine.return_lease(lease)
         assert engine.active == 0
+
+
+async def test_an_admission_holds_memory_until_the_engine_is_awake(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config()) as (engine, seen):
+        admitted = trio.Event()
+
+        async def gate(e: Engine) -> None:
+            e.admit(swapped=True)
+            admitted.set()
+            await trio.lowlevel.checkpoint()
+
+        engine.join_fleet(gate, lambda: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.acquire, MAX_WAITING)
+            await admitted.wait()
+            report = engine.report()
+            assert report.state is State.STOPPED and report.reserved and report.holds_memory
+            assert report.awake_since == report.last_used == trio.current_time()
+            assert await engine.wait_for(State.STARTING, timeout_s=1)
+            # awake by its state now: the admission has done its work
+            assert not engine.reserved and engine.holds_memory
+        assert engine.state is State.READY and seen == [events.Swap(), events.ColdStart(seen[1].seconds)]
+
+
+async def test_an_admission_ends_when_its_request_leaves(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config()) as (engine, _seen):
+
+        async def gate(e: Engine) -> None:
+            e.admit()
+            await trio.sleep_forever()  # the request gives up before it passes
+
+        engine.join_fleet(gate, lambda: None)
+        with trio.move_on_after(1.0):
+            await engine.acquire(MAX_WAITING)
+        assert not engine.reserved and not engine.holds_memory
+        assert engine.busy == 0 and not sd.started
+
+
+async def test_a_drain_holds_new_requests_at_the_gate_until_the_ones_in_flight_end(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, _seen):
+        gated: list[float] = []
+        drained: list[float] = []
+        let_in = trio.Event()
+
+        async def gate(e: Engine) -> None:
+            gated.append(trio.current_time())
+            await let_in.wait()
+            e.admit()
+
+        lease = await engine.take_lease(MAX_WAITING)
+        engine.join_fleet(gate, lambda: drained.append(trio.current_time()))
+        engine.drain("sleep", "evicted", "the engine 'b'")
+        assert engine.draining and engine.report().draining
+        with trio.move_on_after(1.0):
+            await engine.acquire(MAX_WAITING)
+        assert len(gated) == 1 and not engine.reserved  # it waited at the gate, and left
+        assert engine.state is State.READY and not drained  # the request in flight goes on
+        engine.return_lease(lease)
+        assert drained == [trio.current_time()]
+        # asked again, with nothing in flight: it sleeps
+        engine.drain("sleep", "evicted", "the engine 'b'")
+        assert await engine.wait_for(State.SLEEPING, timeout_s=5)
+        engine.undrain()
+        let_in.set()
+        async with engine.lease(MAX_WAITING):
+            assert engine.state is State.READY and not engine.draining

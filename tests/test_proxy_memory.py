@@ -68,8 +68,6 @@ class FakeEngine:
         self.idle_since: float | None = 1_800_000_000.0
         self.draining = False
         self.reserved = False
-        self.gate: Any = None
-        self.on_drained: Any = None
         self.calls: list[str] = []
         self.upstream = FakeUpstream(self.calls)
 
@@ -79,6 +77,9 @@ class FakeEngine:
 
     def in_state(self, *states: State) -> bool:
         return self.state in states
+
+    def join_fleet(self, gate: Any, on_drained: Any) -> None:
+        pass
 
     def request_start(self) -> None:
         self.calls.append("request_start")
