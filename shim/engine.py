@@ -209,6 +209,7 @@ class Engine:
         on_change: Callable[[], None] = lambda: None,
         slice: str | None = None,
         store: learned.Store | None = None,
+        on_event: Callable[[events.EngineEvent], None] = lambda event: None,
     ):
         self.cfg = cfg
         self.slice = slice  # the systemd slice to run in (the fake GPU's)
@@ -235,8 +236,7 @@ class Engine:
         # epoch seconds since nothing is in flight or waiting; None while busy
         self._idle_since: float | None = time.time()
         self._on_change = on_change
-        # set by whoever keeps metrics
-        self.on_event: Callable[[events.EngineEvent], None] = lambda event: None
+        self._on_event = on_event  # what it reports as it goes: to metrics and the status page
         self.state_seconds: dict[State, float] = {}
         self._stop_cause = ""  # why the unit is going away, when we know it
         self._cut_message = ""  # what clients cut by that stop are told
@@ -463,7 +463,7 @@ class Engine:
         self._reserved = self.state not in AWAKE
         self._last_used = self._awake_since = trio.current_time()
         if swapped:
-            self.on_event(events.Swap())
+            self._on_event(events.Swap())
 
     def drain(self, action: str, cause: str, detail: str) -> None:
         """Make room on the GPU: new requests wait at the fleet's gate; those
@@ -584,7 +584,7 @@ class Engine:
                 waited = took if self._cold_since is None else time.monotonic() - self._cold_since
                 self._cold_since = None
                 self.last_cold_start_s = waited
-                self.on_event(events.ColdStart(waited))
+                self._on_event(events.ColdStart(waited))
                 self.main_pid = (await self.systemd.unit_state(self.cfg.unit)).main_pid
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
                 if self.last_error is not None:
@@ -597,7 +597,7 @@ class Engine:
                 took = time.monotonic() - self._start_t0
                 self._cancel_attempt()
                 self.last_wake_s = took
-                self.on_event(events.Wake(took))
+                self._on_event(events.Wake(took))
                 log.info("engine %s awake after %.2f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
             case _Sleep(cause):
@@ -606,7 +606,7 @@ class Engine:
                 self._cancel_attempt()
                 log.info("engine %s asleep (level %d) after %.1f s", self.cfg.name,
                          self.cfg.sleep_level, time.monotonic() - self._start_t0)
-                self.on_event(events.Sleep())
+                self._on_event(events.Sleep())
                 self._set(Event.SLEPT)
                 await self._on_want()  # requests that arrived meanwhile wake it again
             case _SleepFailed(attempt, reason, unsupported) if attempt == self._attempt:
@@ -880,7 +880,7 @@ class Engine:
                 await self._start()
             return
         self._failures_in_row += 1
-        self.on_event(events.StartFailure())
+        self._on_event(events.StartFailure())
         cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
         self._retry_at = trio.current_time() + cooldown
         excerpt = ("; the engine's last output: " + " | ".join(lines)) if lines else ""
@@ -990,7 +990,7 @@ class Engine:
             log.warning("engine %s stopped unexpectedly (unit %s)", self.cfg.name, active_state)
         if st is not State.STOPPED:
             if st is not State.FAILED:
-                self.on_event(events.Stop(self._stop_cause or "external"))
+                self._on_event(events.Stop(self._stop_cause or "external"))
             self._stop_cause = ""
             self._cut_message = ""
             self._set(Event.UNIT_GONE)

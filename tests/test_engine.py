@@ -39,9 +39,8 @@ def config(**extra: object) -> EngineConfig:
 async def running(
         sd: FakeSystemd, cfg: EngineConfig) -> AsyncIterator[tuple[Engine, list[events.EngineEvent]]]:
     """An engine whose owner task runs; yields it with the events it reported."""
-    engine = Engine(cfg, sd, store=learned.Store(None))  # type: ignore[arg-type]
     seen: list[events.EngineEvent] = []
-    engine.on_event = seen.append
+    engine = Engine(cfg, sd, store=learned.Store(None), on_event=seen.append)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         yield engine, seen

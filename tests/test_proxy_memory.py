@@ -63,7 +63,6 @@ class FakeEngine:
         self.last_sleep_error: str | None = None
         self.sleep_enabled = False
         self.state_seconds: dict[State, float] = {}
-        self.on_event: Any = None
         self.busy = 0
         self.idle_since: float | None = 1_800_000_000.0
         self.draining = False
