@@ -29,7 +29,7 @@ from typing import assert_never
 
 import trio
 
-from . import events, journal, learned, portcheck, startcheck, stopping
+from . import events, idle_check, journal, learned, portcheck, startcheck, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import AWAKE, Event, State, next_state
@@ -347,6 +347,14 @@ class Engine:
             self._on_change()
             if now == 0 and self.restart_with is not None:
                 self._inbox_send.send_nowait(_Idle())
+
+    def idle_verdict(self, now: float) -> idle_check.Verdict:
+        """What the idle check's rule says of the engine at `now` (epoch
+        seconds), on its live state: requests past the gate count as in flight."""
+        idle_s = 0.0 if self._idle_since is None else max(0.0, now - self._idle_since)
+        can_sleep = self.sleep_enabled or self.cfg.sleep_after_s is None
+        return idle_check.verdict(self.cfg, self.state.value, self.active + self._waiting - self._queued,
+                                  idle_s, can_sleep)
 
     def in_state(self, *states: State) -> bool:
         """The state now (a call, so that type checkers do not narrow it across awaits)."""
@@ -898,10 +906,10 @@ class Engine:
             # engine checks the unit, and a running one is adopted and stopped
             await self._unit_now(None)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
-            if only_if_idle and (self.active or self._waiting > self._queued):
-                # the idle check read a status that a new request has made stale
-                log.info("not stopping engine %s (%s): %d requests in flight",
-                         self.cfg.name, cause, self.active + self._waiting - self._queued)
+            verdict = self.idle_verdict(time.time()) if only_if_idle else None
+            if verdict is not None and not verdict.stop:
+                # the idle check read a status that a request has made stale
+                log.info("not stopping engine %s (%s): %s", self.cfg.name, cause, verdict.reason)
                 return
             self._stop_cause = cause
             self._cold_since = None

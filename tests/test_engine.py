@@ -7,6 +7,7 @@ real user manager."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -224,7 +225,7 @@ async def test_a_stop_waits_for_requests_in_flight_and_a_request_racing_it_start
 async def test_an_idle_stop_is_refused_while_a_request_is_in_flight(
         standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
     sd, _ = standins
-    async with running(sd, config()) as (engine, _seen):
+    async with running(sd, config(stop_after_s=0.0)) as (engine, _seen):
         async with engine.lease(MAX_WAITING):
             engine.request_stop("idle", only_if_idle=True)
             await trio.sleep(1.0)
@@ -351,3 +352,18 @@ async def test_a_drain_holds_new_requests_at_the_gate_until_the_ones_in_flight_e
         let_in.set()
         async with engine.lease(MAX_WAITING):
             assert engine.state is State.READY and not engine.draining
+
+
+async def test_the_idle_decision_is_the_engines_on_its_live_state(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config(stop_after_s=600.0)) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            verdict = engine.idle_verdict(time.time() + 3600)
+            assert not verdict.stop and verdict.reason == "1 requests in flight"
+        assert engine.idle_verdict(time.time() + 601).stop
+        # the timer's check read an old status: a request came and went since
+        # then, and the engine, idle for less than stop_after, keeps running
+        engine.request_stop("idle", only_if_idle=True)
+        await trio.sleep(1.0)
+        assert engine.state is State.READY and not sd.stopped
