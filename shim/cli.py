@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -15,6 +16,7 @@ from . import (
     commands,
     config,
     control,
+    events,
     idle_check,
     listen,
     logsetup,
@@ -46,8 +48,13 @@ async def serve(cfg: config.GatewayConfig) -> None:
             if fleet is not None:
                 fleet.engine_changed()
 
+        def on_event(name: str, event: events.EngineEvent) -> None:
+            if gateway is not None:
+                gateway.engine_event(name, event)
+
         await stop_orphans(sd, cfg)
-        engines = {name: Engine(e, sd, on_change, slice=cfg.engine_slice(e))
+        engines = {name: Engine(e, sd, on_change, slice=cfg.engine_slice(e),
+                                on_event=functools.partial(on_event, name))
                    for name, e in cfg.engines.items()}
         probes = probe_for(cfg, sd)
         fleet = Fleet(cfg, engines, probes, measurements_for(cfg, sd, probes))

@@ -1,9 +1,18 @@
 """The one owner of an engine's lifecycle.
 
 A single trio task (`Engine.run`) owns the state. Everything that wants to
-change it — request handlers, admin calls, systemd's signals, the start
-attempt's health probe — posts a message to its inbox; handlers then wait for
-the state to change. Nothing else writes the state.
+change it — request handlers, admin calls, the fleet, systemd's signals, the
+start attempt's health probe — posts a message to its inbox (a step's result
+tagged with its attempt, so that a stale one is dropped); handlers then wait
+for the state to change.
+
+What requests and the fleet hold of an engine is written by this class's
+methods alone, in the caller's step so that no checkpoint separates a wait
+from what it grants: a request's `Lease` (`take_lease`, `return_lease`), and
+the fleet's admission (`admit`) and drain (`drain`, `undrain`; the sleep or
+stop that follows goes through the inbox). Others read the state through
+read-only properties; the fleet plans with a `Report`, the snapshot that
+`report` gives. Nothing else writes the state.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import assert_never
 
 import trio
 
-from . import events, journal, learned, portcheck, startcheck, stopping
+from . import events, idle_check, journal, learned, portcheck, startcheck, stopping
 from .config import EngineConfig
 from .errors import EngineUnavailable, QueueFull
 from .lifecycle import AWAKE, Event, State, next_state
@@ -144,6 +153,36 @@ _Message = (
 
 
 @dataclass(frozen=True)
+class Lease:
+    """One request's hold on a ready engine (`Engine.take_lease`): while any
+    is out, the owner does not put the engine to sleep, and a stop or an
+    eviction gives its request a grace. Given back once (`Engine.return_lease`)."""
+
+    engine: str
+    waited_s: float  # what the request waited for the engine to be ready
+    serial: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """An engine as its owner reports it at one instant: what the fleet
+    plans with."""
+
+    state: State
+    active: int  # leases out
+    wanted: int  # requests waiting past the fleet's gate
+    last_used: float  # trio time
+    awake_since: float  # trio time it last became ready, or was admitted
+    reserved: bool
+    draining: bool
+    sleep_enabled: bool
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.reserved or self.state in AWAKE
+
+
+@dataclass(frozen=True)
 class Failure:
     message: str
     at: float  # epoch seconds
@@ -170,6 +209,7 @@ class Engine:
         on_change: Callable[[], None] = lambda: None,
         slice: str | None = None,
         store: learned.Store | None = None,
+        on_event: Callable[[events.EngineEvent], None] = lambda event: None,
     ):
         self.cfg = cfg
         self.slice = slice  # the systemd slice to run in (the fake GPU's)
@@ -186,10 +226,17 @@ class Engine:
         self._facts_key = learned.engine_key(cfg.command, cfg.environment)
         self.facts = self.store.get(self._facts_key)
         self._cold_since: float | None = None  # when the start the first client waits for began
-        self.waiting = 0
+        # The requests' hold on the engine, written here alone (`take_lease`,
+        # `return_lease`, `acquire`): read them through the properties below.
+        self._waiting = 0  # requests waiting for the engine to be ready
+        self._queued = 0  # of those, the ones waiting at the fleet's gate
+        self._leases: set[int] = set()  # the serials of the leases out
+        self._lease_serial = 0
+        self._last_used = 0.0  # trio time a lease was last taken or given back
+        # epoch seconds since nothing is in flight or waiting; None while busy
+        self._idle_since: float | None = time.time()
         self._on_change = on_change
-        # set by whoever keeps metrics
-        self.on_event: Callable[[events.EngineEvent], None] = lambda event: None
+        self._on_event = on_event  # what it reports as it goes: to metrics and the status page
         self.state_seconds: dict[State, float] = {}
         self._stop_cause = ""  # why the unit is going away, when we know it
         self._cut_message = ""  # what clients cut by that stop are told
@@ -213,7 +260,6 @@ class Engine:
         # uses this one, and the running engine is restarted once idle
         self.restart_with: EngineConfig | None = None
         self._restart_now = False
-        self.active = 0  # requests holding a lease: the engine must stay awake
         # set once the engine showed it cannot sleep (now or, as learned, before);
         # then only the stop tier applies
         self.sleep_refused = self.facts.sleep_refused is not None
@@ -221,17 +267,13 @@ class Engine:
         self.last_sleep_error: str | None = self.facts.sleep_refused
         # Several engines share the GPU: a request for an engine that holds
         # no memory passes the fleet's gate first (None: no gate), which
-        # admits it (`reserved`) once it fits; `draining` marks an engine
-        # that must make room: new requests wait at the gate meanwhile.
-        self.gate: Callable[[Engine], Awaitable[None]] | None = None
-        self.on_drained: Callable[[], None] = lambda: None
-        self.reserved = False
-        self.draining = False
-        self.queued = 0  # requests waiting at the gate (part of `waiting`)
-        self.last_used = 0.0  # trio time
-        self.awake_since = 0.0  # trio time it last became ready
-        # epoch seconds since nothing is in flight or waiting; None while busy
-        self.idle_since: float | None = time.time()
+        # admits it (`admit`) once it fits; an engine that must make room
+        # drains (`drain`): new requests wait at the gate meanwhile.
+        self._gate: Callable[[Engine], Awaitable[None]] | None = None
+        self._on_drained: Callable[[], None] = lambda: None
+        self._reserved = False
+        self._draining = False
+        self._awake_since = 0.0  # trio time it last became ready, or was admitted
 
     @property
     def sleep_enabled(self) -> bool:
@@ -246,20 +288,73 @@ class Engine:
     @property
     def holds_memory(self) -> bool:
         """Awake, or admitted to wake or start."""
-        return self.reserved or self.state in AWAKE
+        return self._reserved or self.state in AWAKE
+
+    @property
+    def reserved(self) -> bool:
+        """Admitted by the fleet to take its memory, and not yet awake."""
+        return self._reserved
+
+    @property
+    def draining(self) -> bool:
+        """Making room on the GPU: new requests wait at the fleet's gate."""
+        return self._draining
+
+    @property
+    def awake_since(self) -> float:
+        """The trio time it last became ready, or was admitted to."""
+        return self._awake_since
+
+    def report(self) -> Report:
+        """What the fleet plans with, as of now."""
+        return Report(self.state, self.active, self._waiting - self._queued, self._last_used,
+                      self._awake_since, self._reserved, self._draining, self.sleep_enabled)
+
+    @property
+    def active(self) -> int:
+        """Requests holding a lease: the engine must stay awake."""
+        return len(self._leases)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the engine to be ready (those at the gate included)."""
+        return self._waiting
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting at the fleet's gate (part of `waiting`)."""
+        return self._queued
+
+    @property
+    def last_used(self) -> float:
+        """The trio time a lease was last taken or given back."""
+        return self._last_used
+
+    @property
+    def idle_since(self) -> float | None:
+        """Epoch seconds since nothing is in flight or waiting; None while busy."""
+        return self._idle_since
 
     @property
     def busy(self) -> int:
         """Requests in flight or waiting for this engine."""
-        return self.active + self.waiting
+        return self.active + self._waiting
 
     def _busy_changed(self, before: int) -> None:
         now = self.busy
         if (before == 0) != (now == 0):
-            self.idle_since = time.time() if now == 0 else None
+            self._idle_since = time.time() if now == 0 else None
             self._on_change()
             if now == 0 and self.restart_with is not None:
                 self._inbox_send.send_nowait(_Idle())
+
+    def idle_verdict(self, now: float) -> idle_check.Verdict:
+        """What the idle check's rule says of the engine at `now` (epoch
+        seconds), on its live state: requests past the gate count as in flight."""
+        idle_s = 0.0 if self._idle_since is None else max(0.0, now - self._idle_since)
+        can_sleep = self.sleep_enabled or self.cfg.sleep_after_s is None
+        return idle_check.verdict(self.cfg, self.state.value, self.active + self._waiting - self._queued,
+                                  idle_s, can_sleep)
 
     def in_state(self, *states: State) -> bool:
         """The state now (a call, so that type checkers do not narrow it across awaits)."""
@@ -271,73 +366,134 @@ class Engine:
         Raises EngineUnavailable when a start this request waited for failed,
         or while cooling down after failures; QueueFull past `max_waiting`.
         """
-        if self.ready and not self.draining:
+        if self.ready and not self._draining:
             return 0.0
-        if self.waiting >= max_waiting:
+        if self._waiting >= max_waiting:
             raise QueueFull(
-                f"vllm-gateway: {self.waiting} requests already wait for the engine to start; try again",
+                f"vllm-gateway: {self._waiting} requests already wait for the engine to start; try again",
                 retry_after_s=5,
             )
         t0 = trio.current_time()
         seen = self.last_failure.seq if self.last_failure else 0
-        self.waiting += 1
+        self._waiting += 1
         self._busy_changed(self.busy - 1)
         try:
-            while not (self.ready and not self.draining):
+            while not (self.ready and not self._draining):
                 failure = self.last_failure
                 if failure is not None and failure.seq != seen:
                     raise self._unavailable(failure)
                 if self.state is State.FAILED and trio.current_time() < self._retry_at:
                     assert failure is not None
                     raise self._unavailable(failure)
-                if self.gate is not None and (self.draining or not self.holds_memory):
-                    self.queued += 1
+                if self._gate is not None and (self._draining or not self.holds_memory):
+                    self._queued += 1
+                    self._settle_reservation()
                     try:
-                        await self.gate(self)
+                        await self._gate(self)
                     finally:
-                        self.queued -= 1
+                        self._queued -= 1
                     continue
                 changed = self._changed
                 self._inbox_send.send_nowait(_Want())
                 await changed.wait()
         finally:
-            self.waiting -= 1
+            self._waiting -= 1
+            self._settle_reservation()
             self._busy_changed(self.busy + 1)
         return trio.current_time() - t0
 
     @property
+    def _wanted_past_gate(self) -> bool:
+        return self._waiting > self._queued
+
+    @property
     def _wanted(self) -> bool:
         """Requests wait for this engine past the gate: start or wake it."""
-        return self.waiting > self.queued and not self.draining
+        return self._wanted_past_gate and not self._draining
 
     def _unavailable(self, failure: Failure) -> EngineUnavailable:
         retry = max(1.0, self._retry_at - trio.current_time())
         return EngineUnavailable(failure.message, retry_after_s=retry)
 
-    @asynccontextmanager
-    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
-        """Hold the engine awake for one request; yields the seconds waited.
+    async def take_lease(self, max_waiting: int) -> Lease:
+        """Hold the engine awake for one request, once it is ready; give the
+        lease back with `return_lease`. Raises as `acquire` does.
 
         The count goes up in the same step as `acquire` returns (no
         checkpoint between), so the owner never puts to sleep an engine that
         a request is about to use.
         """
         waited = await self.acquire(max_waiting)
-        self.active += 1
-        self.last_used = trio.current_time()
-        if self.active == 1 and self.waiting == 0:
+        self._lease_serial += 1
+        lease = Lease(self.cfg.name, waited, self._lease_serial)
+        self._leases.add(lease.serial)
+        self._last_used = trio.current_time()
+        if len(self._leases) == 1 and self._waiting == 0:
             self._busy_changed(0)
+        return lease
+
+    def return_lease(self, lease: Lease) -> None:
+        """The request is done with the engine (however it ended)."""
+        if lease.engine != self.cfg.name or lease.serial not in self._leases:
+            raise ValueError(f"engine {self.cfg.name}: lease {lease.serial} of {lease.engine} is not out")
+        self._leases.remove(lease.serial)
+        self._last_used = trio.current_time()
+        ended, self._lease_ended = self._lease_ended, trio.Event()
+        ended.set()
+        if not self._leases and self._waiting == 0:
+            self._busy_changed(1)
+        if not self._leases and self._draining:
+            self._on_drained()
+
+    @asynccontextmanager
+    async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
+        """`take_lease` and `return_lease` around a block."""
+        lease = await self.take_lease(max_waiting)
         try:
-            yield waited
+            yield lease
         finally:
-            self.active -= 1
-            self.last_used = trio.current_time()
-            ended, self._lease_ended = self._lease_ended, trio.Event()
-            ended.set()
-            if self.active == 0 and self.waiting == 0:
-                self._busy_changed(1)
-            if self.active == 0 and self.draining:
-                self.on_drained()
+            self.return_lease(lease)
+
+    # ---- asked by the fleet (its task) ----
+
+    def join_fleet(self, gate: Callable[[Engine], Awaitable[None]], on_drained: Callable[[], None]) -> None:
+        """Several engines share the GPU: requests for this one while it holds
+        no memory, or drains, wait at `gate`; `on_drained` is called once the
+        last request in flight of a draining engine ends. Before `run`."""
+        self._gate = gate
+        self._on_drained = on_drained
+
+    def admit(self, *, swapped: bool = False) -> None:
+        """The fleet lets the engine take its GPU memory: it counts as holding
+        it, and as just used and swapped in, from now on. The admission ends
+        once it is awake, or when no request past the gate waits for it.
+        `swapped`: others made room for it."""
+        self._reserved = self.state not in AWAKE
+        self._last_used = self._awake_since = trio.current_time()
+        if swapped:
+            self._on_event(events.Swap())
+
+    def drain(self, action: str, cause: str, detail: str) -> None:
+        """Make room on the GPU: new requests wait at the fleet's gate; those
+        in flight (or past the gate) finish within stop_grace, then the fleet
+        asks again; without any, the engine sleeps (`action` "sleep", where it
+        can) or stops. `detail` names who the room is for."""
+        self._draining = True
+        if self.active > 0 or self._wanted_past_gate:
+            self.cut_after_grace(cause, detail)
+            return
+        if action == "sleep" and self.state is State.READY and self.sleep_enabled:
+            self.request_sleep(cause)
+        elif self.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
+            self.request_stop(cause, detail=detail)
+
+    def undrain(self) -> None:
+        """It no longer needs to make room: requests may use it again."""
+        self._draining = False
+
+    def _settle_reservation(self) -> None:
+        if self._reserved and (self.state in AWAKE or self._waiting == self._queued):
+            self._reserved = False
 
     def request_sleep(self, cause: str) -> None:
         self._inbox_send.send_nowait(_Sleep(cause))
@@ -436,7 +592,7 @@ class Engine:
                 waited = took if self._cold_since is None else time.monotonic() - self._cold_since
                 self._cold_since = None
                 self.last_cold_start_s = waited
-                self.on_event(events.ColdStart(waited))
+                self._on_event(events.ColdStart(waited))
                 self.main_pid = (await self.systemd.unit_state(self.cfg.unit)).main_pid
                 log.info("engine %s ready after %.1f s", self.cfg.name, took)
                 if self.last_error is not None:
@@ -449,7 +605,7 @@ class Engine:
                 took = time.monotonic() - self._start_t0
                 self._cancel_attempt()
                 self.last_wake_s = took
-                self.on_event(events.Wake(took))
+                self._on_event(events.Wake(took))
                 log.info("engine %s awake after %.2f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
             case _Sleep(cause):
@@ -458,7 +614,7 @@ class Engine:
                 self._cancel_attempt()
                 log.info("engine %s asleep (level %d) after %.1f s", self.cfg.name,
                          self.cfg.sleep_level, time.monotonic() - self._start_t0)
-                self.on_event(events.Sleep())
+                self._on_event(events.Sleep())
                 self._set(Event.SLEPT)
                 await self._on_want()  # requests that arrived meanwhile wake it again
             case _SleepFailed(attempt, reason, unsupported) if attempt == self._attempt:
@@ -513,7 +669,7 @@ class Engine:
             return
         if self.active > 0 or self._wanted:
             log.info("not putting engine %s to sleep (%s): %d requests in flight",
-                     self.cfg.name, cause, self.active + self.waiting - self.queued)
+                     self.cfg.name, cause, self.active + self._waiting - self._queued)
             return
         log.info("putting engine %s to sleep at level %d (%s)", self.cfg.name, self.cfg.sleep_level, cause)
         self._set(Event.SLEEP)
@@ -732,7 +888,7 @@ class Engine:
                 await self._start()
             return
         self._failures_in_row += 1
-        self.on_event(events.StartFailure())
+        self._on_event(events.StartFailure())
         cooldown = min(FAILURE_COOLDOWN_MAX_S, FAILURE_COOLDOWN_S * 2 ** (self._failures_in_row - 1))
         self._retry_at = trio.current_time() + cooldown
         excerpt = ("; the engine's last output: " + " | ".join(lines)) if lines else ""
@@ -750,10 +906,10 @@ class Engine:
             # engine checks the unit, and a running one is adopted and stopped
             await self._unit_now(None)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
-            if only_if_idle and (self.active or self.waiting > self.queued):
-                # the idle check read a status that a new request has made stale
-                log.info("not stopping engine %s (%s): %d requests in flight",
-                         self.cfg.name, cause, self.active + self.waiting - self.queued)
+            verdict = self.idle_verdict(time.time()) if only_if_idle else None
+            if verdict is not None and not verdict.stop:
+                # the idle check read a status that a request has made stale
+                log.info("not stopping engine %s (%s): %s", self.cfg.name, cause, verdict.reason)
                 return
             self._stop_cause = cause
             self._cold_since = None
@@ -842,7 +998,7 @@ class Engine:
             log.warning("engine %s stopped unexpectedly (unit %s)", self.cfg.name, active_state)
         if st is not State.STOPPED:
             if st is not State.FAILED:
-                self.on_event(events.Stop(self._stop_cause or "external"))
+                self._on_event(events.Stop(self._stop_cause or "external"))
             self._stop_cause = ""
             self._cut_message = ""
             self._set(Event.UNIT_GONE)
@@ -886,7 +1042,8 @@ class Engine:
             self.state = new
             self.state_since = now
             if new is State.READY:
-                self.awake_since = trio.current_time()
+                self._awake_since = trio.current_time()
+            self._settle_reservation()
         changed, self._changed = self._changed, trio.Event()
         changed.set()
         self._on_change()

@@ -1,13 +1,16 @@
 """Several engines on one GPU: which may hold memory, and who waits.
 
 Each engine keeps its own owner task (shim/engine.py). The fleet only
-decides admissions: a request for an engine that holds no GPU memory waits
-at the fleet's gate, in one first-come queue across engines. The fleet's
-own task takes the oldest waiting request, asks `placement.plan` whether
-its engine fits, makes room (least recently used engines sleep or stop,
-after their requests in flight finish), then admits that engine with every
-request waiting for it at once: requests for one model are served
-together, so mixed load swaps in batches instead of at every request.
+decides admissions, and writes nothing of an engine's state: it plans with
+what each engine reports (`Engine.report`) and asks engines to change
+(`admit`, `drain`, `undrain`, `request_stop`). A request for an engine that
+holds no GPU memory waits at the fleet's gate, in one first-come queue
+across engines. The fleet's own task takes the oldest waiting request, asks
+`placement.plan` whether its engine fits, makes room (least recently used
+engines drain: they sleep or stop after their requests in flight finish),
+then admits that engine with every request waiting for it at once: requests
+for one model are served together, so mixed load swaps in batches instead
+of at every request.
 
 It also holds the GPU for other programs (`vllm-gateway yield`), and checks
 after each stop or sleep that the engine's memory came back.
@@ -29,7 +32,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import events
 from .config import GatewayConfig
 from .engine import Engine
 from .errors import GpuBusy, GpuYielded
@@ -127,8 +129,7 @@ class Fleet:
         self.gpu: GpuMemory | None = None  # the last reading
         self._total: int | None = cfg.gpu_memory
         for e in self.engines.values():
-            e.gate = self.gate
-            e.on_drained = self.bump
+            e.join_fleet(self.gate, self.bump)
 
     @property
     def total(self) -> int | None:
@@ -251,11 +252,6 @@ class Fleet:
 
     async def _step(self) -> float:
         """One pass; returns the trio time by which to look again at the latest."""
-        for e in self.engines.values():
-            # a reservation ends once the engine holds memory by its state, or
-            # when no request past the gate waits for it any more
-            if e.reserved and (e.state in AWAKE or e.waiting == e.queued):
-                e.reserved = False
         if self.holds:
             self._yield_step()
             if all(self._holders(e) for e in self.engines.values()):
@@ -273,13 +269,12 @@ class Fleet:
         match decision:
             case Fits():
                 self._undrain(keep=())
-                if self._making_room_for is target:
+                swapped = self._making_room_for is target
+                if swapped:
                     self.swaps += 1
-                    target.on_event(events.Swap())
                     log.info("swapping in engine %s (swap %d)", target.cfg.name, self.swaps)
                 self._making_room_for = None
-                target.reserved = True
-                target.last_used = target.awake_since = trio.current_time()
+                target.admit(swapped=swapped)
                 self._release_admitted()
                 return trio.current_time()  # look at the next in line
             case Evict(victims, reason):
@@ -321,19 +316,12 @@ class Fleet:
     def _undrain(self, keep: Collection[str]) -> None:
         for e in self.engines.values():
             if e.draining and e.cfg.name not in keep and not self._holders(e):
-                e.draining = False
+                e.undrain()
 
     def _evict(self, e: Engine, action: str, cause: str, detail: str) -> None:
-        e.draining = True
-        if e.active > 0 or e.waiting > e.queued:
-            # its requests finish first (within its stop_grace, then they are
-            # cut); on_drained wakes us
-            e.cut_after_grace(cause, detail)
-            return
-        if action == "sleep" and e.state is State.READY and e.sleep_enabled:
-            e.request_sleep(cause)
-        elif e.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
-            e.request_stop(cause, detail=detail)
+        # its requests finish first (within its stop_grace, then they are
+        # cut), and the bump once they did brings us back here
+        e.drain(action, cause, detail)
 
     def _yield_step(self) -> None:
         for t in list(self._queue):
@@ -346,20 +334,22 @@ class Fleet:
                 self._evict(e, "sleep", "yield", ", ".join(sorted(holders)))
 
     def _view(self, e: Engine) -> EngineView:
+        """What placement sees of `e`: what its owner reports now, and its figures."""
         now = trio.current_time()
+        r = e.report()
         return EngineView(
             name=e.cfg.name,
             need=self.need(e),
             pinned=e.cfg.pinned,
-            awake=e.holds_memory,
-            loading=e.reserved or e.state in (State.STARTING, State.WAKING),
-            asleep=e.state is State.SLEEPING,
-            in_use=e.active > 0 or e.waiting > e.queued or now - e.last_used < IN_USE_GRACE_S,
-            awake_since=e.awake_since,
-            last_used=e.last_used,
-            can_sleep=e.sleep_enabled,
+            awake=r.holds_memory,
+            loading=r.reserved or r.state in (State.STARTING, State.WAKING),
+            asleep=r.state is State.SLEEPING,
+            in_use=r.active > 0 or r.wanted > 0 or now - r.last_used < IN_USE_GRACE_S,
+            awake_since=r.awake_since,
+            last_used=r.last_used,
+            can_sleep=r.sleep_enabled,
             gpus=e.cfg.devices,
-            asleep_holds=self.measured.asleep_holds(e.cfg) if e.sleep_enabled else None,
+            asleep_holds=self.measured.asleep_holds(e.cfg) if r.sleep_enabled else None,
         )
 
     def need(self, e: Engine) -> int | None:

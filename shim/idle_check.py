@@ -7,6 +7,11 @@ sleep goes through the shim's control socket, since the shim alone calls the
 engine's control endpoints (one owner knows the state). If the shim is not
 running but the engine is, only the stop tier applies, and the idle time
 counts from whichever came later: the engine's start or the shim's exit.
+
+The rule itself (`verdict`) is pure, and the one that counts while the shim
+runs is the engine owner's: a stop this check asks for is decided again by
+the engine on its live state (engine.py, `Engine.idle_verdict`), so a
+request that came, or came and went, after the status was read keeps it.
 """
 
 from __future__ import annotations
@@ -54,19 +59,20 @@ def decide(
     none = Action.NONE
     if not unit.running:
         return Verdict(none, f"{engine.unit} is not running ({unit.active_state})")
-    state = "unknown"
-    can_sleep = True
     if shim.running:
         st = parse_statuses(shim.status_text).get(engine.unit)
         if st is None:
             return Verdict(none, f"{SHIM_UNIT} has not reported its status yet")
-        if st.in_flight > 0:
-            return Verdict(none, f"{st.in_flight} requests in flight")
-        idle = st.idle_s(now)
-        state = st.state
-        can_sleep = st.can_sleep
-    else:
-        idle = now - idle_since_without_shim_us(unit, shim) / 1e6
+        return verdict(engine, st.state, st.in_flight, st.idle_s(now), st.can_sleep)
+    return verdict(engine, "unknown", 0, now - idle_since_without_shim_us(unit, shim) / 1e6, True)
+
+
+def verdict(engine: EngineConfig, state: str, in_flight: int, idle: float, can_sleep: bool) -> Verdict:
+    """The rule on an engine's load: `state` as STATUS names it, the requests
+    in flight, the seconds idle, and whether it can sleep."""
+    none = Action.NONE
+    if in_flight > 0:
+        return Verdict(none, f"{in_flight} requests in flight")
     if engine.stop_after_s is not None and idle >= engine.stop_after_s:
         return Verdict(Action.STOP, f"idle {idle:.0f} s, past stop_after {engine.stop_after_s:g} s")
     sleep_tier = lifecycle.named(state) in lifecycle.SLEEP_TIER

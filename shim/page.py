@@ -161,15 +161,6 @@ class Page:
         self._built_at = -math.inf
         self._snapshot = b""
         self._lock = trio.Lock()
-        for name, e in self.engines.items():
-            forward = e.on_event
-
-            def on_event(event: EngineEvent, name: str = name,
-                         forward: Callable[[EngineEvent], None] = forward) -> None:
-                forward(event)
-                self.engine_event(name, event)
-
-            e.on_event = on_event
 
     # ---- written by the gateway ----
 

@@ -156,8 +156,8 @@ async def forward(
     retried = False
     while True:
         # the lease keeps the engine awake (no sleep) until the response is relayed
-        async with engine.lease(max_waiting) as waited:
-            ex.waited_s += waited
+        async with engine.lease(max_waiting) as lease:
+            ex.waited_s += lease.waited_s
             try:
                 up, resp = await _send_request(engine, up_req, body, ex.read_timeout_s)
             except UpstreamTimeout:

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 import h11
 import trio
 
-from . import gpustatus, journal, lifecycle, reloading, statusjson
+from . import events, gpustatus, journal, lifecycle, reloading, statusjson
 from .config import GatewayConfig
 from .dispatch import ADMIN_KINDS, ConfiguredModels, Engines, Forward, Own, dispatch
 from .engine import Engine
@@ -153,8 +153,6 @@ class Gateway:
                        accumulate(e.state_seconds, e.state, e.state_since))
             for e in self.engines.values()
         ], functools.partial(gpustatus.gpus_live, fleet), functools.partial(gpustatus.held_live, fleet)))
-        for e in self.engines.values():
-            e.on_event = functools.partial(self.metrics.engine_event, e.cfg.name)
         self.page = Page(cfg, fleet, self.status_now, self.activity.detached)
 
     def apply_config(self, cfg: GatewayConfig) -> None:
@@ -175,6 +173,11 @@ class Gateway:
         """Send the STATUS text (the status loop calls it on every change)."""
         self.notifier.status(format_statuses([self.shim_status(e) for e in self.engines.values()],
                                              time.time()))
+
+    def engine_event(self, name: str, event: events.EngineEvent) -> None:
+        """What the engine `name` reported (its owner calls this)."""
+        self.metrics.engine_event(name, event)
+        self.page.engine_event(name, event)
 
     def engine_changed(self) -> None:
         """The engine's state changed: wake the status loop and the idle exit."""

@@ -7,6 +7,7 @@ real user manager."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,9 +40,8 @@ def config(**extra: object) -> EngineConfig:
 async def running(
         sd: FakeSystemd, cfg: EngineConfig) -> AsyncIterator[tuple[Engine, list[events.EngineEvent]]]:
     """An engine whose owner task runs; yields it with the events it reported."""
-    engine = Engine(cfg, sd, store=learned.Store(None))  # type: ignore[arg-type]
     seen: list[events.EngineEvent] = []
-    engine.on_event = seen.append
+    engine = Engine(cfg, sd, store=learned.Store(None), on_event=seen.append)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         yield engine, seen
@@ -53,16 +53,16 @@ async def test_a_request_starts_the_engine_and_waits_until_it_is_ready(
     sd, vllm = standins
     async with running(sd, config()) as (engine, seen):
         assert engine.state is State.STOPPED and not sd.started
-        async with engine.lease(MAX_WAITING) as waited:
+        async with engine.lease(MAX_WAITING) as lease:
             assert engine.state is State.READY
-            assert vllm.start_s <= waited < vllm.start_s + 0.2  # health is polled every 50 ms
+            assert vllm.start_s <= lease.waited_s < vllm.start_s + 0.2  # health is polled every 50 ms
             assert engine.active == 1
         (svc,) = sd.started
         assert svc.name == UNIT and tuple(svc.wants) == (IDLE_TIMER,)
         assert [type(e) for e in seen] == [events.ColdStart]
         # a second request finds it ready: no wait, no second start
-        async with engine.lease(MAX_WAITING) as waited:
-            assert waited == 0.0
+        async with engine.lease(MAX_WAITING) as lease:
+            assert lease.waited_s == 0.0
         assert len(sd.started) == 1
 
 
@@ -73,8 +73,8 @@ async def test_requests_that_arrive_during_a_start_share_it(
     async with running(sd, config()) as (engine, _seen):
 
         async def one() -> None:
-            async with engine.lease(MAX_WAITING) as waited:
-                served.append(waited)
+            async with engine.lease(MAX_WAITING) as lease:
+                served.append(lease.waited_s)
 
         async with trio.open_nursery() as nursery:
             for _ in range(5):
@@ -146,9 +146,9 @@ async def test_sleep_and_wake(standins: Standins, autojump_clock: trio.testing.M
         assert await engine.wait_for(State.SLEEPING, timeout_s=5)
         assert (8100, "POST", "/sleep?level=1") in vllm.calls
         assert sd.running(UNIT)  # asleep, not stopped
-        async with engine.lease(MAX_WAITING) as waited:
+        async with engine.lease(MAX_WAITING) as lease:
             assert engine.state is State.READY
-            assert vllm.wake_s <= waited < vllm.wake_s + 0.1
+            assert vllm.wake_s <= lease.waited_s < vllm.wake_s + 0.1
         assert [type(e) for e in seen] == [events.ColdStart, events.Sleep, events.Wake]
         assert len(sd.started) == 1
 
@@ -205,8 +205,8 @@ async def test_a_stop_waits_for_requests_in_flight_and_a_request_racing_it_start
                 await first_may_end.wait()
 
         async def racing() -> None:
-            async with engine.lease(MAX_WAITING) as waited:
-                served.append(waited)
+            async with engine.lease(MAX_WAITING) as lease:
+                served.append(lease.waited_s)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first)
@@ -225,7 +225,7 @@ async def test_a_stop_waits_for_requests_in_flight_and_a_request_racing_it_start
 async def test_an_idle_stop_is_refused_while_a_request_is_in_flight(
         standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
     sd, _ = standins
-    async with running(sd, config()) as (engine, _seen):
+    async with running(sd, config(stop_after_s=0.0)) as (engine, _seen):
         async with engine.lease(MAX_WAITING):
             engine.request_stop("idle", only_if_idle=True)
             await trio.sleep(1.0)
@@ -262,3 +262,108 @@ async def test_a_running_unit_is_adopted_not_started_twice(
         async with engine.lease(MAX_WAITING):
             assert engine.state is State.READY
         assert len(sd.started) == 1
+
+
+async def test_a_lease_is_taken_when_ready_and_given_back_once(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config()) as (engine, _seen):
+        assert engine.busy == 0 and engine.idle_since is not None
+        lease = await engine.take_lease(MAX_WAITING)
+        assert lease.engine == "main" and lease.waited_s >= vllm.start_s
+        assert engine.active == 1 and engine.idle_since is None
+        assert engine.last_used == trio.current_time()
+        await trio.sleep(3.0)
+        engine.return_lease(lease)
+        assert engine.active == 0 and engine.idle_since is not None
+        assert engine.last_used == trio.current_time()
+        with pytest.raises(ValueError, match="is not out"):
+            engine.return_lease(lease)
+        assert engine.active == 0
+
+
+async def test_an_admission_holds_memory_until_the_engine_is_awake(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config()) as (engine, seen):
+        admitted = trio.Event()
+
+        async def gate(e: Engine) -> None:
+            e.admit(swapped=True)
+            admitted.set()
+            await trio.lowlevel.checkpoint()
+
+        engine.join_fleet(gate, lambda: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.acquire, MAX_WAITING)
+            await admitted.wait()
+            report = engine.report()
+            assert report.state is State.STOPPED and report.reserved and report.holds_memory
+            assert report.awake_since == report.last_used == trio.current_time()
+            assert await engine.wait_for(State.STARTING, timeout_s=1)
+            # awake by its state now: the admission has done its work
+            assert not engine.reserved and engine.holds_memory
+        assert engine.state is State.READY and seen == [events.Swap(), events.ColdStart(seen[1].seconds)]
+
+
+async def test_an_admission_ends_when_its_request_leaves(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config()) as (engine, _seen):
+
+        async def gate(e: Engine) -> None:
+            e.admit()
+            await trio.sleep_forever()  # the request gives up before it passes
+
+        engine.join_fleet(gate, lambda: None)
+        with trio.move_on_after(1.0):
+            await engine.acquire(MAX_WAITING)
+        assert not engine.reserved and not engine.holds_memory
+        assert engine.busy == 0 and not sd.started
+
+
+async def test_a_drain_holds_new_requests_at_the_gate_until_the_ones_in_flight_end(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, _seen):
+        gated: list[float] = []
+        drained: list[float] = []
+        let_in = trio.Event()
+
+        async def gate(e: Engine) -> None:
+            gated.append(trio.current_time())
+            await let_in.wait()
+            e.admit()
+
+        lease = await engine.take_lease(MAX_WAITING)
+        engine.join_fleet(gate, lambda: drained.append(trio.current_time()))
+        engine.drain("sleep", "evicted", "the engine 'b'")
+        assert engine.draining and engine.report().draining
+        with trio.move_on_after(1.0):
+            await engine.acquire(MAX_WAITING)
+        assert len(gated) == 1 and not engine.reserved  # it waited at the gate, and left
+        assert engine.state is State.READY and not drained  # the request in flight goes on
+        engine.return_lease(lease)
+        assert drained == [trio.current_time()]
+        # asked again, with nothing in flight: it sleeps
+        engine.drain("sleep", "evicted", "the engine 'b'")
+        assert await engine.wait_for(State.SLEEPING, timeout_s=5)
+        engine.undrain()
+        let_in.set()
+        async with engine.lease(MAX_WAITING):
+            assert engine.state is State.READY and not engine.draining
+
+
+async def test_the_idle_decision_is_the_engines_on_its_live_state(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, _ = standins
+    async with running(sd, config(stop_after_s=600.0)) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            verdict = engine.idle_verdict(time.time() + 3600)
+            assert not verdict.stop and verdict.reason == "1 requests in flight"
+        assert engine.idle_verdict(time.time() + 601).stop
+        # the timer's check read an old status: a request came and went since
+        # then, and the engine, idle for less than stop_after, keeps running
+        engine.request_stop("idle", only_if_idle=True)
+        await trio.sleep(1.0)
+        assert engine.state is State.READY and not sd.stopped

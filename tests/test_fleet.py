@@ -7,6 +7,7 @@ same against a real user manager and a fake GPU."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -73,11 +74,10 @@ async def fleet_of(sd: FakeSystemd, vllm: FakeVllm, cfg: config.GatewayConfig
     def changed() -> None:
         fleet.engine_changed()
 
-    engines = {name: Engine(e, sd, changed, store=learned.Store(None))  # type: ignore[arg-type]
-               for name, e in cfg.engines.items()}
     seen: list[tuple[str, events.EngineEvent]] = []
-    for name, e in engines.items():
-        e.on_event = lambda event, name=name: seen.append((name, event))  # type: ignore[misc]
+    engines = {name: Engine(e, sd, changed, store=learned.Store(None),  # type: ignore[arg-type]
+                            on_event=functools.partial(lambda name, event: seen.append((name, event)), name))
+               for name, e in cfg.engines.items()}
     fleet = Fleet(cfg, engines, FakeGpu(sd, vllm, engines))
     async with trio.open_nursery() as nursery:
         for e in engines.values():

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from shim.config import EngineConfig
-from shim.idle_check import Action, decide
+from shim.idle_check import Action, decide, verdict
 from shim.status import ShimStatus
 from shim.systemd import GONE, UnitState
 
@@ -161,3 +161,10 @@ def test_an_engine_that_refused_sleep_mode_is_never_asked_to_sleep() -> None:
     # the stop tier still applies
     late = ShimStatus("ready", 0, NOW - 700, ENGINE.unit, can_sleep=False).format(NOW)
     assert decide(engine, ENGINE_UP, UnitState("active", "running", status_text=late), NOW).stop
+
+
+@pytest.mark.parametrize("idle_s", [0.0, 599.0, 600.0, 10**6])
+@pytest.mark.parametrize("in_flight", [0, 1])
+def test_the_rule_on_a_load_is_the_one_decide_applies_to_the_status(idle_s: float, in_flight: int) -> None:
+    from_status = decide(ENGINE, ENGINE_UP, shim_up(in_flight=in_flight, idle_s=idle_s), NOW)
+    assert verdict(ENGINE, "ready", in_flight, idle_s, True) == from_status

@@ -210,7 +210,7 @@ async def test_the_stream_shows_changes_without_starting_anything() -> None:
         name, snap = await stream.event()
         assert snap["status"]["engines"]["main"]["state"] == "starting"
         engine.state = State.READY
-        engine.on_event(ColdStart(2.5))
+        gw.engine_event("main", ColdStart(2.5))
         engine.state_since = 1_800_000_010.0
         gw.engine_changed()
         _, snap = await stream.event()

@@ -21,6 +21,7 @@ import trio.testing
 
 import shim.proxy
 from shim.chunked import ChunkedDecoder
+from shim.engine import Lease
 from shim.fleet import Fleet
 from shim.lifecycle import State
 from shim.notify import Notifier
@@ -41,8 +42,8 @@ class ReadyEngine(FakeEngine):
         self.upstream = Upstream(port)  # type: ignore[assignment]
 
     @asynccontextmanager
-    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
-        yield 0.0
+    async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
+        yield Lease(self.cfg.name, 0.0, 1)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import trio.testing
 
 from shim import server
 from shim.config import EngineConfig, GatewayConfig
+from shim.engine import Lease
 from shim.fleet import Fleet
 from shim.learned import Facts
 from shim.lifecycle import State
@@ -62,13 +63,10 @@ class FakeEngine:
         self.last_sleep_error: str | None = None
         self.sleep_enabled = False
         self.state_seconds: dict[State, float] = {}
-        self.on_event: Any = None
         self.busy = 0
         self.idle_since: float | None = 1_800_000_000.0
         self.draining = False
         self.reserved = False
-        self.gate: Any = None
-        self.on_drained: Any = None
         self.calls: list[str] = []
         self.upstream = FakeUpstream(self.calls)
 
@@ -78,6 +76,9 @@ class FakeEngine:
 
     def in_state(self, *states: State) -> bool:
         return self.state in states
+
+    def join_fleet(self, gate: Any, on_drained: Any) -> None:
+        pass
 
     def request_start(self) -> None:
         self.calls.append("request_start")
@@ -93,10 +94,10 @@ class FakeEngine:
         raise AssertionError("the engine must not be acquired")
 
     @asynccontextmanager
-    async def lease(self, max_waiting: int) -> AsyncIterator[float]:
+    async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
         self.calls.append("lease")
         raise AssertionError("the engine must not be leased")
-        yield 0.0  # pragma: no cover
+        yield Lease(self.cfg.name, 0.0, 1)  # pragma: no cover
 
     async def wait_for(self, *states: State, timeout_s: float) -> bool:
         self.calls.append("wait_for")
