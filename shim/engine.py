@@ -81,6 +81,9 @@ class _Stop:
     cause: str
     only_if_idle: bool = False
     detail: str = ""  # e.g. who the GPU is yielded to, for the clients cut
+    # the idle check's stop_after, read from the configuration on its tick:
+    # it applies to a running engine without a reload
+    stop_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -348,12 +351,14 @@ class Engine:
             if now == 0 and self.restart_with is not None:
                 self._inbox_send.send_nowait(_Idle())
 
-    def idle_verdict(self, now: float) -> idle_check.Verdict:
+    def idle_verdict(self, now: float, stop_after_s: float | None = None) -> idle_check.Verdict:
         """What the idle check's rule says of the engine at `now` (epoch
-        seconds), on its live state: requests past the gate count as in flight."""
+        seconds), on its live state: requests past the gate count as in flight.
+        `stop_after_s`: the threshold the idle check read, where it sent one."""
+        cfg = self.cfg if stop_after_s is None else replace(self.cfg, stop_after_s=stop_after_s)
         idle_s = 0.0 if self._idle_since is None else max(0.0, now - self._idle_since)
-        can_sleep = self.sleep_enabled or self.cfg.sleep_after_s is None
-        return idle_check.verdict(self.cfg, self.state.value, self.active + self._waiting - self._queued,
+        can_sleep = self.sleep_enabled or cfg.sleep_after_s is None
+        return idle_check.verdict(cfg, self.state.value, self.active + self._waiting - self._queued,
                                   idle_s, can_sleep)
 
     def in_state(self, *states: State) -> bool:
@@ -511,8 +516,9 @@ class Engine:
         """A reload: `cfg` applies at once, `restart_with` at the next start."""
         self._inbox_send.send_nowait(_Reconfigure(cfg, restart_with))
 
-    def request_stop(self, cause: str, *, only_if_idle: bool = False, detail: str = "") -> None:
-        self._inbox_send.send_nowait(_Stop(cause, only_if_idle, detail))
+    def request_stop(self, cause: str, *, only_if_idle: bool = False, detail: str = "",
+                     stop_after_s: float | None = None) -> None:
+        self._inbox_send.send_nowait(_Stop(cause, only_if_idle, detail, stop_after_s))
 
     def cut_after_grace(self, cause: str, detail: str = "") -> None:
         """Let the requests in flight finish within stop_grace, then close
@@ -572,8 +578,8 @@ class Engine:
         match msg:
             case _Want():
                 await self._on_want()
-            case _Stop(cause, only_if_idle, detail):
-                await self._on_stop(cause, only_if_idle, detail)
+            case _Stop(cause, only_if_idle, detail, stop_after_s):
+                await self._on_stop(cause, only_if_idle, detail, stop_after_s)
             case _GraceOver(attempt) if attempt == self._attempt and self.state is State.STOPPING:
                 self._attempt_scope = None
                 await self._stop_unit()
@@ -900,13 +906,14 @@ class Engine:
         log.error("%s (failure %d in a row; next try in %g s)", message, self._failures_in_row, cooldown)
         self._set(Event.START_FAILED)
 
-    async def _on_stop(self, cause: str, only_if_idle: bool = False, detail: str = "") -> None:
+    async def _on_stop(self, cause: str, only_if_idle: bool = False, detail: str = "",
+                       stop_after_s: float | None = None) -> None:
         if self.state in (State.STOPPED, State.FAILED):
             # never trust "stopped" over the unit: a stop asked of a stopped
             # engine checks the unit, and a running one is adopted and stopped
             await self._unit_now(None)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
-            verdict = self.idle_verdict(time.time()) if only_if_idle else None
+            verdict = self.idle_verdict(time.time(), stop_after_s) if only_if_idle else None
             if verdict is not None and not verdict.stop:
                 # the idle check read a status that a request has made stale
                 log.info("not stopping engine %s (%s): %s", self.cfg.name, cause, verdict.reason)

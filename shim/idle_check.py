@@ -97,7 +97,10 @@ async def _check(sd: systemd.Systemd, engine: EngineConfig, shim: systemd.UnitSt
         log.info("stopping %s: %s", engine.unit, verdict.reason)
         # through the shim when it runs: it refuses if a request arrived
         # since it wrote the status we read, and counts the stop as idle
-        answer = await control.request("POST", f"/gateway/stop?cause=idle&{which}") if shim.running else None
+        # the threshold read now goes along: a stop_after changed in the
+        # file applies to the running engine without a reload
+        target = f"/gateway/stop?cause=idle&{which}&stop_after={engine.stop_after_s!r}"
+        answer = await control.request("POST", target) if shim.running else None
         if answer is None:
             await sd.stop_unit(engine.unit)
     elif verdict.action is Action.SLEEP:

@@ -520,10 +520,11 @@ class Gateway:
                 e.request_start()
                 waited += await e.acquire(self.cfg.max_waiting)
         elif kind is Kind.ADMIN_STOP:
-            idle = query.get("cause") == "idle"  # the idle check: only if nothing is in flight
+            idle = query.get("cause") == "idle"  # the idle check: only if the engine is still idle
+            stop_after_s = _seconds(query.get("stop_after"), "stop_after")
             targets = self._targets(route, all_by_default=True)
             for e in targets:
-                e.request_stop("idle" if idle else "manual", only_if_idle=idle)
+                e.request_stop("idle" if idle else "manual", only_if_idle=idle, stop_after_s=stop_after_s)
             for e in targets:
                 await e.wait_changed(1.0)
                 await e.wait_for(State.STOPPED, State.FAILED,
@@ -691,3 +692,14 @@ def _bad_request(e: h11.RemoteProtocolError) -> GatewayError:
     return BadRequest(f"vllm-gateway: malformed HTTP request: {e}")
 
 
+def _seconds(value: str | None, name: str) -> float | None:
+    """A query's number of seconds (the idle check's threshold), or None."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise BadRequest(f"vllm-gateway: `{name}` must be a number of seconds, not {value!r}")
+    return seconds

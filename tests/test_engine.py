@@ -367,3 +367,22 @@ async def test_the_idle_decision_is_the_engines_on_its_live_state(
         engine.request_stop("idle", only_if_idle=True)
         await trio.sleep(1.0)
         assert engine.state is State.READY and not sd.stopped
+
+
+async def test_the_idle_checks_stop_after_applies_without_a_reload(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    # The idle check reads the configuration on every tick and sends its
+    # stop_after along: a shorter one written to the file since the shim
+    # started stops the engine, which still checks its own live load.
+    sd, _ = standins
+    async with running(sd, config(stop_after_s=600.0)) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        assert not engine.idle_verdict(time.time() + 6).stop
+        assert engine.idle_verdict(time.time() + 6, stop_after_s=5.0).stop
+        engine.request_stop("idle", only_if_idle=True)  # its own 600 s: kept
+        await trio.sleep(1.0)
+        assert engine.state is State.READY and not sd.stopped
+        engine.request_stop("idle", only_if_idle=True, stop_after_s=0.0)  # the check's: stopped
+        assert await engine.wait_for(State.STOPPED, timeout_s=30)
+        assert sd.stopped
