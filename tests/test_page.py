@@ -415,3 +415,15 @@ def test_the_ring_keeps_the_last_records() -> None:
     assert ring.as_json()[0]["cold_start_ms"] == 250
     assert ring.added == 5
     assert len(RequestRing().records()) == 0 and RING_SIZE == 50
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
+async def test_an_idle_stop_with_a_bad_threshold_is_a_400_naming_it(value: str) -> None:
+    async with gateway(admin_key=ADMIN_KEY) as (gw, engine), trio.open_nursery() as nursery, \
+            connection(gw, nursery) as c:
+        reply = await c.request("POST", f"/gateway/stop?cause=idle&stop_after={value}",
+                                headers=[("authorization", f"Bearer {ADMIN_KEY}")])
+    assert reply.status == 400
+    message = json.loads(reply.body)["error"]["message"]
+    assert "`stop_after` must be a number of seconds" in message and repr(value) in message
+    assert engine.calls == []
