@@ -1,18 +1,22 @@
 """The one owner of an engine's lifecycle.
 
-A single trio task (`Engine.run`) owns the state. Everything that wants to
-change it — request handlers, admin calls, the fleet, systemd's signals, the
-start attempt's health probe — posts a message to its inbox (a step's result
-tagged with its attempt, so that a stale one is dropped); handlers then wait
-for the state to change.
+A single trio task (`Engine.run`) owns the state and alone writes it.
+Everything that wants to change it — request handlers, admin calls, the
+fleet, systemd's signals, the start attempt's health probe — posts a
+message to its inbox (a step's result tagged with its attempt, so that a
+stale one is dropped), and the owner takes them one at a time, in order.
 
-What requests and the fleet hold of an engine is written by this class's
-methods alone, in the caller's step so that no checkpoint separates a wait
-from what it grants: a request's `Lease` (`take_lease`, `return_lease`), and
-the fleet's admission (`admit`) and drain (`drain`, `undrain`; the sleep or
-stop that follows goes through the inbox). Others read the state through
-read-only properties; the fleet plans with a `Report`, the snapshot that
-`report` gives. Nothing else writes the state.
+A request asks for a `Lease` (`take_lease`) and waits for the owner's
+answer: a lease at once when the engine is ready, else once the start or
+wake it begins is done; an error when that failed or too many wait; or "wait
+at the fleet's gate, then ask again". Giving a lease back (`return_lease`)
+is a message too. Because the owner takes asks and its own decisions (sleep,
+an idle stop, a drain) in the order they came, no decision is taken on a
+count that misses a request ahead of it. The fleet asks and waits for the
+owner to take it in: `admit`, `drain`, `undrain`.
+
+Others read the state through read-only properties; the fleet plans with a
+`Report`, the snapshot that `report` gives.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 import trio
 
 from . import events, idle_check, journal, learned, portcheck, startcheck, stopping
 from .config import EngineConfig
-from .errors import EngineUnavailable, QueueFull
+from .errors import EngineUnavailable, GatewayError, QueueFull
 from .lifecycle import AWAKE, Event, State, next_state
 from .systemd import (
     GONE,
@@ -112,6 +116,9 @@ class _Healthy:
 @dataclass(frozen=True)
 class _Sleep:
     cause: str
+    only_if_idle: bool = False
+    # the idle check's sleep_after, read from the configuration on its tick
+    sleep_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,21 +156,101 @@ class _StartFailed:
     reason: str
 
 
-_Message = (
-    _Want | _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
-    | _SleepFailed | _WakeFailed | _Reconfigure | _Idle
-)
-
-
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Lease:
-    """One request's hold on a ready engine (`Engine.take_lease`): while any
-    is out, the owner does not put the engine to sleep, and a stop or an
-    eviction gives its request a grace. Given back once (`Engine.return_lease`)."""
+    """One request's hold on a ready engine, granted by its owner
+    (`Engine.take_lease`): while any is out, the owner does not put the
+    engine to sleep, and a stop or an eviction gives its request a grace.
+    Given back once (`Engine.return_lease`)."""
 
     engine: str
     waited_s: float  # what the request waited for the engine to be ready
     serial: int
+    # set by the request that holds it, when it gives it back
+    returned: bool = field(default=False, compare=False)
+
+
+class _ToGate:
+    """The owner's answer to a request for an engine that holds no GPU
+    memory, or makes room: wait at the fleet's gate, then ask again."""
+
+
+_TO_GATE = _ToGate()
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    """A request's ask for a lease, the same for each time it asks."""
+
+    max_waiting: int
+    t0: float  # trio time of its first ask
+    seen: int  # the failures counted then: a later one fails it
+
+
+@dataclass(eq=False)
+class _Reply:
+    """Where the owner puts its answer to one ask, once."""
+
+    answer: Lease | GatewayError | _ToGate | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(frozen=True, eq=False)
+class _Ask:
+    """A request wants a lease (`from_gate`: having passed the fleet's gate)."""
+
+    ticket: _Ticket
+    reply: _Reply
+    from_gate: bool = False
+
+
+@dataclass(frozen=True)
+class _Withdraw:
+    """The request left while it waited for the answer to `ask`: a lease
+    granted meanwhile comes back."""
+
+    ask: _Ask
+
+
+@dataclass(frozen=True)
+class _LeftGate:
+    """A request that the owner sent to the fleet's gate left it without passing."""
+
+
+@dataclass(frozen=True)
+class _Return:
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class _Admit:
+    swapped: bool
+    done: trio.Event
+
+
+@dataclass(frozen=True)
+class _Drain:
+    action: str
+    cause: str
+    detail: str
+    done: trio.Event
+
+
+@dataclass(frozen=True)
+class _Undrain:
+    done: trio.Event
+
+
+@dataclass(frozen=True)
+class _GraceEnded:
+    """The grace for the requests in flight ended (they finished, or were cut)."""
+
+
+_Message = (
+    _Want | _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
+    | _SleepFailed | _WakeFailed | _Reconfigure | _Idle | _Ask | _Withdraw | _LeftGate | _Return
+    | _Admit | _Drain | _Undrain | _GraceEnded
+)
 
 
 @dataclass(frozen=True)
@@ -229,10 +316,11 @@ class Engine:
         self._facts_key = learned.engine_key(cfg.command, cfg.environment)
         self.facts = self.store.get(self._facts_key)
         self._cold_since: float | None = None  # when the start the first client waits for began
-        # The requests' hold on the engine, written here alone (`take_lease`,
-        # `return_lease`, `acquire`): read them through the properties below.
-        self._waiting = 0  # requests waiting for the engine to be ready
-        self._queued = 0  # of those, the ones waiting at the fleet's gate
+        # The requests' hold on the engine, written by the owner task alone
+        # (requests ask it: `take_lease`, `return_lease`); read them through
+        # the properties below.
+        self._waiters: list[_Ask] = []  # past the fleet's gate, waiting for it to be ready
+        self._at_gate = 0  # requests the owner sent to wait at the fleet's gate
         self._leases: set[int] = set()  # the serials of the leases out
         self._lease_serial = 0
         self._last_used = 0.0  # trio time a lease was last taken or given back
@@ -282,7 +370,7 @@ class Engine:
     def sleep_enabled(self) -> bool:
         return self.cfg.sleep_after_s is not None and not self.sleep_refused
 
-    # ---- asked by request handlers (any task) ----
+    # ---- read by anyone (the owner alone writes) ----
 
     @property
     def ready(self) -> bool:
@@ -310,7 +398,7 @@ class Engine:
 
     def report(self) -> Report:
         """What the fleet plans with, as of now."""
-        return Report(self.state, self.active, self._waiting - self._queued, self._last_used,
+        return Report(self.state, self.active, len(self._waiters), self._last_used,
                       self._awake_since, self._reserved, self._draining, self.sleep_enabled)
 
     @property
@@ -321,12 +409,12 @@ class Engine:
     @property
     def waiting(self) -> int:
         """Requests waiting for the engine to be ready (those at the gate included)."""
-        return self._waiting
+        return len(self._waiters) + self._at_gate
 
     @property
     def queued(self) -> int:
         """Requests waiting at the fleet's gate (part of `waiting`)."""
-        return self._queued
+        return self._at_gate
 
     @property
     def last_used(self) -> float:
@@ -341,114 +429,66 @@ class Engine:
     @property
     def busy(self) -> int:
         """Requests in flight or waiting for this engine."""
-        return self.active + self._waiting
-
-    def _busy_changed(self, before: int) -> None:
-        now = self.busy
-        if (before == 0) != (now == 0):
-            self._idle_since = time.time() if now == 0 else None
-            self._on_change()
-            if now == 0 and self.restart_with is not None:
-                self._inbox_send.send_nowait(_Idle())
+        return self.active + self.waiting
 
     def idle_verdict(self, now: float, stop_after_s: float | None = None) -> idle_check.Verdict:
         """What the idle check's rule says of the engine at `now` (epoch
         seconds), on its live state: requests past the gate count as in flight.
         `stop_after_s`: the threshold the idle check read, where it sent one."""
-        cfg = self.cfg if stop_after_s is None else replace(self.cfg, stop_after_s=stop_after_s)
+        return self._idle_verdict(
+            self.cfg if stop_after_s is None else replace(self.cfg, stop_after_s=stop_after_s), now)
+
+    def _idle_verdict(self, cfg: EngineConfig, now: float) -> idle_check.Verdict:
         idle_s = 0.0 if self._idle_since is None else max(0.0, now - self._idle_since)
         can_sleep = self.sleep_enabled or cfg.sleep_after_s is None
-        return idle_check.verdict(cfg, self.state.value, self.active + self._waiting - self._queued,
-                                  idle_s, can_sleep)
+        return idle_check.verdict(cfg, self.state.value, self.active + len(self._waiters), idle_s, can_sleep)
 
     def in_state(self, *states: State) -> bool:
         """The state now (a call, so that type checkers do not narrow it across awaits)."""
         return self.state in states
 
-    async def acquire(self, max_waiting: int) -> float:
-        """Return once the engine is ready; the seconds waited for it.
-
-        Raises EngineUnavailable when a start this request waited for failed,
-        or while cooling down after failures; QueueFull past `max_waiting`.
-        """
-        if self.ready and not self._draining:
-            return 0.0
-        if self._waiting >= max_waiting:
-            raise QueueFull(
-                f"vllm-gateway: {self._waiting} requests already wait for the engine to start; try again",
-                retry_after_s=5,
-            )
-        t0 = trio.current_time()
-        seen = self.last_failure.seq if self.last_failure else 0
-        self._waiting += 1
-        self._busy_changed(self.busy - 1)
-        try:
-            while not (self.ready and not self._draining):
-                failure = self.last_failure
-                if failure is not None and failure.seq != seen:
-                    raise self._unavailable(failure)
-                if self.state is State.FAILED and trio.current_time() < self._retry_at:
-                    assert failure is not None
-                    raise self._unavailable(failure)
-                if self._gate is not None and (self._draining or not self.holds_memory):
-                    self._queued += 1
-                    self._settle_reservation()
-                    try:
-                        await self._gate(self)
-                    finally:
-                        self._queued -= 1
-                    continue
-                changed = self._changed
-                self._inbox_send.send_nowait(_Want())
-                await changed.wait()
-        finally:
-            self._waiting -= 1
-            self._settle_reservation()
-            self._busy_changed(self.busy + 1)
-        return trio.current_time() - t0
-
-    @property
-    def _wanted_past_gate(self) -> bool:
-        return self._waiting > self._queued
-
-    @property
-    def _wanted(self) -> bool:
-        """Requests wait for this engine past the gate: start or wake it."""
-        return self._wanted_past_gate and not self._draining
-
-    def _unavailable(self, failure: Failure) -> EngineUnavailable:
-        retry = max(1.0, self._retry_at - trio.current_time())
-        return EngineUnavailable(failure.message, retry_after_s=retry)
+    # ---- asked by request handlers (their tasks) ----
 
     async def take_lease(self, max_waiting: int) -> Lease:
         """Hold the engine awake for one request, once it is ready; give the
-        lease back with `return_lease`. Raises as `acquire` does.
+        lease back with `return_lease`.
 
-        The count goes up in the same step as `acquire` returns (no
-        checkpoint between), so the owner never puts to sleep an engine that
-        a request is about to use.
+        The owner grants it: at once when the engine is ready, else once a
+        start or wake it begins for the request is done. Raises
+        EngineUnavailable when that start failed, or while cooling down
+        after failures; QueueFull past `max_waiting` waiting; the fleet's
+        errors (GpuBusy, GpuYielded) from its gate.
         """
-        waited = await self.acquire(max_waiting)
-        self._lease_serial += 1
-        lease = Lease(self.cfg.name, waited, self._lease_serial)
-        self._leases.add(lease.serial)
-        self._last_used = trio.current_time()
-        if len(self._leases) == 1 and self._waiting == 0:
-            self._busy_changed(0)
-        return lease
+        failure = self.last_failure
+        ticket = _Ticket(max_waiting, trio.current_time(), failure.seq if failure else 0)
+        from_gate = False
+        while True:
+            ask = _Ask(ticket, _Reply(), from_gate)
+            self._inbox_send.send_nowait(ask)
+            try:
+                await ask.reply.done.wait()
+            except BaseException:
+                self._inbox_send.send_nowait(_Withdraw(ask))
+                raise
+            answer = ask.reply.answer
+            if isinstance(answer, Lease):
+                return answer
+            if isinstance(answer, GatewayError):
+                raise answer
+            assert self._gate is not None and answer is _TO_GATE
+            try:
+                await self._gate(self)
+            except BaseException:
+                self._inbox_send.send_nowait(_LeftGate())
+                raise
+            from_gate = True
 
     def return_lease(self, lease: Lease) -> None:
         """The request is done with the engine (however it ended)."""
-        if lease.engine != self.cfg.name or lease.serial not in self._leases:
+        if lease.engine != self.cfg.name or lease.returned:
             raise ValueError(f"engine {self.cfg.name}: lease {lease.serial} of {lease.engine} is not out")
-        self._leases.remove(lease.serial)
-        self._last_used = trio.current_time()
-        ended, self._lease_ended = self._lease_ended, trio.Event()
-        ended.set()
-        if not self._leases and self._waiting == 0:
-            self._busy_changed(1)
-        if not self._leases and self._draining:
-            self._on_drained()
+        lease.returned = True
+        self._inbox_send.send_nowait(_Return(lease))
 
     @asynccontextmanager
     async def lease(self, max_waiting: int) -> AsyncIterator[Lease]:
@@ -459,6 +499,13 @@ class Engine:
         finally:
             self.return_lease(lease)
 
+    async def acquire(self, max_waiting: int) -> float:
+        """Return once the engine is ready (as a lease taken and given back at
+        once); the seconds waited for it. Raises as `take_lease` does."""
+        lease = await self.take_lease(max_waiting)
+        self.return_lease(lease)
+        return lease.waited_s
+
     # ---- asked by the fleet (its task) ----
 
     def join_fleet(self, gate: Callable[[Engine], Awaitable[None]], on_drained: Callable[[], None]) -> None:
@@ -468,40 +515,37 @@ class Engine:
         self._gate = gate
         self._on_drained = on_drained
 
-    def admit(self, *, swapped: bool = False) -> None:
+    async def admit(self, *, swapped: bool = False) -> None:
         """The fleet lets the engine take its GPU memory: it counts as holding
-        it, and as just used and swapped in, from now on. The admission ends
-        once it is awake, or when no request past the gate waits for it.
-        `swapped`: others made room for it."""
-        self._reserved = self.state not in AWAKE
-        self._last_used = self._awake_since = trio.current_time()
-        if swapped:
-            self._on_event(events.Swap())
+        it, and as just used and swapped in, from the owner's answer on. The
+        admission ends once it is awake, or when no request past the gate
+        waits for it. `swapped`: others made room for it."""
+        await self._ask(_Admit(swapped, trio.Event()))
 
-    def drain(self, action: str, cause: str, detail: str) -> None:
+    async def drain(self, action: str, cause: str, detail: str) -> None:
         """Make room on the GPU: new requests wait at the fleet's gate; those
         in flight (or past the gate) finish within stop_grace, then the fleet
         asks again; without any, the engine sleeps (`action` "sleep", where it
-        can) or stops. `detail` names who the room is for."""
-        self._draining = True
-        if self.active > 0 or self._wanted_past_gate:
-            self.cut_after_grace(cause, detail)
-            return
-        if action == "sleep" and self.state is State.READY and self.sleep_enabled:
-            self.request_sleep(cause)
-        elif self.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
-            self.request_stop(cause, detail=detail)
+        can) or stops. `detail` names who the room is for. Returns once the
+        owner took it in."""
+        await self._ask(_Drain(action, cause, detail, trio.Event()))
 
-    def undrain(self) -> None:
+    async def undrain(self) -> None:
         """It no longer needs to make room: requests may use it again."""
-        self._draining = False
+        await self._ask(_Undrain(trio.Event()))
 
-    def _settle_reservation(self) -> None:
-        if self._reserved and (self.state in AWAKE or self._waiting == self._queued):
-            self._reserved = False
+    async def _ask(self, msg: _Admit | _Drain | _Undrain) -> None:
+        self._inbox_send.send_nowait(msg)
+        await msg.done.wait()
 
-    def request_sleep(self, cause: str) -> None:
-        self._inbox_send.send_nowait(_Sleep(cause))
+    # ---- asked by anyone: the owner acts on its next step ----
+
+    def request_sleep(self, cause: str, *, only_if_idle: bool = False,
+                      sleep_after_s: float | None = None) -> None:
+        """Put a ready engine to sleep, unless requests are in flight or wait;
+        `only_if_idle` (the idle check): unless the engine's own idle rule,
+        with `sleep_after_s` where given, says otherwise now."""
+        self._inbox_send.send_nowait(_Sleep(cause, only_if_idle, sleep_after_s))
 
     async def wait_changed(self, timeout_s: float) -> None:
         """Wait until the state changes, or the timeout passes."""
@@ -520,27 +564,6 @@ class Engine:
                      stop_after_s: float | None = None) -> None:
         self._inbox_send.send_nowait(_Stop(cause, only_if_idle, detail, stop_after_s))
 
-    def cut_after_grace(self, cause: str, detail: str = "") -> None:
-        """Let the requests in flight finish within stop_grace, then close
-        their engine connections (they fail with a message naming `cause`)."""
-        if self._cutting or not self.active:
-            return
-        self._cutting = True
-        self._nursery.start_soon(self._cut_after_grace, stopping.cut_message(self.cfg.name, cause, detail),
-                                 cause in stopping.RETRY_UNANSWERED)
-
-    async def _cut_after_grace(self, message: str, retry: bool) -> None:
-        try:
-            with trio.move_on_after(self.cfg.stop_grace_s):
-                while self.active:
-                    await self._lease_ended.wait()
-            if self.active:
-                cut = self.upstream.cut(message, retry=retry)
-                log.warning("engine %s: %d requests still in flight after the grace of %g s were cut",
-                            self.cfg.name, cut, self.cfg.stop_grace_s)
-        finally:
-            self._cutting = False
-
     async def wait_for(self, *states: State, timeout_s: float) -> bool:
         with trio.move_on_after(timeout_s):
             while self.state not in states:
@@ -550,6 +573,27 @@ class Engine:
 
     # ---- the owner task ----
 
+    def _cut_after_grace(self, cause: str, detail: str = "") -> None:
+        """Let the requests in flight finish within stop_grace, then close
+        their engine connections (they fail with a message naming `cause`)."""
+        if self._cutting or not self.active:
+            return
+        self._cutting = True
+        self._nursery.start_soon(self._grace, stopping.cut_message(self.cfg.name, cause, detail),
+                                 cause in stopping.RETRY_UNANSWERED)
+
+    async def _grace(self, message: str, retry: bool) -> None:
+        try:
+            with trio.move_on_after(self.cfg.stop_grace_s):
+                while self.active:
+                    await self._lease_ended.wait()
+            if self.active:
+                cut = self.upstream.cut(message, retry=retry)
+                log.warning("engine %s: %d requests still in flight after the grace of %g s were cut",
+                            self.cfg.name, cut, self.cfg.stop_grace_s)
+        finally:
+            self._inbox_send.send_nowait(_GraceEnded())
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.systemd.watch(self.cfg.unit) as signals, trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -558,6 +602,7 @@ class Engine:
             task_status.started()
             async for msg in self._inbox:
                 await self._handle(msg)
+                await self._serve_waiters()
 
     async def _forward_signals(self, signals: trio.MemoryReceiveChannel[UnitSignal]) -> None:
         async for signal in signals:
@@ -614,8 +659,8 @@ class Engine:
                 self._on_event(events.Wake(took))
                 log.info("engine %s awake after %.2f s", self.cfg.name, took)
                 self._set(Event.HEALTHY)
-            case _Sleep(cause):
-                await self._on_sleep(cause)
+            case _Sleep(cause, only_if_idle, sleep_after_s):
+                await self._on_sleep(cause, only_if_idle, sleep_after_s)
             case _Slept(attempt) if attempt == self._attempt and self.state is State.GOING_TO_SLEEP:
                 self._cancel_attempt()
                 log.info("engine %s asleep (level %d) after %.1f s", self.cfg.name,
@@ -651,6 +696,31 @@ class Engine:
                 await self._restart_if_idle()
             case _Idle():
                 await self._restart_if_idle()
+            case _Ask():
+                self._on_ask(msg)
+            case _Return(lease):
+                self._on_return(lease)
+            case _Withdraw(ask):
+                self._on_withdraw(ask)
+            case _LeftGate():
+                before = self.busy
+                self._at_gate -= 1
+                self._settle_reservation()
+                self._busy_changed(before)
+            case _Admit(swapped, done):
+                self._reserved = self.state not in AWAKE
+                self._last_used = self._awake_since = trio.current_time()
+                if swapped:
+                    self._on_event(events.Swap())
+                done.set()
+            case _Drain(action, cause, detail, done):
+                self._on_drain(action, cause, detail)
+                done.set()
+            case _Undrain(done):
+                self._draining = False
+                done.set()
+            case _GraceEnded():
+                self._cutting = False
             case _Version(version):
                 facts = self.facts.seen_version(version)
                 if facts.sleep_refused is None and self.facts.sleep_refused is not None:
@@ -661,6 +731,125 @@ class Engine:
             case _:
                 pass  # a stale message from an earlier attempt
 
+    # ---- the requests' hold, as the owner keeps it ----
+
+    @property
+    def _wanted(self) -> bool:
+        """Requests wait for this engine past the gate: start or wake it."""
+        return bool(self._waiters) and not self._draining
+
+    def _on_ask(self, ask: _Ask) -> None:
+        before = self.busy
+        if ask.from_gate:
+            self._at_gate -= 1
+        if ask.from_gate or not (self.ready and not self._draining):
+            if not ask.from_gate and self.waiting >= ask.ticket.max_waiting:
+                self._answer(ask, QueueFull(
+                    f"vllm-gateway: {self.waiting} requests already wait for the engine to start; "
+                    "try again", retry_after_s=5,
+                ))
+            else:
+                self._waiters.append(ask)
+        else:  # ready: no wait
+            self._answer(ask, self._grant(0.0))
+        self._busy_changed(before)
+
+    async def _serve_waiters(self) -> None:
+        """Answer the requests waiting past the gate that can be answered now;
+        start or wake the engine for the others."""
+        if not self._waiters:
+            return
+        self._answer_waiters()
+        if self._wanted:
+            await self._on_want()
+            self._answer_waiters()
+
+    def _answer_waiters(self) -> None:
+        before = self.busy
+        now = trio.current_time()
+        failure = self.last_failure
+        for ask in list(self._waiters):
+            answer: Lease | GatewayError | _ToGate
+            if self.ready and not self._draining:
+                answer = self._grant(now - ask.ticket.t0)
+            elif failure is not None and failure.seq != ask.ticket.seen:
+                answer = self._unavailable(failure)  # the start it waited for failed
+            elif failure is not None and self.state is State.FAILED and now < self._retry_at:
+                answer = self._unavailable(failure)  # cooling down
+            elif self._gate is not None and (self._draining or not self.holds_memory):
+                answer = _TO_GATE
+                self._at_gate += 1
+            else:
+                continue
+            self._waiters.remove(ask)
+            self._answer(ask, answer)
+        self._settle_reservation()
+        self._busy_changed(before)
+
+    @staticmethod
+    def _answer(ask: _Ask, answer: Lease | GatewayError | _ToGate) -> None:
+        ask.reply.answer = answer
+        ask.reply.done.set()
+
+    def _grant(self, waited_s: float) -> Lease:
+        self._lease_serial += 1
+        self._leases.add(self._lease_serial)
+        self._last_used = trio.current_time()
+        return Lease(self.cfg.name, waited_s, self._lease_serial)
+
+    def _on_return(self, lease: Lease) -> None:
+        if lease.serial not in self._leases:
+            log.error("engine %s: lease %d given back but not out", self.cfg.name, lease.serial)
+            return
+        before = self.busy
+        self._leases.remove(lease.serial)
+        self._last_used = trio.current_time()
+        ended, self._lease_ended = self._lease_ended, trio.Event()
+        ended.set()
+        self._busy_changed(before)
+        if not self._leases and self._draining:
+            self._on_drained()
+
+    def _on_withdraw(self, ask: _Ask) -> None:
+        """The request left before it read its answer: undo what it was given."""
+        before = self.busy
+        answer = ask.reply.answer
+        if ask in self._waiters:
+            self._waiters.remove(ask)
+        elif isinstance(answer, Lease):
+            self._on_return(answer)  # never seen by the request, so never given back by it
+        elif answer is _TO_GATE:
+            self._at_gate -= 1
+        self._settle_reservation()
+        self._busy_changed(before)
+
+    def _busy_changed(self, before: int) -> None:
+        now = self.busy
+        if (before == 0) != (now == 0):
+            self._idle_since = time.time() if now == 0 else None
+            self._on_change()
+            if now == 0 and self.restart_with is not None:
+                self._inbox_send.send_nowait(_Idle())
+
+    def _unavailable(self, failure: Failure) -> EngineUnavailable:
+        retry = max(1.0, self._retry_at - trio.current_time())
+        return EngineUnavailable(failure.message, retry_after_s=retry)
+
+    def _settle_reservation(self) -> None:
+        if self._reserved and (self.state in AWAKE or not self._waiters):
+            self._reserved = False
+
+    def _on_drain(self, action: str, cause: str, detail: str) -> None:
+        self._draining = True
+        if self.active > 0 or self._waiters:
+            # those in flight get their grace; those waiting go to the gate
+            self._cut_after_grace(cause, detail)
+            return
+        if action == "sleep" and self.state is State.READY and self.sleep_enabled:
+            self.request_sleep(cause)
+        elif self.state in (State.STARTING, State.READY, State.WAKING, State.SLEEPING):
+            self.request_stop(cause, detail=detail)
+
     async def _on_want(self) -> None:
         if self.state is State.FAILED and trio.current_time() >= self._retry_at:
             self._set(Event.RESET)
@@ -670,13 +859,21 @@ class Engine:
             self._set(Event.WAKE)
             self._spawn_attempt(self._wake)
 
-    async def _on_sleep(self, cause: str) -> None:
+    async def _on_sleep(self, cause: str, only_if_idle: bool = False,
+                        sleep_after_s: float | None = None) -> None:
         if self.state is not State.READY or not self.sleep_enabled:
             return
         if self.active > 0 or self._wanted:
             log.info("not putting engine %s to sleep (%s): %d requests in flight",
-                     self.cfg.name, cause, self.active + self._waiting - self._queued)
+                     self.cfg.name, cause, self.active + len(self._waiters))
             return
+        if only_if_idle:
+            cfg = self.cfg if sleep_after_s is None else replace(self.cfg, sleep_after_s=sleep_after_s)
+            verdict = self._idle_verdict(cfg, time.time())
+            if verdict.action is not idle_check.Action.SLEEP:
+                # the idle check read a status that a request has made stale
+                log.info("not putting engine %s to sleep (%s): %s", self.cfg.name, cause, verdict.reason)
+                return
         log.info("putting engine %s to sleep at level %d (%s)", self.cfg.name, self.cfg.sleep_level, cause)
         self._set(Event.SLEEP)
         self._spawn_attempt(self._sleep)
@@ -926,7 +1123,7 @@ class Engine:
             if self.active and cause in stopping.GRACEFUL:
                 log.info("stopping engine %s (%s) once its %d requests in flight end, within %g s",
                          self.cfg.name, cause, self.active, self.cfg.stop_grace_s)
-                self.cut_after_grace(cause, detail)
+                self._cut_after_grace(cause, detail)
                 self._spawn_attempt(self._wait_drained)
                 return
             log.info("stopping engine %s (%s)", self.cfg.name, cause)

@@ -253,12 +253,12 @@ class Fleet:
     async def _step(self) -> float:
         """One pass; returns the trio time by which to look again at the latest."""
         if self.holds:
-            self._yield_step()
+            await self._yield_step()
             if all(self._holders(e) for e in self.engines.values()):
                 return math.inf
         self._release_admitted()
         if not self._queue:
-            self._undrain(keep=())
+            await self._undrain(keep=())
             return math.inf
         target = self._queue[0].engine
         devices = await self._devices(target)
@@ -268,25 +268,26 @@ class Fleet:
         )
         match decision:
             case Fits():
-                self._undrain(keep=())
+                await self._undrain(keep=())
                 swapped = self._making_room_for is target
                 if swapped:
                     self.swaps += 1
                     log.info("swapping in engine %s (swap %d)", target.cfg.name, self.swaps)
                 self._making_room_for = None
-                target.admit(swapped=swapped)
+                await target.admit(swapped=swapped)
                 self._release_admitted()
                 return trio.current_time()  # look at the next in line
             case Evict(victims, reason):
                 self._note(f"evicting {', '.join(name for name, _ in victims)} {reason}")
-                self._undrain(keep=[name for name, _ in victims])
+                await self._undrain(keep=[name for name, _ in victims])
                 self._making_room_for = target
                 for name, action in victims:
-                    self._evict(self.engines[name], action, "evicted", f"the engine {target.cfg.name!r}")
+                    await self._evict(self.engines[name], action, "evicted",
+                                      f"the engine {target.cfg.name!r}")
                 return math.inf
             case Wait(until, reason):
                 self._note(f"{target.cfg.name} waits: {reason}")
-                self._undrain(keep=())
+                await self._undrain(keep=())
                 return until
             case Refuse(message):
                 log.warning("%s", message)
@@ -313,17 +314,17 @@ class Fleet:
                 t.error = error
                 t.done.set()
 
-    def _undrain(self, keep: Collection[str]) -> None:
+    async def _undrain(self, keep: Collection[str]) -> None:
         for e in self.engines.values():
             if e.draining and e.cfg.name not in keep and not self._holders(e):
-                e.undrain()
+                await e.undrain()
 
-    def _evict(self, e: Engine, action: str, cause: str, detail: str) -> None:
+    async def _evict(self, e: Engine, action: str, cause: str, detail: str) -> None:
         # its requests finish first (within its stop_grace, then they are
         # cut), and the bump once they did brings us back here
-        e.drain(action, cause, detail)
+        await e.drain(action, cause, detail)
 
-    def _yield_step(self) -> None:
+    async def _yield_step(self) -> None:
         for t in list(self._queue):
             if self._holders(t.engine):
                 self._queue.remove(t)
@@ -331,7 +332,7 @@ class Fleet:
                 t.done.set()
         for e in self.engines.values():
             if e.state in AWAKE and (holders := self._holders(e)):
-                self._evict(e, "sleep", "yield", ", ".join(sorted(holders)))
+                await self._evict(e, "sleep", "yield", ", ".join(sorted(holders)))
 
     def _view(self, e: Engine) -> EngineView:
         """What placement sees of `e`: what its owner reports now, and its figures."""

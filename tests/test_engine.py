@@ -18,7 +18,7 @@ import trio.testing
 from shim import events, learned
 from shim.config import EngineConfig
 from shim.engine import FAILURE_COOLDOWN_S, IDLE_TIMER, Engine
-from shim.errors import EngineUnavailable
+from shim.errors import EngineUnavailable, QueueFull
 from shim.lifecycle import State
 from tests.standins import FakeSystemd, FakeVllm, standins
 
@@ -275,10 +275,12 @@ async def test_a_lease_is_taken_when_ready_and_given_back_once(
         assert engine.last_used == trio.current_time()
         await trio.sleep(3.0)
         engine.return_lease(lease)
+        await trio.testing.wait_all_tasks_blocked()  # the owner counts it
         assert engine.active == 0 and engine.idle_since is not None
         assert engine.last_used == trio.current_time()
         with pytest.raises(ValueError, match="is not out"):
             engine.return_lease(lease)
+        await trio.testing.wait_all_tasks_blocked()
         assert engine.active == 0
 
 
@@ -289,7 +291,7 @@ async def test_an_admission_holds_memory_until_the_engine_is_awake(
         admitted = trio.Event()
 
         async def gate(e: Engine) -> None:
-            e.admit(swapped=True)
+            await e.admit(swapped=True)
             admitted.set()
             await trio.lowlevel.checkpoint()
 
@@ -312,12 +314,13 @@ async def test_an_admission_ends_when_its_request_leaves(
     async with running(sd, config()) as (engine, _seen):
 
         async def gate(e: Engine) -> None:
-            e.admit()
+            await e.admit()
             await trio.sleep_forever()  # the request gives up before it passes
 
         engine.join_fleet(gate, lambda: None)
         with trio.move_on_after(1.0):
             await engine.acquire(MAX_WAITING)
+        await trio.testing.wait_all_tasks_blocked()  # the owner hears that it left
         assert not engine.reserved and not engine.holds_memory
         assert engine.busy == 0 and not sd.started
 
@@ -333,22 +336,23 @@ async def test_a_drain_holds_new_requests_at_the_gate_until_the_ones_in_flight_e
         async def gate(e: Engine) -> None:
             gated.append(trio.current_time())
             await let_in.wait()
-            e.admit()
+            await e.admit()
 
         lease = await engine.take_lease(MAX_WAITING)
         engine.join_fleet(gate, lambda: drained.append(trio.current_time()))
-        engine.drain("sleep", "evicted", "the engine 'b'")
+        await engine.drain("sleep", "evicted", "the engine 'b'")
         assert engine.draining and engine.report().draining
         with trio.move_on_after(1.0):
             await engine.acquire(MAX_WAITING)
         assert len(gated) == 1 and not engine.reserved  # it waited at the gate, and left
         assert engine.state is State.READY and not drained  # the request in flight goes on
         engine.return_lease(lease)
+        await trio.testing.wait_all_tasks_blocked()
         assert drained == [trio.current_time()]
         # asked again, with nothing in flight: it sleeps
-        engine.drain("sleep", "evicted", "the engine 'b'")
+        await engine.drain("sleep", "evicted", "the engine 'b'")
         assert await engine.wait_for(State.SLEEPING, timeout_s=5)
-        engine.undrain()
+        await engine.undrain()
         let_in.set()
         async with engine.lease(MAX_WAITING):
             assert engine.state is State.READY and not engine.draining
@@ -361,6 +365,7 @@ async def test_the_idle_decision_is_the_engines_on_its_live_state(
         async with engine.lease(MAX_WAITING):
             verdict = engine.idle_verdict(time.time() + 3600)
             assert not verdict.stop and verdict.reason == "1 requests in flight"
+        await trio.testing.wait_all_tasks_blocked()  # the owner counts the lease back
         assert engine.idle_verdict(time.time() + 601).stop
         # the timer's check read an old status: a request came and went since
         # then, and the engine, idle for less than stop_after, keeps running
@@ -378,6 +383,7 @@ async def test_the_idle_checks_stop_after_applies_without_a_reload(
     async with running(sd, config(stop_after_s=600.0)) as (engine, _seen):
         async with engine.lease(MAX_WAITING):
             pass
+        await trio.testing.wait_all_tasks_blocked()
         assert not engine.idle_verdict(time.time() + 6).stop
         assert engine.idle_verdict(time.time() + 6, stop_after_s=5.0).stop
         engine.request_stop("idle", only_if_idle=True)  # its own 600 s: kept
@@ -386,3 +392,73 @@ async def test_the_idle_checks_stop_after_applies_without_a_reload(
         engine.request_stop("idle", only_if_idle=True, stop_after_s=0.0)  # the check's: stopped
         assert await engine.wait_for(State.STOPPED, timeout_s=30)
         assert sd.stopped
+
+
+async def test_the_waiting_bound_holds_for_requests_that_arrive_in_one_step(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    # The owner counts the waiting requests, in the order they asked: a burst
+    # that arrives before it runs cannot slip past max_waiting.
+    sd, _ = standins
+    outcomes: list[str] = []
+    async with running(sd, config()) as (engine, _seen):
+
+        async def one() -> None:
+            try:
+                async with engine.lease(2):
+                    outcomes.append("served")
+            except QueueFull:
+                outcomes.append("full")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one)
+        assert sorted(outcomes) == ["full", "full", "full", "served", "served"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.busy == 0 and len(sd.started) == 1
+
+
+async def test_a_request_that_leaves_as_its_lease_is_granted_gives_it_back(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config()) as (engine, _seen):
+        with trio.move_on_after(vllm.start_s / 2):  # one that gives up while it starts
+            await engine.take_lease(MAX_WAITING)
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.state is State.STARTING and engine.busy == 0
+        assert await engine.wait_for(State.READY, timeout_s=vllm.start_s)
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled while its ask is on the way: granted, never seen
+            await engine.take_lease(MAX_WAITING)
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.active == 0 and engine.busy == 0 and engine.idle_since is not None
+
+
+async def test_a_sleep_asked_before_a_request_puts_it_to_sleep_first_and_the_request_wakes_it(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    # The owner takes the asks in order: a sleep asked just before a request
+    # is never half-done under it; the request waits for the wake.
+    sd, vllm = standins
+    async with running(sd, config(sleep_after_s=60.0)) as (engine, seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        engine.request_sleep("idle")
+        async with engine.lease(MAX_WAITING) as lease:
+            assert engine.state is State.READY and lease.waited_s >= vllm.wake_s
+        assert [type(e) for e in seen] == [events.ColdStart, events.Sleep, events.Wake]
+
+
+
+async def test_the_idle_sleep_is_decided_by_the_engine_on_its_live_state(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    async with running(sd, config(sleep_after_s=600.0)) as (engine, seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        # the idle check read an old status; the engine was used since
+        engine.request_sleep("idle", only_if_idle=True)
+        await trio.sleep(1.0)
+        assert engine.state is State.READY and [type(e) for e in seen] == [events.ColdStart]
+        # the check's own sleep_after, read from the file on its tick, applies
+        engine.request_sleep("idle", only_if_idle=True, sleep_after_s=0.0)
+        assert await engine.wait_for(State.SLEEPING, timeout_s=5)
+        assert (8100, "POST", "/sleep?level=1") in vllm.calls
