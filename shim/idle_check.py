@@ -9,9 +9,10 @@ running but the engine is, only the stop tier applies, and the idle time
 counts from whichever came later: the engine's start or the shim's exit.
 
 The rule itself (`verdict`) is pure, and the one that counts while the shim
-runs is the engine owner's: a stop this check asks for is decided again by
-the engine on its live state (engine.py, `Engine.idle_verdict`), so a
-request that came, or came and went, after the status was read keeps it.
+runs is the engine owner's: a stop or a sleep this check asks for is
+decided again by the engine on its live state (engine.py,
+`Engine.idle_verdict`), so a request that came, or came and went, after
+the status was read keeps it awake.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ async def _check(sd: systemd.Systemd, engine: EngineConfig, shim: systemd.UnitSt
             await sd.stop_unit(engine.unit)
     elif verdict.action is Action.SLEEP:
         log.info("asking the gateway to put %s to sleep: %s", engine.unit, verdict.reason)
-        answer = await control.request("POST", f"/gateway/sleep?{which}")
+        # the engine decides again on its live state, with the threshold read now
+        answer = await control.request(
+            "POST", f"/gateway/sleep?cause=idle&{which}&sleep_after={engine.sleep_after_s!r}")
         if answer is None:
             log.warning("the gateway's control socket %s did not answer", control.socket_path())
         elif answer[0] != 200:

@@ -20,7 +20,7 @@ import trio.testing
 
 from shim import config, events, learned
 from shim.engine import Engine
-from shim.errors import GpuYielded
+from shim.errors import GpuBusy, GpuYielded
 from shim.fleet import Fleet
 from shim.gpu import GpuMemory
 from shim.lifecycle import State
@@ -154,3 +154,39 @@ async def test_a_yield_takes_the_gpu_until_it_is_released(
         fleet.release("whisper")
         async with engines["b"].lease(MAX_WAITING):
             assert engines["b"].state is State.READY
+
+
+async def test_mixed_requests_swap_in_batches_not_at_every_request(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    # Requests for one engine are admitted together: ten requests that
+    # alternate between two engines that cannot share the GPU cost one swap.
+    sd, vllm = standins
+    cfg = gateway_config(a={"models": ["alpha"], "port": 8101, "sleep_after": "10m"},
+                         b={"models": ["beta"], "port": 8102, "sleep_after": "10m"})
+    async with fleet_of(sd, vllm, cfg) as (fleet, engines, _seen):
+        served: list[str] = []
+
+        async def one(name: str) -> None:
+            async with engines[name].lease(MAX_WAITING):
+                served.append(name)
+                await trio.sleep(0.5)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(one, "ab"[i % 2])
+        assert sorted(served) == ["a"] * 5 + ["b"] * 5
+        assert served == sorted(served) or served == sorted(served, reverse=True)
+        assert fleet.swaps == 1 and len(sd.started) == 2
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(e.busy == 0 for e in engines.values())
+
+
+async def test_an_engine_larger_than_the_gpu_is_refused_at_once(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    sd, vllm = standins
+    cfg = gateway_config(a={"models": ["alpha"], "port": 8101, "memory": f"{GPU_MIB * 2}MiB"})
+    async with fleet_of(sd, vllm, cfg) as (_fleet, engines, _seen):
+        with pytest.raises(GpuBusy, match="not enough GPU memory for the engine 'a'"):
+            await engines["a"].acquire(MAX_WAITING)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sd.started and engines["a"].busy == 0 and not engines["a"].holds_memory
