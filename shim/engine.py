@@ -6,14 +6,15 @@ fleet, systemd's signals, the start attempt's health probe — posts a
 message to its inbox (a step's result tagged with its attempt, so that a
 stale one is dropped), and the owner takes them one at a time, in order.
 
-A request asks for a `Lease` (`take_lease`) and waits for the owner's
-answer: a lease at once when the engine is ready, else once the start or
-wake it begins is done; an error when that failed or too many wait; or "wait
-at the fleet's gate, then ask again". Giving a lease back (`return_lease`)
-is a message too. Because the owner takes asks and its own decisions (sleep,
-an idle stop, a drain) in the order they came, no decision is taken on a
-count that misses a request ahead of it. The fleet asks and waits for the
-owner to take it in: `admit`, `drain`, `undrain`.
+A request that finds the engine ready takes a `Lease` (`take_lease`) and
+tells the owner, which counts every lease taken so before it decides
+anything else (a sleep, an idle stop, a drain): none is decided on a count
+that misses a request already served. Otherwise the request asks and waits
+for the owner's answer: a lease once the start or wake it begins is done;
+an error when that failed or too many wait; or "wait at the fleet's gate,
+then ask again". Giving a lease back (`return_lease`) is a message too. The
+fleet asks and waits for the owner to take it in: `admit`, `drain`,
+`undrain`.
 
 Others read the state through read-only properties; the fleet plans with a
 `Report`, the snapshot that `report` gives.
@@ -21,6 +22,8 @@ Others read the state through read-only properties; the fleet plans with a
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import math
@@ -176,6 +179,7 @@ class _ToGate:
 
 
 _TO_GATE = _ToGate()
+_SERIALS = itertools.count(1)  # of leases, across engines
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,13 @@ class _LeftGate:
 
 
 @dataclass(frozen=True)
+class _Taken:
+    """A request took a lease of the engine it saw ready (`take_lease`)."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True)
 class _Return:
     lease: Lease
 
@@ -248,7 +259,7 @@ class _GraceEnded:
 
 _Message = (
     _Want | _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
-    | _SleepFailed | _WakeFailed | _Reconfigure | _Idle | _Ask | _Withdraw | _LeftGate | _Return
+    | _SleepFailed | _WakeFailed | _Reconfigure | _Idle | _Ask | _Withdraw | _LeftGate | _Taken | _Return
     | _Admit | _Drain | _Undrain | _GraceEnded
 )
 
@@ -322,7 +333,6 @@ class Engine:
         self._waiters: list[_Ask] = []  # past the fleet's gate, waiting for it to be ready
         self._at_gate = 0  # requests the owner sent to wait at the fleet's gate
         self._leases: set[int] = set()  # the serials of the leases out
-        self._lease_serial = 0
         self._last_used = 0.0  # trio time a lease was last taken or given back
         # epoch seconds since nothing is in flight or waiting; None while busy
         self._idle_since: float | None = time.time()
@@ -335,6 +345,7 @@ class Engine:
         self._cutting = False  # a grace for the requests in flight runs
         self._changed = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[_Message](math.inf)
+        self._deferred: collections.deque[_Message] = collections.deque()  # taken from the inbox, in order
         self._attempt = 0
         self._attempt_scope: trio.CancelScope | None = None
         self._start_t0 = 0.0
@@ -459,6 +470,12 @@ class Engine:
         after failures; QueueFull past `max_waiting` waiting; the fleet's
         errors (GpuBusy, GpuYielded) from its gate.
         """
+        if self.ready and not self._draining:
+            # the common case: no wait, so no answer to wait for; the owner
+            # counts the lease before it decides anything else
+            lease = Lease(self.cfg.name, 0.0, next(_SERIALS))
+            self._inbox_send.send_nowait(_Taken(lease))
+            return lease
         failure = self.last_failure
         ticket = _Ticket(max_waiting, trio.current_time(), failure.seq if failure else 0)
         from_gate = False
@@ -600,9 +617,27 @@ class Engine:
             await self._adopt(await self.systemd.unit_state(self.cfg.unit))
             nursery.start_soon(self._forward_signals, signals)
             task_status.started()
-            async for msg in self._inbox:
+            while True:
+                msg = self._deferred.popleft() if self._deferred else await self._inbox.receive()
+                if not isinstance(msg, _Taken | _Return):
+                    self._count_taken()
                 await self._handle(msg)
                 await self._serve_waiters()
+
+    def _count_taken(self) -> None:
+        """Count the leases taken before anything else is decided: a request
+        that saw the engine ready took its lease in that same step, and a
+        sleep, stop or drain that was asked before it must not miss it. What
+        else is in the inbox keeps its order."""
+        while True:
+            try:
+                msg = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                return
+            if isinstance(msg, _Taken):
+                self._on_taken(msg.lease)
+            else:
+                self._deferred.append(msg)
 
     async def _forward_signals(self, signals: trio.MemoryReceiveChannel[UnitSignal]) -> None:
         async for signal in signals:
@@ -698,6 +733,8 @@ class Engine:
                 await self._restart_if_idle()
             case _Ask():
                 self._on_ask(msg)
+            case _Taken(lease):
+                self._on_taken(lease)
             case _Return(lease):
                 self._on_return(lease)
             case _Withdraw(ask):
@@ -792,10 +829,15 @@ class Engine:
         ask.reply.done.set()
 
     def _grant(self, waited_s: float) -> Lease:
-        self._lease_serial += 1
-        self._leases.add(self._lease_serial)
+        lease = Lease(self.cfg.name, waited_s, next(_SERIALS))
+        self._on_taken(lease)
+        return lease
+
+    def _on_taken(self, lease: Lease) -> None:
+        before = self.busy
+        self._leases.add(lease.serial)
         self._last_used = trio.current_time()
-        return Lease(self.cfg.name, waited_s, self._lease_serial)
+        self._busy_changed(before)
 
     def _on_return(self, lease: Lease) -> None:
         if lease.serial not in self._leases:

@@ -426,26 +426,47 @@ async def test_a_request_that_leaves_as_its_lease_is_granted_gives_it_back(
         await trio.testing.wait_all_tasks_blocked()
         assert engine.state is State.STARTING and engine.busy == 0
         assert await engine.wait_for(State.READY, timeout_s=vllm.start_s)
-        with trio.CancelScope() as scope:
-            scope.cancel()  # cancelled while its ask is on the way: granted, never seen
+    # one cancelled in the very step the owner grants its lease: it never
+    # sees the lease, and the owner takes it back
+    scope = trio.CancelScope()
+
+    def cancel_once_ready() -> None:
+        if engine.state is State.READY:
+            scope.cancel()
+
+    engine = Engine(config(), sd, cancel_once_ready, store=learned.Store(None))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        with scope:
             await engine.take_lease(MAX_WAITING)
+        assert scope.cancelled_caught and engine.state is State.READY
         await trio.testing.wait_all_tasks_blocked()
         assert engine.active == 0 and engine.busy == 0 and engine.idle_since is not None
+        nursery.cancel_scope.cancel()
 
 
-async def test_a_sleep_asked_before_a_request_puts_it_to_sleep_first_and_the_request_wakes_it(
+async def test_a_lease_taken_before_the_owner_reads_a_sleep_keeps_the_engine_awake(
         standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
-    # The owner takes the asks in order: a sleep asked just before a request
-    # is never half-done under it; the request waits for the wake.
+    # A request that sees the engine ready takes its lease in that step; the
+    # owner counts it before it acts on a sleep asked just before: the
+    # engine is never put to sleep under a request.
     sd, vllm = standins
     async with running(sd, config(sleep_after_s=60.0)) as (engine, seen):
         async with engine.lease(MAX_WAITING):
             pass
         engine.request_sleep("idle")
         async with engine.lease(MAX_WAITING) as lease:
+            assert lease.waited_s == 0.0
+            await trio.sleep(1.0)
+            assert engine.state is State.READY
+        assert [type(e) for e in seen] == [events.ColdStart]
+        assert not any(path.startswith("/sleep") for _, _, path in vllm.calls)
+        # asked again with nothing in flight, it sleeps; the next request wakes it
+        engine.request_sleep("idle")
+        await trio.testing.wait_all_tasks_blocked()
+        async with engine.lease(MAX_WAITING) as lease:
             assert engine.state is State.READY and lease.waited_s >= vllm.wake_s
         assert [type(e) for e in seen] == [events.ColdStart, events.Sleep, events.Wake]
-
 
 
 async def test_the_idle_sleep_is_decided_by_the_engine_on_its_live_state(
