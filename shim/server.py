@@ -35,6 +35,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
+    StreamBroken,
     UpstreamError,
     URITooLong,
     error_body,
@@ -49,7 +50,6 @@ from .page import Page
 from .proxy import (
     ClientSide,
     Exchange,
-    _StreamBroken,
     forward,
     outcome_of,
     send_stream_error,
@@ -317,7 +317,7 @@ class Gateway:
                     conn.start_next_cycle()
                 except h11.LocalProtocolError:
                     break
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _StreamBroken):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, StreamBroken):
             pass
         except Exception:
             # one broken exchange must never take the listener (and every
@@ -418,7 +418,7 @@ class Gateway:
                     else:
                         if ex.event_stream and client.conn.our_state is h11.SEND_BODY:
                             ex.bytes_out += await send_stream_error(client, e.body())
-                        raise _StreamBroken(e.message) from None
+                        raise StreamBroken(e.message) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if ex.outcome == "complete":
                 ex.outcome = "client_gone"
