@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import assert_never
 from urllib.parse import parse_qsl
 
@@ -184,21 +185,21 @@ class Gateway:
         self.activity.bump()
         self.page.bump()
 
-    def status_json(self) -> dict[str, object]:
+    def status(self) -> statusjson.GatewayStatus:
         """The gateway's state (statusjson.py has the schema)."""
         gpu = self.fleet.gpu
-        fleet: dict[str, object] = {
-            "holds": {who: round(since, 3) for who, since in self.fleet.holds.items()},
-            "swaps": self.fleet.swaps,
-            "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
-                                             "source": gpu.source},
-            **gpustatus.gpus_json(self.fleet),
-        }
-        return statusjson.gateway_json(
-            {name: (self.engine_status(e), self.engine_on_gpu(e)) for name, e in self.engines.items()},
-            summary=_summary(self.engines.values()) if self.cfg.several else None,
-            in_flight=self.activity.in_flight, fleet=fleet,
-            process=statusjson.GatewayProcess(os.getpid(), time.time() - self.started),
+        gpus, held = gpustatus.gpus_and_holders(self.fleet)
+        fleet = statusjson.FleetStatus(
+            holds={who: round(since, 3) for who, since in self.fleet.holds.items()},
+            swaps=self.fleet.swaps,
+            gpu=None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
+                                          "source": gpu.source},
+            gpus=gpus, held_gpus=held,
+        )
+        return statusjson.GatewayStatus(
+            {name: statusjson.EngineEntry(self.engine_status(e), self.engine_on_gpu(e))
+             for name, e in self.engines.items()},
+            fleet, statusjson.GatewayProcess(os.getpid(), time.time() - self.started),
         )
 
     def engine_status(self, e: Engine) -> statusjson.EngineStatus:
@@ -239,9 +240,10 @@ class Gateway:
             measured_memory=self.fleet.measured.as_json(e.cfg),
         )
 
-    async def status_now(self) -> dict[str, object]:
-        """`status_json`, with the start phase of starting engines from their journal."""
-        status = self.status_json()
+    async def status_now(self) -> statusjson.GatewayStatus:
+        """`status`, with the start phase of starting engines from their journal."""
+        status = self.status()
+        entries = dict(status.engines)
         for name, e in self.engines.items():
             if e.in_state(State.STARTING):
                 since = e.state_since
@@ -249,12 +251,8 @@ class Gateway:
                 shown = self._phases.get(name)
                 phase = journal.start_phase(lines, shown[1] if shown and shown[0] == since else "")
                 self._phases[name] = (since, phase)
-                if not self.cfg.several:
-                    status["start_phase"] = phase
-                engines = status["engines"]
-                assert isinstance(engines, dict)
-                engines[name]["start_phase"] = phase
-        return status
+                entries[name] = replace(entries[name], start_phase=phase)
+        return replace(status, engines=entries)
 
     async def status_loop(self) -> None:
         """Keep systemd's STATUS current: sent on every change (engine state,
@@ -488,7 +486,7 @@ class Gateway:
                 health["engines"] = {name: e.state.value for name, e in self.engines.items()}
             return await self._json(client, 200, health)
         if kind is Kind.STATUS:
-            return await self._json(client, 200, await self.status_now())
+            return await self._json(client, 200, (await self.status_now()).as_json())
         if kind is Kind.PAGE:
             return await self.page.serve_file(client, route.path, req.headers)
         if kind is Kind.EVENTS:
@@ -565,7 +563,7 @@ class Gateway:
                 await e.wait_for(State.STOPPED, State.FAILED, timeout_s=e.cfg.stop_timeout_s + 10)
                 e.request_start()
                 waited += await e.acquire(self.cfg.max_waiting)
-        ex = await self._json(client, 200, self.status_json())
+        ex = await self._json(client, 200, self.status().as_json())
         ex.waited_s = waited
         return ex
 
