@@ -66,7 +66,7 @@ def engine_state(unit: systemd.UnitState) -> str:
 
 def status_from_systemd(
     engine: EngineConfig, unit: systemd.UnitState, shim: systemd.UnitState, now: float
-) -> dict[str, object]:
+) -> statusjson.EngineView:
     """What /gateway/status would say, from systemd alone: used when the shim
     does not run or does not answer. The shim's STATUS text, when it has one,
     gives its state, requests in flight and idle time."""
@@ -104,7 +104,7 @@ def status_from_systemd(
         gateway_uptime_s=(max(0.0, now - shim.active_enter_us / 1e6)
                           if shim.running and shim.active_enter_us else None),
     )
-    return statusjson.without_shim_json(engine_status, process)
+    return statusjson.without_shim(engine_status, process)
 
 
 def _unit_failure(unit: systemd.UnitState) -> str | None:
@@ -135,17 +135,17 @@ def size(n: int | None) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def countdown(after_s: object, idle_s: object, state: str, applies: Sequence[str], done: str) -> str:
-    """Time left before a tier (sleep or stop) acts on the idle engine."""
+def countdown(after_s: float | None, idle_s: float | None, applies: bool, done: str | None) -> str:
+    """Time left before a tier (sleep or stop) acts on the idle engine:
+    `applies` where the tier acts on the engine's state, `done` what to say
+    where the engine already is where the tier would put it."""
     if after_s is None:
         return "off"
-    if state == done:
-        return "asleep" if done == State.SLEEPING.value else "-"
-    if state not in applies:
+    if done is not None:
+        return done
+    if not applies:
         return "-"
-    if not isinstance(after_s, int | float):
-        return "?"
-    if not isinstance(idle_s, int | float):
+    if idle_s is None:
         return f"after {duration(after_s)} idle"
     left = after_s - idle_s
     if left <= 0:
@@ -164,90 +164,88 @@ class Extras:
     engine_pid: int = 0  # the unit's MainPID as systemd reports it
 
 
-def render_table(status: Mapping[str, Any], extras: Extras, now: float, colour: bool = False) -> str:
+def render_table(view: statusjson.EngineView, extras: Extras, now: float, colour: bool = False) -> str:
     """The human status: one aligned `name  value` row per fact."""
-    state = str(status.get("state"))
+    st = view.entry.status
+    state = lifecycle.named(st.state)  # None: a word of systemd's, when the shim did not say
     shim = extras.shim
     if shim.running:
         gateway = "running"
         details = []
-        if status.get("gateway_pid") or shim.main_pid:
-            details.append(f"pid {status.get('gateway_pid') or shim.main_pid}")
-        if status.get("gateway_uptime_s") is not None:
-            details.append(f"up {duration(float(status['gateway_uptime_s']))}")
+        if view.process.gateway_pid or shim.main_pid:
+            details.append(f"pid {view.process.gateway_pid or shim.main_pid}")
+        if view.process.gateway_uptime_s is not None:
+            details.append(f"up {duration(view.process.gateway_uptime_s)}")
         if not extras.shim_answered:
             details.append("control socket not answering")
         gateway_value = _paint(gateway, colour) + (f" ({', '.join(details)})" if details else "")
     elif shim.active_state == "failed":
-        gateway_value = _paint("failed", colour, "failed") + f" ({shim.result or 'see: vllm-gateway logs'})"
+        gateway_value = _paint("failed", colour, State.FAILED.value) + \
+            f" ({shim.result or 'see: vllm-gateway logs'})"
     else:
         gateway_value = _paint("not running", colour) + " (starts on the next request)"
 
-    engine_value = _paint(state, colour)
-    since = status.get("state_since")
-    if isinstance(since, int | float) and since > 0:
-        engine_value += f" for {duration(now - since)}"
-    if status.get("start_phase"):
-        engine_value += f" ({status['start_phase']})"
-    engine_value += f"  [{status.get('engine')}, port {status.get('port')}]"
+    engine_value = _paint(st.state, colour)
+    if st.state_since is not None and st.state_since > 0:
+        engine_value += f" for {duration(now - st.state_since)}"
+    if view.entry.start_phase:
+        engine_value += f" ({view.entry.start_phase})"
+    engine_value += f"  [{st.engine}, port {st.port}]"
 
-    idle = status.get("idle_s")
-    in_flight = status.get("in_flight") or 0
-    sleep_tier = tuple(s.value for s in lifecycle.SLEEP_TIER)
-    stop_tier = (*(s.value for s in lifecycle.STOP_TIER), *_UNIT_RUNNING)
-    cold = status.get("last_cold_start_s")
-    wake = status.get("last_wake_s")
-    cold_value = "-" if cold is None else duration(float(cold))
-    if wake is not None:
-        cold_value += f" (last wake {duration(float(wake))})"
+    idle = st.idle_s
+    cold_value = "-" if st.last_cold_start_s is None else duration(st.last_cold_start_s)
+    if st.last_wake_s is not None:
+        cold_value += f" (last wake {duration(st.last_wake_s)})"
+    unit_runs = state is None and st.state in _UNIT_RUNNING
     rows = [
         ("gateway", gateway_value),
         ("engine", engine_value),
-        ("unit", str(status.get("unit"))),
-        ("main pid", str(status.get("main_pid") or extras.engine_pid or "-")),
-        ("idle", "busy" if in_flight else duration(idle if isinstance(idle, int | float) else None)),
-        ("next sleep", f"not supported: {status['sleep_refused']}" if status.get("sleep_refused")
-         else countdown(status.get("sleep_after_s"), idle, state, sleep_tier, State.SLEEPING.value)),
-        ("next stop", countdown(status.get("stop_after_s"), idle, state, stop_tier, State.STOPPED.value)),
-        ("in flight", f"{in_flight}" + (f" ({status['waiting']} waiting)" if status.get("waiting") else "")),
+        ("unit", st.unit),
+        ("main pid", str(st.main_pid or extras.engine_pid or "-")),
+        ("idle", "busy" if st.in_flight else duration(idle)),
+        ("next sleep", f"not supported: {st.sleep_refused}" if st.sleep_refused
+         else countdown(st.sleep_after_s, idle, state in lifecycle.SLEEP_TIER,
+                        "asleep" if state is State.SLEEPING else None)),
+        ("next stop", countdown(st.stop_after_s, idle, state in lifecycle.STOP_TIER or unit_runs,
+                                "-" if state is State.STOPPED else None)),
+        ("in flight", f"{st.in_flight}" + (f" ({st.waiting} waiting)" if st.waiting else "")),
         ("cold start", cold_value),
-        ("last error", last_error(status)),
+        ("last error", last_error(st)),
         ("memory", size(extras.memory_bytes)),
         ("vram", extras.vram),
-        *gpu_rows(status),
+        *gpu_rows(view.entry.on_gpu, st.sleep_level),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
-def gpu_rows(status: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The engine's GPUs and what it was measured to hold there (shim/meter.py)."""
-    rows = []
-    if isinstance(status.get("gpus"), list):
-        rows.append(("gpus", ", ".join(map(str, status["gpus"]))))
-    measured = status.get("measured_memory")
-    if isinstance(measured, dict):
-        def on(by_gpu: object) -> str:
-            if not isinstance(by_gpu, dict) or not by_gpu:
-                return "-"
-            return ", ".join(f"{size(int(n))} on GPU {d}" for d, n in sorted(by_gpu.items()))
-        asleep = measured.get("asleep")
-        level = str(status.get("sleep_level", 1))
-        kept = asleep.get(level) if isinstance(asleep, dict) else None
-        rows.append(("measured", f"now {on(measured.get('now'))}; awake {on(measured.get('awake'))}; "
-                                 f"asleep {on(kept)}"))
-    return rows
+def gpu_rows(on_gpu: statusjson.EngineOnGpu | None, sleep_level: int) -> list[tuple[str, str]]:
+    """The engine's GPUs and what it was measured to hold there (shim/meter.py);
+    nothing from an older shim, which did not say."""
+    if on_gpu is None:
+        return []
+
+    def on(by_gpu: object) -> str:
+        if not isinstance(by_gpu, dict) or not by_gpu:
+            return "-"
+        return ", ".join(f"{size(int(n))} on GPU {d}" for d, n in sorted(by_gpu.items()))
+
+    measured = on_gpu.measured_memory
+    asleep = measured.get("asleep")
+    kept = asleep.get(str(sleep_level)) if isinstance(asleep, dict) else None
+    return [("gpus", ", ".join(map(str, on_gpu.gpus))),
+            ("measured", f"now {on(measured.get('now'))}; awake {on(measured.get('awake'))}; "
+                         f"asleep {on(kept)}")]
 
 
-def last_error(status: Mapping[str, Any]) -> str:
+def last_error(status: statusjson.EngineStatus) -> str:
     """The last error in one line, with its time; marked past once a start succeeded since."""
-    message = status.get("last_error")
-    if not message:
+    if not status.last_error:
         return "-"
-    at = status.get("last_error_at")
-    when = time.strftime("%H:%M:%S", time.localtime(at)) + " " if isinstance(at, int | float) else ""
-    past = " (before the last successful start)" if status.get("last_error_past") else ""
-    return f"{when}{message}{past}"
+    at = status.last_error_at
+    when = time.strftime("%H:%M:%S", time.localtime(at)) + " " if at is not None else ""
+    past = " (before the last successful start)" if status.last_error_past else ""
+    return f"{when}{status.last_error}{past}"
 
 
 def _paint(text: str, colour: bool, key: str | None = None) -> str:
@@ -336,46 +334,47 @@ async def memory_current(sd: systemd.Systemd, unit: str) -> int | None:
 
 
 def status(cfg: GatewayConfig, as_json: bool) -> int:
-    """Every engine's table (with one engine, as it always was)."""
-    if not cfg.several:
-        return status_of(cfg.engine, as_json)
-    if as_json:
+    """Every engine's table or JSON. With several, each is named (a header,
+    a key under "engines"); one engine's is as it always was."""
+    named = len(cfg.engines) > 1
+    every: dict[str, object] = {}
+    for i, engine in enumerate(cfg.engines.values()):
         try:
-            every = {name: trio.run(gather, engine)[0] for name, engine in cfg.engines.items()}
+            view, extras = trio.run(gather, engine)
         except (OSError, systemd.SystemdError) as e:
             return _bus_error(e)
-        print(json.dumps({"engines": every}, indent=2))
-        return 0
-    for i, engine in enumerate(cfg.engines.values()):
-        if i:
-            print()
-        print(f"== engine {engine.name} ==")
-        code = status_of(engine, False)
-        if code:
-            return code
+        if as_json:
+            every[engine.name] = view.as_json()
+            continue
+        if named:
+            print(f"\n== engine {engine.name} ==" if i else f"== engine {engine.name} ==")
+        print(render_table(view, extras, time.time(), use_colour()))
+    if as_json:
+        print(json.dumps({"engines": every} if named else every[cfg.engine.name], indent=2))
     return 0
 
 
-async def gather(engine: EngineConfig) -> tuple[dict[str, object], Extras]:
+async def gather(engine: EngineConfig) -> tuple[statusjson.EngineView, Extras]:
     async with systemd.connect() as sd:
         unit = await sd.unit_state(engine.unit)
         shim = await sd.unit_state(SHIM_UNIT)
         memory = await memory_current(sd, engine.unit) if unit.running else None
     answer = await control.request("GET", "/gateway/status", PROBE_TIMEOUT_S) if shim.running else None
-    status: dict[str, object] | None = None
-    if answer is not None and answer[0] == 200:
-        try:
-            loaded = json.loads(answer[1])
-            status = loaded if isinstance(loaded, dict) else None
-        except ValueError:
-            status = None
-    answered = status is not None
-    status = _engine_status(status, engine)
-    if status is None:
-        status = status_from_systemd(engine, unit, shim, time.time())
+    status = _parsed(answer[1]) if answer is not None and answer[0] == 200 else None
+    view = _engine_view(status, engine)
+    if view is None:
+        view = status_from_systemd(engine, unit, shim, time.time())
     vram = vram_text(cgroup_pids(unit.control_group)) if unit.running else _vram_idle()
-    return status, Extras(shim=shim, memory_bytes=memory, vram=vram, shim_answered=answered,
-                          engine_pid=unit.main_pid)
+    return view, Extras(shim=shim, memory_bytes=memory, vram=vram, shim_answered=status is not None,
+                        engine_pid=unit.main_pid)
+
+
+def _parsed(body: bytes) -> statusjson.GatewayStatus | None:
+    """The shim's status; None for an answer that is none."""
+    try:
+        return statusjson.parse(json.loads(body))
+    except ValueError:  # not JSON, or not the schema (StatusError)
+        return None
 
 
 def _vram_idle() -> str:
@@ -388,31 +387,18 @@ def _bus_error(e: Exception) -> int:
     return 1
 
 
-def status_of(engine: EngineConfig, as_json: bool) -> int:
-    try:
-        st, extras = trio.run(gather, engine)
-    except (OSError, systemd.SystemdError) as e:
-        return _bus_error(e)
-    if as_json:
-        print(json.dumps(st, indent=2))
-    else:
-        print(render_table(st, extras, time.time(), use_colour()))
-    return 0
-
-
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def _shim_status() -> dict[str, Any] | None:
+async def _shim_status() -> statusjson.GatewayStatus | None:
     answer = await control.request("GET", "/gateway/status", PROBE_TIMEOUT_S)
     if answer is None or answer[0] != 200:
         return None
-    data = json.loads(answer[1])
-    return data if isinstance(data, dict) else None
+    return _parsed(answer[1])
 
 
-async def _start_shim() -> dict[str, Any]:
+async def _start_shim() -> statusjson.GatewayStatus:
     t0 = time.monotonic()
     done = await trio.run_process(["systemctl", "--user", "start", SHIM_UNIT], check=False,
                                   capture_stdout=True, capture_stderr=True)
@@ -423,7 +409,7 @@ async def _start_shim() -> dict[str, Any]:
     while time.monotonic() < deadline:
         st = await _shim_status()
         if st is not None:
-            _say(f"gateway started in {time.monotonic() - t0:.1f} s (pid {st.get('gateway_pid')})")
+            _say(f"gateway started in {time.monotonic() - t0:.1f} s (pid {st.process.gateway_pid})")
             return st
         await trio.sleep(0.1)
     raise CommandError(f"vllm-gateway: {SHIM_UNIT} started, but its control socket "
@@ -461,21 +447,22 @@ async def _unit_pid(unit: str) -> int:
 _DONE = {"start": "ready", "stop": "stopped", "sleep": "asleep", "wake": "awake", "restart": "restarted"}
 
 
-async def control_action(engine: EngineConfig, action: str, several: bool = False) -> str:
-    """Do `action` (start, stop, sleep, wake, restart) and say what happened; with
-    several engines, to the one named."""
-    before = _engine_status(await _shim_status(), engine)
+async def control_action(engine: EngineConfig, action: str, named: bool = False) -> str:
+    """Do `action` (start, stop, sleep, wake, restart) to `engine` and say what
+    happened. `named`: the call names the engine (`?engine=`), as it must
+    where the gateway has several; unnamed, it goes to the only one."""
+    before = _engine_view(await _shim_status(), engine)
     if before is None:
         if action == "stop":
             return await _stop_without_shim(engine)
         if action not in ("start", "restart"):
             raise CommandError(f"vllm-gateway: the gateway is not running, so the engine is not "
                                f"running either: nothing to {action}")
-        before = _engine_status(await _start_shim(), engine)
+        before = _engine_view(await _start_shim(), engine)
         assert before is not None
-    state = before.get("state")
+    state = lifecycle.named(before.entry.status.state)
     done = {"start": State.READY, "stop": State.STOPPED, "sleep": State.SLEEPING, "wake": State.READY}
-    if action in done and state == done[action].value:
+    if action in done and state is done[action]:
         return f"engine already {_DONE[action]}"
     timeout = {
         "start": engine.start_timeout_s + 60,
@@ -485,7 +472,7 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
         "restart": engine.stop_timeout_s + engine.start_timeout_s + 90,
     }[action]
     t0 = time.monotonic()
-    which = f"?engine={engine.name}" if several else ""
+    which = f"?engine={engine.name}" if named else ""
     answer = await control.request("POST", f"/gateway/{action}{which}", timeout)
     took = time.monotonic() - t0
     if answer is None:
@@ -493,40 +480,47 @@ async def control_action(engine: EngineConfig, action: str, several: bool = Fals
     code, body = answer
     if code != 200:
         raise CommandError(error_message(body))
-    after = _engine_status(json.loads(body), engine) or {}
+    after = _engine_view(_parsed(body), engine)
+    after_status = None if after is None else after.entry.status
     waking = action in ("start", "wake", "restart")
-    pid = after.get("main_pid") or (await _unit_pid(engine.unit) if waking else None)
+    pid = (after_status and after_status.main_pid) or (await _unit_pid(engine.unit) if waking else None)
     line = f"engine {_DONE[action]} in {took:.1f} s"
     if action in ("start", "wake", "restart") and pid:
         line += f" (pid {pid})"
-    if action == "start" and state == State.SLEEPING.value:
+    if action == "start" and state is State.SLEEPING:
         line += " (woken from sleep)"
     if action == "sleep":
-        line += f" (level {after.get('sleep_level')})"
+        line += f" (level {after_status and after_status.sleep_level})"
     return line
 
 
-def _engine_status(status: dict[str, Any] | None, engine: EngineConfig) -> dict[str, Any] | None:
-    """One engine's part of /gateway/status, with the gateway's fields."""
+def _engine_view(
+    status: statusjson.GatewayStatus | None, engine: EngineConfig
+) -> statusjson.EngineView | None:
+    """One engine's part of /gateway/status, with the gateway's fields; the
+    only engine's where the shim has one under another name."""
     if status is None:
         return None
-    engines = status.get("engines")
-    mine = engines.get(engine.name) if isinstance(engines, dict) else None
-    return {**status, **mine} if isinstance(mine, dict) else status
+    view = statusjson.engine_view(status, engine.name)
+    if view is None and len(status.engines) == 1:
+        view = statusjson.engine_view(status, next(iter(status.engines)))
+    return view
 
 
 def manual(cfg: GatewayConfig, action: str, name: str | None) -> int:
     if name is not None and name not in cfg.engines:
         print(f"vllm-gateway: no engine named {name!r}; engines: {', '.join(cfg.engines)}", file=sys.stderr)
         return 2
-    if name is None and cfg.several and action in ("start", "wake", "restart"):
+    # with several engines, each is named: in the call, and on its line
+    named = len(cfg.engines) > 1
+    if name is None and named and action in ("start", "wake", "restart"):
         print(f"vllm-gateway: name the engine to {action}: {', '.join(cfg.engines)}", file=sys.stderr)
         return 2
     targets = [cfg.engines[name]] if name is not None else list(cfg.engines.values())
     try:
         for engine in targets:
-            line = trio.run(control_action, engine, action, cfg.several)
-            _say(f"{engine.name}: {line}" if cfg.several else line)
+            line = trio.run(control_action, engine, action, named)
+            _say(f"{engine.name}: {line}" if named else line)
     except CommandError as e:
         print(str(e), file=sys.stderr)
         return 1

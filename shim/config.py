@@ -187,10 +187,6 @@ class GatewayConfig:
         """The first (with one engine, the only) engine."""
         return next(iter(self.engines.values()))
 
-    @property
-    def several(self) -> bool:
-        return len(self.engines) > 1
-
     def engine_for_model(self, model: str) -> EngineConfig | None:
         for engine in self.engines.values():
             if model in engine.models:

@@ -1,12 +1,12 @@
 """The dispatch step: from a request's route and body to what serves it.
 
-Pure: no I/O, and nothing of the engines but their configuration. The edge
-(server.py) reads the request and calls `dispatch`, then does what the step
-says: answer one of the gateway's own endpoints, list the configured models,
-or forward the body, adapted (the max_tokens guardrail), to the engine that
-serves the request's model. One engine is a fleet of one: the same step
-picks it; only the errors differ (with one engine a request may leave the
-model out).
+Pure: no I/O, and nothing of the engines but their configuration. The
+gateway (server.py) calls `dispatch` on each request that the edge (edge.py)
+has read, then does what the step says: answer one of the gateway's own
+endpoints, list the configured models, or forward the body, adapted (the
+max_tokens guardrail), to the engine that serves the request's model. One
+engine is a fleet of one: the same step picks it; only the errors differ
+(with one engine a request may leave the model out).
 """
 
 from __future__ import annotations
@@ -152,3 +152,17 @@ def json_object_or_error(body: bytes, path: str = "") -> GatewayError | dict[str
         return BadRequest(f"vllm-gateway: the request needs a '{need[0]}' field "
                           f"({'a list' if need[1] is list else 'a string or a list'})")
     return value
+
+
+def admin_targets(names: Sequence[str], named: str | None, *, all_by_default: bool) -> list[str]:
+    """The engines an admin call acts on: the one it names (`?engine=NAME`);
+    named none, all of them where the call may cover all (stop, sleep), and
+    otherwise the only one there is. With several and none named, a call
+    that must name one (start, wake, restart) is an error that lists them."""
+    if named is not None:
+        if named not in names:
+            raise NotFound(f"vllm-gateway: no engine named {named!r}; engines: {', '.join(names)}")
+        return [named]
+    if all_by_default or len(names) == 1:
+        return list(names)
+    raise BadRequest(f"vllm-gateway: name the engine with ?engine=NAME; engines: {', '.join(names)}")

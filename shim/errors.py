@@ -1,5 +1,6 @@
 """The gateway's own errors. Each carries the HTTP status it maps to, and is
-turned into OpenAI's error JSON once, at the HTTP edge."""
+turned into OpenAI's error JSON once, at the HTTP edge; StreamBroken, for a
+response that broke off once its head was sent, closes the connection there."""
 
 from __future__ import annotations
 
@@ -133,6 +134,17 @@ class UpstreamError(GatewayError):
 
 class UpstreamTimeout(UpstreamError):
     status = 504
+
+
+class StreamBroken(Exception):
+    """A response broke off after the client got its head: the engine's
+    (reset, hang, or it closed mid-body), or the client went away. No error
+    answer can go any more, so this is no GatewayError: the HTTP edge closes
+    the connection. `hung`: the engine went silent (it is restarted)."""
+
+    def __init__(self, message: str, *, hung: bool = False) -> None:
+        super().__init__(message)
+        self.hung = hung
 
 
 def error_body(message: str, error_type: str, code: str | None = None) -> bytes:

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 def gpus_json(fleet: Fleet) -> dict[str, object]:
     """Each GPU: its last reading, its engines and who holds it; and each holder's GPUs."""
+    gpus, held = gpus_and_holders(fleet)
+    return {"gpus": gpus, "held_gpus": held}
+
+
+def gpus_and_holders(fleet: Fleet) -> tuple[dict[str, object], dict[str, object]]:
+    """`gpus_json`'s two parts: by GPU, and by holder."""
     indices = sorted({d for e in fleet.engines.values() for d in e.cfg.devices} | set(fleet.probes))
     gpus: dict[str, object] = {}
     for d in indices:
@@ -28,8 +34,9 @@ def gpus_json(fleet: Fleet) -> dict[str, object]:
             "engines": [e.cfg.name for e in fleet.engines.values() if d in e.cfg.devices],
             "held_by": sorted(h for h in fleet.holds if affects(fleet.hold_gpus.get(h), (d,))),
         }
-    held = {h: None if g is None else list(g) for h, g in fleet.hold_gpus.items() if h in fleet.holds}
-    return {"gpus": gpus, "held_gpus": held}
+    held: dict[str, object] = {h: None if g is None else list(g) for h, g in fleet.hold_gpus.items()
+                               if h in fleet.holds}
+    return gpus, held
 
 
 def gpus_live(fleet: Fleet) -> list[GpuLive]:

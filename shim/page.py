@@ -50,6 +50,7 @@ from .lifecycle import AWAKE, State
 from .proxy import ClientSide, Exchange
 from .requestring import RequestRecord, RequestRing
 from .security import bearer, key_matches
+from .statusjson import GatewayStatus
 from .systemd import SystemdError
 
 log = logging.getLogger("vllm_gateway.page")
@@ -140,7 +141,7 @@ class Page:
         self,
         cfg: GatewayConfig,
         fleet: Fleet,
-        status: Callable[[], Awaitable[dict[str, object]]],
+        status: Callable[[], Awaitable[GatewayStatus]],
         detached: Callable[[], AbstractContextManager[None]],
     ) -> None:
         self.cfg = cfg
@@ -302,7 +303,7 @@ class Page:
             }
         return {
             "now": round(time.time(), 3),
-            "status": status,
+            "status": status.as_json(),
             "engines": engines,
             "gpu": None if gpu is None else {"total_bytes": gpu.total, "free_bytes": gpu.free,
                                              "source": gpu.source},

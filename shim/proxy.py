@@ -22,6 +22,7 @@ from .errors import (
     BadRequest,
     EngineStopped,
     GatewayError,
+    StreamBroken,
     UpstreamError,
     UpstreamTimeout,
     engine_error_body,
@@ -172,7 +173,7 @@ async def forward(
                     await _relay(engine, client, up, resp, fmt, request_id, ex)
                 except BaseException as e:
                     up.close()
-                    if isinstance(e, _StreamBroken) and e.hung:
+                    if isinstance(e, StreamBroken) and e.hung:
                         _restart_hung(engine, ex)
                     raise
                 engine.upstream.release(up)
@@ -361,7 +362,7 @@ async def _pump(
                     await _bad_gateway(client, ex, e)
                 else:
                     await _abort_stream(client, ex, e)
-                raise _StreamBroken(str(e)) from None
+                raise StreamBroken(str(e)) from None
             if type(event) is h11.Data:
                 pending.append(event.data)
                 continue
@@ -426,7 +427,7 @@ async def _timed_out(client: ClientSide, ex: Exchange, timer: _ReadTimer, at_bou
     if not timer.reading:
         raise trio.TooSlowError
     await _abort_stream(client, ex, trio.TooSlowError(), at_boundary)
-    raise _StreamBroken("timeout", hung=True)
+    raise StreamBroken("timeout", hung=True)
 
 
 async def _flush_and_read(
@@ -442,7 +443,7 @@ async def _flush_and_read(
             await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             ex.outcome = "client_gone"
-            raise _StreamBroken(f"the client went away: {e}") from None
+            raise StreamBroken(f"the client went away: {e}") from None
         out.clear()
     timer.reading = True
     try:
@@ -450,7 +451,7 @@ async def _flush_and_read(
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
         timer.reading = False
         await _abort_stream(client, ex, e, at_boundary, up.cut_reason)
-        raise _StreamBroken(str(e)) from None
+        raise StreamBroken(str(e)) from None
     timer.reading = False
     timer.read()
     return data
@@ -481,7 +482,7 @@ async def _relayed(
                 await send_all(client.stream, out[0] if len(out) == 1 else b"".join(out))
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 ex.outcome = "client_gone"
-                raise _StreamBroken(f"the client went away: {e}") from None
+                raise StreamBroken(f"the client went away: {e}") from None
             out.clear()
         relay = Relay(up.stream.socket.fileno(), client.stream.socket.fileno(), step)
         up.relay = relay
@@ -577,7 +578,7 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
                         # what was checked goes out, then the stream ends as broken
                         await send_all(client.stream, b"".join(out))
                         await _abort_stream(client, ex, e, passthrough.at_boundary)
-                    raise _StreamBroken(str(e)) from None
+                    raise StreamBroken(str(e)) from None
                 if forward_now:
                     ex.bytes_out += len(forward_now)
                     out.append(forward_now)
@@ -593,7 +594,7 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
             if not data:
                 await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"),
                                     passthrough.at_boundary)
-                raise _StreamBroken("the engine closed mid-response")
+                raise StreamBroken("the engine closed mid-response")
             wait_first = len(data) < READ_BYTES
     await _timed_out(client, ex, timer, passthrough.at_boundary)
 
@@ -638,7 +639,7 @@ async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
                         await _bad_gateway(client, ex, e)
                     else:
                         await _abort_stream(client, ex, e)
-                    raise _StreamBroken(str(e)) from None
+                    raise StreamBroken(str(e)) from None
                 if body:
                     body = rewriter.feed(body)
                     if body:
@@ -660,7 +661,7 @@ async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
                 data = await _flush_and_read(client, up, ex, out, timer, True, wait_first)
             if not data:
                 await _abort_stream(client, ex, ConnectionError("the engine closed mid-response"))
-                raise _StreamBroken("the engine closed mid-response")
+                raise StreamBroken("the engine closed mid-response")
             wait_first = len(data) < READ_BYTES
     await _timed_out(client, ex, timer, True)
 
@@ -702,14 +703,6 @@ async def _bad_gateway(client: ClientSide, ex: Exchange, cause: BaseException) -
         await send_all(client.stream, head + (b"" if client.method == b"HEAD" else body))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-
-
-class _StreamBroken(Exception):
-    """The engine's response broke off after the client got its head."""
-
-    def __init__(self, message: str, *, hung: bool = False) -> None:
-        super().__init__(message)
-        self.hung = hung
 
 
 async def _abort_stream(

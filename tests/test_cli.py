@@ -14,6 +14,7 @@ import pytest
 from shim import cli, commands
 from shim.commands import STATUS_KEYS, Extras, render_table, status_from_systemd
 from shim.config import EngineConfig
+from shim.statusjson import EngineView, engine_view, parse
 from shim.systemd import GONE, UnitState
 
 NOW = 1_800_000_000.0
@@ -45,12 +46,12 @@ def extras(shim: UnitState = NO_SHIM, **kw: Any) -> Extras:
 
 
 def test_fallback_has_the_keys_of_gateway_status() -> None:
-    st = status_from_systemd(ENGINE, UnitState(GONE), NO_SHIM, NOW)
+    st = status_from_systemd(ENGINE, UnitState(GONE), NO_SHIM, NOW).as_json()
     assert tuple(st) == STATUS_KEYS
 
 
 def test_fallback_with_nothing_running_is_stopped() -> None:
-    st = status_from_systemd(ENGINE, UnitState(GONE), NO_SHIM, NOW)
+    st = status_from_systemd(ENGINE, UnitState(GONE), NO_SHIM, NOW).as_json()
     assert st["state"] == "stopped"
     assert st["main_pid"] is None and st["gateway_pid"] is None and st["gateway_uptime_s"] is None
     assert st["idle_s"] is None and st["in_flight"] == 0
@@ -60,7 +61,7 @@ def test_fallback_with_nothing_running_is_stopped() -> None:
 
 def test_fallback_engine_without_shim_counts_idle_like_the_idle_check() -> None:
     unit = UnitState("active", "running", main_pid=4242, active_enter_us=int((NOW - 90) * 1e6))
-    st = status_from_systemd(ENGINE, unit, NO_SHIM, NOW)
+    st = status_from_systemd(ENGINE, unit, NO_SHIM, NOW).as_json()
     assert st["state"] == "active"  # systemd cannot tell ready from loading
     assert st["main_pid"] == 4242
     assert st["idle_s"] == 50.0  # the shim exited 50 s ago, after the engine started
@@ -70,21 +71,21 @@ def test_fallback_engine_without_shim_counts_idle_like_the_idle_check() -> None:
 def test_fallback_uses_the_shims_status_text() -> None:
     shim = shim_running(f"state=sleeping in_flight=0 idle_since={NOW - 200:.3f} idle_s=200 unit=vllm.service")
     unit = UnitState("active", "running", main_pid=4242, active_enter_us=int((NOW - 900) * 1e6))
-    st = status_from_systemd(ENGINE, unit, shim, NOW)
+    st = status_from_systemd(ENGINE, unit, shim, NOW).as_json()
     assert st["state"] == "sleeping" and st["idle_s"] == 200.0
     assert st["gateway_pid"] == 77 and st["gateway_uptime_s"] == 300.0
 
 
 def test_fallback_reports_a_failed_unit() -> None:
     unit = UnitState("failed", "failed", result="exit-code")
-    st = status_from_systemd(ENGINE, unit, NO_SHIM, NOW)
+    st = status_from_systemd(ENGINE, unit, NO_SHIM, NOW).as_json()
     assert st["state"] == "failed"
     assert st["last_error"] == "failed (result: exit-code)"
 
 
 def test_fallback_without_sleep_after() -> None:
     eng = EngineConfig(name="e", command=("x",), sleep_after_s=None, stop_after_s=None)
-    st = status_from_systemd(eng, UnitState("inactive"), NO_SHIM, NOW)
+    st = status_from_systemd(eng, UnitState("inactive"), NO_SHIM, NOW).as_json()
     assert st["sleep_enabled"] is False and st["stop_after_s"] is None
 
 
@@ -103,9 +104,18 @@ def shim_json(**kw: Any) -> dict[str, Any]:
     return st
 
 
+def shown(**kw: Any) -> EngineView:
+    """`shim_json` as the command line reads it: the shim's status of one engine."""
+    st = shim_json(**kw)
+    fleet = {"holds": {}, "swaps": 0, "gpu": None, "gpus": {}, "held_gpus": {}}
+    view = engine_view(parse({**st, "engines": {"main": st}, **fleet}), "main")
+    assert view is not None
+    return view
+
+
 def test_table_ready() -> None:
     more = extras(shim_running(), shim_answered=True, vram="gpu0 7.9 GiB of 24.0 GiB")
-    text = render_table(shim_json(), more, NOW)
+    text = render_table(shown(), more, NOW)
     r = rows(text)
     assert list(r) == ["gateway", "engine", "unit", "main pid", "idle", "next sleep", "next stop",
                        "in flight", "cold start", "last error", "memory", "vram"]
@@ -124,7 +134,7 @@ def test_table_ready() -> None:
 
 
 def test_table_columns_are_aligned() -> None:
-    lines = render_table(shim_json(), extras(shim_running()), NOW).splitlines()
+    lines = render_table(shown(), extras(shim_running()), NOW).splitlines()
     starts = {len(line) - len(line[len(line.split("  ")[0]):].lstrip()) for line in lines}
     assert len(starts) == 1, lines
 
@@ -140,7 +150,7 @@ def test_table_stopped_without_shim() -> None:
 
 
 def test_table_busy_and_waiting() -> None:
-    r = rows(render_table(shim_json(state="starting", in_flight=3, waiting=2, idle_s=0.0,
+    r = rows(render_table(shown(state="starting", in_flight=3, waiting=2, idle_s=0.0,
                                     start_phase="loading weights"), extras(shim_running()), NOW))
     assert r["idle"] == "busy"
     assert r["in flight"] == "3 (2 waiting)"
@@ -149,7 +159,7 @@ def test_table_busy_and_waiting() -> None:
 
 
 def test_table_sleeping_and_due() -> None:
-    st = shim_json(state="sleeping", idle_s=700.0, last_wake_s=1.5)
+    st = shown(state="sleeping", idle_s=700.0, last_wake_s=1.5)
     r = rows(render_table(st, extras(shim_running()), NOW))
     assert r["next sleep"] == "asleep"
     assert r["next stop"] == "due (at the next idle check)"
@@ -157,12 +167,12 @@ def test_table_sleeping_and_due() -> None:
 
 
 def test_table_tiers_off() -> None:
-    r = rows(render_table(shim_json(stop_after_s=None, sleep_after_s=None), extras(shim_running()), NOW))
+    r = rows(render_table(shown(stop_after_s=None, sleep_after_s=None), extras(shim_running()), NOW))
     assert r["next sleep"] == "off" and r["next stop"] == "off"
 
 
 def test_table_failed_with_error() -> None:
-    r = rows(render_table(shim_json(state="failed", main_pid=None, last_error="boom: CUDA out of memory"),
+    r = rows(render_table(shown(state="failed", main_pid=None, last_error="boom: CUDA out of memory"),
                           extras(shim_running()), NOW))
     assert r["engine"].startswith("failed")
     assert r["last error"] == "boom: CUDA out of memory"
@@ -172,7 +182,7 @@ def test_table_failed_with_error() -> None:
 def test_table_engine_that_cannot_sleep() -> None:
     reason = "Sleep mode is not supported on current platform."
     at = NOW - 3600
-    r = rows(render_table(shim_json(sleep_enabled=False, sleep_refused=reason, last_sleep_error=reason,
+    r = rows(render_table(shown(sleep_enabled=False, sleep_refused=reason, last_sleep_error=reason,
                                     last_error=f"sleep mode refused: {reason}", last_error_at=at,
                                     last_error_past=True),
                           extras(shim_running()), NOW))
@@ -180,22 +190,22 @@ def test_table_engine_that_cannot_sleep() -> None:
     clock = time.strftime("%H:%M:%S", time.localtime(at))
     assert r["last error"] == f"{clock} sleep mode refused: {reason} (before the last successful start)"
     # a sleep error alone is no error: a refused sleep mode shows on its own row
-    r = rows(render_table(shim_json(last_sleep_error=reason), extras(shim_running()), NOW))
+    r = rows(render_table(shown(last_sleep_error=reason), extras(shim_running()), NOW))
     assert r["last error"] == "-"
 
 
 def test_table_main_pid_from_systemd_when_the_shim_has_none() -> None:
-    r = rows(render_table(shim_json(main_pid=None), extras(shim_running(), engine_pid=99), NOW))
+    r = rows(render_table(shown(main_pid=None), extras(shim_running(), engine_pid=99), NOW))
     assert r["main pid"] == "99"
 
 
 def test_table_shim_not_answering() -> None:
-    r = rows(render_table(shim_json(), extras(shim_running(), shim_answered=False), NOW))
+    r = rows(render_table(shown(), extras(shim_running(), shim_answered=False), NOW))
     assert "control socket not answering" in r["gateway"]
 
 
 def test_table_colour_only_on_the_state() -> None:
-    text = render_table(shim_json(), extras(shim_running()), NOW, colour=True)
+    text = render_table(shown(), extras(shim_running()), NOW, colour=True)
     r = rows(text)
     assert r["engine"].startswith("\x1b[1;32mready\x1b[0m")
     assert r["gateway"].startswith("\x1b[1;32mrunning\x1b[0m")

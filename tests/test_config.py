@@ -245,7 +245,7 @@ def test_several_engines_get_their_own_units_and_ports() -> None:
     chat, coder = cfg.engines["chat"], cfg.engines["coder"]
     assert (chat.unit, chat.port, chat.memory, chat.pinned) == ("vllm-chat.service", 8100, 6 * 2**30, True)
     assert (coder.unit, coder.port, coder.memory, coder.pinned) == ("vllm-coder.service", 8101, None, False)
-    assert cfg.several and cfg.gpu_memory == 24 * 2**30 and cfg.min_residency_s == 3.0
+    assert len(cfg.engines) == 2 and cfg.gpu_memory == 24 * 2**30 and cfg.min_residency_s == 3.0
     assert (cfg.fake_gpu_slice, cfg.fake_gpu_memory) == ("gpu.slice", 3 * 2**29)
     assert cfg.engine_for_model("coder-fast") is coder and cfg.engine_for_model("nope") is None
     assert cfg.all_models() == ["small", "coder", "coder-fast"]
@@ -253,7 +253,7 @@ def test_several_engines_get_their_own_units_and_ports() -> None:
 
 def test_one_engine_keeps_the_plain_unit_and_port() -> None:
     cfg = config.parse(minimal())
-    assert (cfg.engine.unit, cfg.engine.port, cfg.several) == ("vllm.service", 8100, False)
+    assert (cfg.engine.unit, cfg.engine.port, len(cfg.engines)) == ("vllm.service", 8100, 1)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -1,7 +1,7 @@
 """The dispatch step, pure: which requests the gateway answers itself, which
 engine serves a model (one engine is a fleet of one), the JSON checks and
-the max_tokens guardrail, and that any body either dispatches or raises the
-gateway's own error."""
+the max_tokens guardrail, that any body either dispatches or raises the
+gateway's own error, and which engines an admin call acts on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shim.config import EngineConfig
-from shim.dispatch import ConfiguredModels, Engines, Forward, Own, Step, dispatch
+from shim.dispatch import ConfiguredModels, Engines, Forward, Own, Step, admin_targets, dispatch
 from shim.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from shim.routes import Kind, classify
 
@@ -108,3 +108,32 @@ def test_any_body_dispatches_or_raises_our_error(body: bytes, path: str, several
     except GatewayError:
         return
     assert isinstance(got, Forward)
+
+
+# ---- the engines an admin call acts on ----
+
+
+@pytest.mark.parametrize("all_by_default", [True, False])
+def test_an_admin_call_to_one_engine_needs_no_name(all_by_default: bool) -> None:
+    assert admin_targets(["main"], None, all_by_default=all_by_default) == ["main"]
+    assert admin_targets(["main"], "main", all_by_default=all_by_default) == ["main"]
+
+
+def test_an_admin_call_with_several_engines_acts_on_the_one_named() -> None:
+    assert admin_targets(["main", "coder"], "coder", all_by_default=True) == ["coder"]
+    assert admin_targets(["main", "coder"], "coder", all_by_default=False) == ["coder"]
+
+
+def test_stop_and_sleep_named_none_act_on_every_engine() -> None:
+    assert admin_targets(["main", "coder"], None, all_by_default=True) == ["main", "coder"]
+
+
+def test_start_with_several_engines_must_name_one() -> None:
+    with pytest.raises(BadRequest, match="name the engine with \\?engine=NAME; engines: main, coder"):
+        admin_targets(["main", "coder"], None, all_by_default=False)
+
+
+@pytest.mark.parametrize("names", [["main"], ["main", "coder"]])
+def test_an_unknown_engine_is_not_found_with_one_or_several(names: list[str]) -> None:
+    with pytest.raises(NotFound, match=f"no engine named 'nope'; engines: {', '.join(names)}"):
+        admin_targets(names, "nope", all_by_default=True)

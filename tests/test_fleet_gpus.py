@@ -108,10 +108,12 @@ async def test_metrics_show_each_gpu_and_measured_memory(fleet: Fleet) -> None:
 
 def test_the_status_table_shows_the_gpus_and_measured_memory() -> None:
     from shim.commands import gpu_rows
-    status = {"gpus": [0, 1], "sleep_level": 1, "measured_memory": {
-        "awake": {"0": 350 * MiB, "1": 340 * MiB}, "asleep": {"1": {"0": 80 * MiB}}, "now": None}}
-    assert gpu_rows(status) == [
+    from shim.statusjson import EngineOnGpu
+    on_gpu = EngineOnGpu(expected_start_s=None, memory_bytes=None, pinned=False, draining=False,
+                         last_memory_check=None, gpus=(0, 1), measured_memory={
+        "awake": {"0": 350 * MiB, "1": 340 * MiB}, "asleep": {"1": {"0": 80 * MiB}}, "now": None})
+    assert gpu_rows(on_gpu, 1) == [
         ("gpus", "0, 1"),
         ("measured", "now -; awake 350 MiB on GPU 0, 340 MiB on GPU 1; asleep 80 MiB on GPU 0"),
     ]
-    assert gpu_rows({"state": "stopped"}) == []  # an older shim's status
+    assert gpu_rows(None, 1) == []  # an older shim's status

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from shim import server
+from shim import edge
 from shim.config import EngineConfig, GatewayConfig
 from shim.engine import Lease
 from shim.fleet import Fleet
@@ -44,8 +44,9 @@ class FakeUpstream:
 
 
 class FakeEngine:
-    """What server.py uses of shim.engine.Engine; anything that would start
-    or reach the engine is recorded in `calls` and refused."""
+    """What the gateway (server.py, endpoints.py) uses of shim.engine.Engine;
+    anything that would start or reach the engine is recorded in `calls`
+    and refused."""
 
     def __init__(self, cfg: EngineConfig, state: State = State.STOPPED) -> None:
         self.cfg = cfg
@@ -211,8 +212,7 @@ async def connected(
         yield Client(client_stream), engine, gw
         with trio.fail_after(STEP_S):
             await client_stream.send_stream.aclose()  # EOF: the handler ends
-    assert gw.activity.connections == 0
-    assert gw.activity.in_flight == 0
+    assert gw.connections.open == 0
 
 
 # ---- the gateway's own endpoints ----
@@ -307,9 +307,8 @@ async def test_wrong_method_is_405(method: str, target: str) -> None:
     "body", [b"", b"{", b"not json", b"\xff\xfe", b"[1, 2]", b'"text"', b"null", b'{"model": "x"'],
 )
 async def test_invalid_json_is_400_without_starting_the_engine(body: bytes) -> None:
-    async with connected() as (client, engine, gw):
+    async with connected() as (client, engine, _gw):
         reply = await client.request("POST", "/v1/chat/completions", body)
-        assert gw.activity.in_flight == 0
     assert_openai_error(reply, 400)
     assert engine.calls == []
 
@@ -342,7 +341,7 @@ async def test_invalid_json_answer_closes_the_connection() -> None:
 
 
 async def test_body_over_the_limit_is_413(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "MAX_BODY_BYTES", 100)
+    monkeypatch.setattr(edge, "MAX_BODY_BYTES", 100)
     body = json.dumps({"model": MODELS[0], "prompt": "x" * 200}).encode()
     async with connected() as (client, engine, _gw):
         reply = await client.request("POST", "/v1/completions", body)
@@ -354,7 +353,7 @@ async def test_body_over_the_limit_is_413(monkeypatch: pytest.MonkeyPatch) -> No
 
 async def test_body_at_the_limit_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     body = b'{"model": "nobody", "prompt": "x"}'
-    monkeypatch.setattr(server, "MAX_BODY_BYTES", len(body))
+    monkeypatch.setattr(edge, "MAX_BODY_BYTES", len(body))
     async with connected() as (client, _engine, _gw):
         reply = await client.request("POST", "/v1/completions", body)
     assert reply.status == 404  # read whole, then refused for its model
@@ -384,7 +383,7 @@ async def test_client_closing_at_once_ends_the_handler() -> None:
 # over MAX_HEADER_BYTES may still complete on the next read: make it clearly over.
 HUGE_HEAD = (
     b"GET /health HTTP/1.1\r\nhost: gateway\r\nx-big: "
-    + b"a" * (3 * server.MAX_HEADER_BYTES) + b"\r\n\r\n"
+    + b"a" * (3 * edge.MAX_HEADER_BYTES) + b"\r\n\r\n"
 )
 BAD_HEADS = [
     b"GARBAGE\r\n\r\n",
@@ -453,9 +452,7 @@ async def test_head_on_own_get_endpoints(target: str) -> None:
 
 async def test_a_stalled_request_head_gets_408(monkeypatch: pytest.MonkeyPatch,
                                                 autojump_clock: object) -> None:
-    import shim.server
-
-    monkeypatch.setattr(shim.server, "KEEPALIVE_IDLE_S", 1.0)
+    monkeypatch.setattr(edge, "KEEPALIVE_IDLE_S", 1.0)
     async with connected() as (client, engine, _gw):
         reply = await client.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         assert reply is not None, "the connection closed without a response"
