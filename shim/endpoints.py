@@ -169,11 +169,14 @@ class Endpoints:
                 await e.wait_for(State.STOPPED, State.FAILED,
                                  timeout_s=e.cfg.stop_grace_s + e.cfg.stop_timeout_s + 10)
         elif kind is Kind.ADMIN_SLEEP:
+            # the idle check: the engine decides again on its live state
+            idle = query.get("cause") == "idle"
+            sleep_after_s = _seconds(query.get("sleep_after"), "sleep_after")
             targets = self._targets(query, all_by_default=True)
             if len(targets) > 1:  # all of several, none named: those that can sleep now
                 targets = [e for e in targets if e.sleep_enabled and e.state is State.READY]
             for e in targets:
-                await self._admin_sleep(e)
+                await self._admin_sleep(e, idle, sleep_after_s)
         elif kind is Kind.ADMIN_WAKE:
             for e in self._targets(query, all_by_default=False):
                 if e.state is not State.SLEEPING:
@@ -184,12 +187,12 @@ class Endpoints:
             holder = query.get("by", "manual")
             if not HOLDER.fullmatch(holder):
                 raise BadRequest("vllm-gateway: `by` must be 1-128 letters, digits or ._@:-")
-            timeout = _float(query.get("timeout"), YIELD_TIMEOUT_S)
+            timeout = _seconds(query.get("timeout"), "timeout")
             try:
                 gpus = None if query.get("gpu") is None else parse_gpus(query["gpu"])
             except ValueError as bad:
                 raise BadRequest(f"vllm-gateway: `gpu` must be {bad}") from None
-            if not await self.fleet.hold(holder, timeout, gpus):
+            if not await self.fleet.hold(holder, YIELD_TIMEOUT_S if timeout is None else timeout, gpus):
                 raise Conflict("vllm-gateway: the engines did not free the GPU in time; see the journal")
         elif kind is Kind.ADMIN_RELEASE:
             self.fleet.release(None if query.get("all") == "1" else query.get("by", "manual"))
@@ -226,7 +229,7 @@ class Endpoints:
         await client.send(h11.EndOfMessage())
         return Exchange(status=200, bytes_out=len(body))
 
-    async def _admin_sleep(self, e: Engine) -> None:
+    async def _admin_sleep(self, e: Engine, idle: bool, sleep_after_s: float | None) -> None:
         if not e.sleep_enabled:
             why = e.last_sleep_error or "sleep_after is off in the configuration"
             raise Conflict(f"vllm-gateway: the engine {e.cfg.name!r} cannot sleep: {why}")
@@ -234,7 +237,7 @@ class Endpoints:
             return
         if e.state is not State.READY:
             raise Conflict(f"vllm-gateway: the engine is {e.state.value}; only a ready engine can sleep")
-        e.request_sleep("manual")
+        e.request_sleep("idle" if idle else "manual", only_if_idle=idle, sleep_after_s=sleep_after_s)
         await e.wait_changed(1.0)
         if e.in_state(State.GOING_TO_SLEEP):
             await e.wait_for(State.SLEEPING, State.READY, State.STOPPING, State.STOPPED,
@@ -265,15 +268,8 @@ class Endpoints:
         return Exchange(status=status, bytes_out=len(body))
 
 
-def _float(value: str | None, default: float) -> float:
-    try:
-        return default if value is None else max(0.0, float(value))
-    except ValueError:
-        raise BadRequest(f"vllm-gateway: not a number: {value!r}") from None
-
-
 def _seconds(value: str | None, name: str) -> float | None:
-    """A query's number of seconds (the idle check's threshold), or None."""
+    """A query's number of seconds (a threshold, a timeout), or None."""
     if value is None:
         return None
     try:

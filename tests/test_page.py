@@ -417,12 +417,15 @@ def test_the_ring_keeps_the_last_records() -> None:
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
-async def test_an_idle_stop_with_a_bad_threshold_is_a_400_naming_it(value: str) -> None:
+@pytest.mark.parametrize("call", ["stop?cause=idle&stop_after", "sleep?cause=idle&sleep_after",
+                                  "yield?by=game&timeout"])
+async def test_an_admin_call_with_a_bad_number_of_seconds_is_a_400_naming_it(call: str, value: str) -> None:
     async with gateway(admin_key=ADMIN_KEY) as (gw, engine), trio.open_nursery() as nursery, \
             connection(gw, nursery) as c:
-        reply = await c.request("POST", f"/gateway/stop?cause=idle&stop_after={value}",
+        reply = await c.request("POST", f"/gateway/{call}={value}",
                                 headers=[("authorization", f"Bearer {ADMIN_KEY}")])
     assert reply.status == 400
+    name = call.rpartition("&")[2]
     message = json.loads(reply.body)["error"]["message"]
-    assert "`stop_after` must be a number of seconds" in message and repr(value) in message
+    assert f"`{name}` must be a number of seconds" in message and repr(value) in message
     assert engine.calls == []

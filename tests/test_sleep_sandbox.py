@@ -55,6 +55,8 @@ def test_idle_engine_sleeps_and_a_request_wakes_it(gw: Gateway, log: Path) -> No
     assert gw.unit_prop("vllm.service", "MainPID") == engine_pid  # asleep, not stopped
     sleeps = [r for r in engine_log(log) if r["path"] == "/sleep"]
     assert sleeps and sleeps[0]["query"] == {"level": ["1"]}
+    # the idle check asked, and the engine decided on its own idle time
+    assert "putting engine main to sleep at level 1 (idle)" in gw.journal("vllm-gateway")
     # scraping models while asleep never reaches the engine
     code, _, body = gw.request("GET", "/v1/models")
     assert code == 200 and b"tiny" in body
