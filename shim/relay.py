@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import sys
 import threading
 from collections.abc import Callable
 
@@ -37,16 +36,6 @@ log = logging.getLogger("vllm_gateway.relay")
 READ_BYTES = 65536
 # The events one epoll call returns at most; more wait for the next call.
 MAX_EVENTS = 256
-# How long a thread that wants the GIL waits before it asks the holder to
-# let go (Python's default is 5 ms). Both threads release it at every
-# system call, but the holder takes it back before the waiter wakes, so a
-# waiter waits out the whole interval each time the other thread is busy:
-# the task, at every stream's start and end and at each of its own system
-# calls, and the thread at each event while the task handles a request.
-# bench/relaywait.py at 256 streams: the task's hand-over waited up to
-# ~5 ms (p99 0.45-1.0 ms) at the default, ~0.3-1.7 ms (p99 0.03-0.3 ms)
-# at 0.2 ms.
-SWITCH_INTERVAL_S = 0.0002
 
 
 class Relay:
@@ -85,7 +74,6 @@ class Relays:
         with self._lock:
             if self._epoll is None:
                 self._epoll = select.epoll()
-                sys.setswitchinterval(SWITCH_INTERVAL_S)
                 threading.Thread(target=self._run, args=(self._epoll,), name="vllm-gateway-relay",
                                  daemon=True).start()
             self._by_fd[relay.src] = relay
