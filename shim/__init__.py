@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
+from . import footprint
+
+footprint.defer()  # before trio is imported anywhere
+
 __version__ = "0.1.0"

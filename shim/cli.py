@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import signal
 import sys
@@ -69,6 +70,10 @@ async def serve(cfg: config.GatewayConfig) -> None:
             nursery.start_soon(reload_on_sighup, gateway)
             serving = trio.CancelScope()
             nursery.start_soon(gateway.exit_when_idle, serving)
+            # What start-up made (modules, classes, the configuration: ~30,000
+            # objects) lives as long as the shim: out of the cyclic collector's
+            # reach, whose full passes over it stalled every relayed stream.
+            gc.freeze()
             notifier.ready()
             log.info("vllm-gateway %s serving; %s", __version__, ", ".join(
                 f"engine {e.cfg.name} is {e.state.value}" for e in engines.values()))

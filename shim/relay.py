@@ -99,8 +99,12 @@ class Relays:
                 events = epoll.poll(-1, MAX_EVENTS)
             except InterruptedError:  # pragma: no cover - a signal; Python retries
                 continue
-            with self._lock:
-                for fd, _mask in events:
+            # The lock is taken for one relay at a time, not for the whole batch:
+            # the task that hands a body over or takes one back (at every
+            # stream's start and end) waits for one read and write, not for up
+            # to MAX_EVENTS of them.
+            for fd, _mask in events:
+                with self._lock:
                     relay = self._by_fd.get(fd)
                     if relay is None:  # taken back meanwhile
                         continue

@@ -1,0 +1,46 @@
+"""Keep OpenSSL out of the shim: about 4.5 MB of its ~29 MB at start-up.
+
+The gateway speaks plain HTTP on loopback and a Unix socket, and hashes
+only a few small strings, but trio imports `ssl` (for SSLStream) and
+`hmac` (for DTLS), and `hmac` imports `_hashlib`: both load libcrypto,
+whose start-up (providers, tables) alone leaves ~3.5 MB resident, and
+`ssl` brings ~1 MB of its own. `defer()` runs before anything imports
+them (shim/__init__.py):
+
+- `ssl` becomes a module that imports the real one at its first use and
+  from then on is it; trio only uses it inside SSLStream's methods, which
+  the gateway never calls.
+- `_hashlib` is marked missing, which hashlib and hmac handle as on a
+  Python built without OpenSSL: the same algorithms (sha256 for ETags and
+  config digests, compare_digest for keys) from CPython's own code.
+
+A process that had already imported either keeps it as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands in for a module until an attribute is first looked up, then
+    imports it and takes its namespace (later lookups find it directly)."""
+
+    def __getattr__(self, name: str) -> object:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, name)
+
+
+def defer() -> None:
+    if "ssl" not in sys.modules:
+        stand_in = _DeferredModule("ssl")
+        stand_in.__spec__ = importlib.util.find_spec("ssl")
+        sys.modules["ssl"] = stand_in
+    if "_hashlib" not in sys.modules:
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]

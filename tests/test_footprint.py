@@ -1,0 +1,53 @@
+"""shim/footprint.py: OpenSSL stays out of the serving process, and what
+stood in for it still works when something does use it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip()
+
+
+def test_the_serving_modules_load_no_openssl() -> None:
+    out = _run("""
+        import sys
+        import shim.cli, shim.server, shim.proxy, shim.page
+        print(sorted(m for m in ("_ssl", "_hashlib") if sys.modules.get(m) is not None))
+    """)
+    assert out == "[]"
+
+
+def test_ssl_is_the_real_module_at_its_first_use() -> None:
+    out = _run("""
+        import shim, ssl, sys
+        deferred = type(ssl).__name__
+        context = ssl.create_default_context()
+        from ssl import SSLContext
+        print(deferred, type(context) is SSLContext, sys.modules["ssl"].SSLContext is SSLContext,
+              ssl.PROTOCOL_TLS_CLIENT == sys.modules["ssl"].PROTOCOL_TLS_CLIENT)
+    """)
+    assert out == "_DeferredModule True True True"
+
+
+def test_hashes_and_digest_compare_without_openssl() -> None:
+    out = _run("""
+        import shim, hashlib, hmac, secrets
+        print(hashlib.sha256(b"abc").hexdigest()[:16], hmac.compare_digest(b"k", b"k"),
+              secrets.compare_digest("a", "b"), len(secrets.token_hex(8)))
+    """)
+    assert out == "ba7816bf8f01cfea True False 16"
+
+
+def test_an_ssl_imported_before_stays() -> None:
+    out = _run("""
+        import ssl, _hashlib
+        import shim, sys
+        print(type(sys.modules["ssl"]).__name__, sys.modules["_hashlib"] is _hashlib)
+    """)
+    assert out == "module True"
