@@ -27,7 +27,10 @@ import types
 
 class _DeferredModule(types.ModuleType):
     """Stands in for a module until an attribute is first looked up, then
-    imports it and takes its namespace (later lookups find it directly)."""
+    imports it and takes its namespace (later lookups find it directly).
+    Not importlib.util.LazyLoader: its module loads at any attribute looked
+    up, and the import statement itself looks up `__spec__` (Python 3.11),
+    so `import ssl` in trio would load OpenSSL at once."""
 
     def __getattr__(self, name: str) -> object:
         if sys.modules.get(self.__name__) is self:
