@@ -442,6 +442,12 @@ class Engine:
         """Requests in flight or waiting for this engine."""
         return self.active + self.waiting
 
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for the owner task (it takes all of them at each
+        turn, so this stays within a few per request in flight)."""
+        return self._inbox.statistics().current_buffer_used + len(self._deferred)
+
     def idle_verdict(self, now: float, stop_after_s: float | None = None) -> idle_check.Verdict:
         """What the idle check's rule says of the engine at `now` (epoch
         seconds), on its live state: requests past the gate count as in flight.
@@ -618,17 +624,21 @@ class Engine:
             nursery.start_soon(self._forward_signals, signals)
             task_status.started()
             while True:
-                msg = self._deferred.popleft() if self._deferred else await self._inbox.receive()
-                if not isinstance(msg, _Taken | _Return):
-                    self._count_taken()
-                await self._handle(msg)
+                if not self._deferred:
+                    self._deferred.append(await self._inbox.receive())
+                self._take_inbox()
+                await self._handle(self._deferred.popleft())
                 await self._serve_waiters()
 
-    def _count_taken(self) -> None:
-        """Count the leases taken before anything else is decided: a request
+    def _take_inbox(self) -> None:
+        """Take every message waiting in the inbox at once (a receive would
+        yield to the scheduler after each, and requests post two each), and
+        count the leases taken before anything else is decided: a request
         that saw the engine ready took its lease in that same step, and a
-        sleep, stop or drain that was asked before it must not miss it. What
-        else is in the inbox keeps its order."""
+        sleep, stop or drain asked before it must not miss it. The other
+        messages keep their order."""
+        if not self._inbox.statistics().current_buffer_used:
+            return
         while True:
             try:
                 msg = self._inbox.receive_nowait()

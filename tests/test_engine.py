@@ -483,3 +483,30 @@ async def test_the_idle_sleep_is_decided_by_the_engine_on_its_live_state(
         engine.request_sleep("idle", only_if_idle=True, sleep_after_s=0.0)
         assert await engine.wait_for(State.SLEEPING, timeout_s=5)
         assert (8100, "POST", "/sleep?level=1") in vllm.calls
+
+
+async def test_the_owner_keeps_up_with_many_short_requests(
+        standins: Standins, autojump_clock: trio.testing.MockClock) -> None:
+    # Each request tells the owner twice (lease taken, given back); an owner
+    # that took one message per turn of the scheduler fell ever further
+    # behind 32 busy clients, and its inbox grew without bound.
+    sd, _ = standins
+    async with running(sd, config()) as (engine, _seen):
+        async with engine.lease(MAX_WAITING):
+            pass
+        most = 0
+
+        async def client() -> None:
+            nonlocal most
+            for _ in range(200):
+                async with engine.lease(MAX_WAITING):
+                    await trio.lowlevel.checkpoint()
+                most = max(most, engine.backlog)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(32):
+                nursery.start_soon(client)
+        assert most <= 2 * 32
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.backlog == 0 and engine.active == 0
