@@ -156,7 +156,6 @@ class Endpoints:
         waited = 0.0
         if kind is Kind.ADMIN_START:
             for e in self._targets(query, all_by_default=False):
-                e.request_start()
                 waited += await e.acquire(self.gateway.cfg.max_waiting)
         elif kind is Kind.ADMIN_STOP:
             idle = query.get("cause") == "idle"  # the idle check: only if the engine is still idle
@@ -205,7 +204,6 @@ class Endpoints:
                 e.request_stop("manual")
                 await e.wait_changed(1.0)
                 await e.wait_for(State.STOPPED, State.FAILED, timeout_s=e.cfg.stop_timeout_s + 10)
-                e.request_start()
                 waited += await e.acquire(self.gateway.cfg.max_waiting)
         ex = await self._json(client, 200, self.status().as_json())
         ex.waited_s = waited

@@ -79,11 +79,6 @@ _SLEEP_REFUSED = re.compile(r"sleep mode is not supported|enable.sleep.mode", re
 
 
 @dataclass(frozen=True)
-class _Want:
-    pass
-
-
-@dataclass(frozen=True)
 class _Stop:
     cause: str
     only_if_idle: bool = False
@@ -258,7 +253,7 @@ class _GraceEnded:
 
 
 _Message = (
-    _Want | _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
+    _Stop | _GraceOver | _Version | _UnitChanged | _Healthy | _StartFailed | _Sleep | _Slept
     | _SleepFailed | _WakeFailed | _Reconfigure | _Idle | _Ask | _Withdraw | _LeftGate | _Taken | _Return
     | _Admit | _Drain | _Undrain | _GraceEnded
 )
@@ -448,14 +443,17 @@ class Engine:
         turn, so this stays within a few per request in flight)."""
         return self._inbox.statistics().current_buffer_used + len(self._deferred)
 
-    def idle_verdict(self, now: float, stop_after_s: float | None = None) -> idle_check.Verdict:
+    def idle_verdict(self, now: float, *, stop_after_s: float | None = None,
+                     sleep_after_s: float | None = None) -> idle_check.Verdict:
         """What the idle check's rule says of the engine at `now` (epoch
         seconds), on its live state: requests past the gate count as in flight.
-        `stop_after_s`: the threshold the idle check read, where it sent one."""
-        return self._idle_verdict(
-            self.cfg if stop_after_s is None else replace(self.cfg, stop_after_s=stop_after_s), now)
-
-    def _idle_verdict(self, cfg: EngineConfig, now: float) -> idle_check.Verdict:
+        `stop_after_s`, `sleep_after_s`: the thresholds the idle check read,
+        where it sent them."""
+        cfg = self.cfg
+        if stop_after_s is not None:
+            cfg = replace(cfg, stop_after_s=stop_after_s)
+        if sleep_after_s is not None:
+            cfg = replace(cfg, sleep_after_s=sleep_after_s)
         idle_s = 0.0 if self._idle_since is None else max(0.0, now - self._idle_since)
         can_sleep = self.sleep_enabled or cfg.sleep_after_s is None
         return idle_check.verdict(cfg, self.state.value, self.active + len(self._waiters), idle_s, can_sleep)
@@ -576,9 +574,6 @@ class Engine:
         with trio.move_on_after(timeout_s):
             await changed.wait()
 
-    def request_start(self) -> None:
-        self._inbox_send.send_nowait(_Want())
-
     def reconfigure(self, cfg: EngineConfig, restart_with: EngineConfig | None = None) -> None:
         """A reload: `cfg` applies at once, `restart_with` at the next start."""
         self._inbox_send.send_nowait(_Reconfigure(cfg, restart_with))
@@ -666,8 +661,6 @@ class Engine:
 
     async def _handle(self, msg: _Message) -> None:
         match msg:
-            case _Want():
-                await self._on_want()
             case _Stop(cause, only_if_idle, detail, stop_after_s):
                 await self._on_stop(cause, only_if_idle, detail, stop_after_s)
             case _GraceOver(attempt) if attempt == self._attempt and self.state is State.STOPPING:
@@ -920,8 +913,7 @@ class Engine:
                      self.cfg.name, cause, self.active + len(self._waiters))
             return
         if only_if_idle:
-            cfg = self.cfg if sleep_after_s is None else replace(self.cfg, sleep_after_s=sleep_after_s)
-            verdict = self._idle_verdict(cfg, time.time())
+            verdict = self.idle_verdict(time.time(), sleep_after_s=sleep_after_s)
             if verdict.action is not idle_check.Action.SLEEP:
                 # the idle check read a status that a request has made stale
                 log.info("not putting engine %s to sleep (%s): %s", self.cfg.name, cause, verdict.reason)
@@ -1162,7 +1154,7 @@ class Engine:
             # engine checks the unit, and a running one is adopted and stopped
             await self._unit_now(None)
         if self.state in (State.STARTING, State.READY, State.GOING_TO_SLEEP, State.SLEEPING, State.WAKING):
-            verdict = self.idle_verdict(time.time(), stop_after_s) if only_if_idle else None
+            verdict = self.idle_verdict(time.time(), stop_after_s=stop_after_s) if only_if_idle else None
             if verdict is not None and not verdict.stop:
                 # the idle check read a status that a request has made stale
                 log.info("not stopping engine %s (%s): %s", self.cfg.name, cause, verdict.reason)

@@ -81,9 +81,6 @@ class FakeEngine:
     def join_fleet(self, gate: Any, on_drained: Any) -> None:
         pass
 
-    def request_start(self) -> None:
-        self.calls.append("request_start")
-
     def request_stop(self, cause: str) -> None:
         self.calls.append("request_stop")
 
