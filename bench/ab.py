@@ -132,7 +132,8 @@ def paced_d(secs: float) -> run.Durations:
 KEYS = [f"{w}_{k}" for w in ("start", "load", "idle") for k in ("heap", "anon_big", "anon_small", "files")]
 KEYS += ["rss_load_mb", "p50_1_ms", "cpu_req_us", "rss_paced_mb", "rss_idle_mb"] + [
     f"{side}_p{n}_{k}" for side in ("off", "on") for n in run.PACED_STREAMS
-    for k in ("delay_p99_ms", "delay_max_ms", "stalls", "cpu_us_per_event")
+    for k in ("delay_p99_ms", "first_delay_p99_ms", "later_delay_p99_ms", "delay_max_ms", "stalls",
+              "cpu_us_per_event")
 ]
 
 

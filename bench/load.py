@@ -104,6 +104,10 @@ class Stats:
         self.latencies: list[float] = []
         self.ttfe: list[float] = []
         self.delays_ns: list[int] = []
+        # the same delays split: each stream's first event (queued behind the
+        # gateway's work on the request) and the events after it (the relay)
+        self.first_delays_ns: list[int] = []
+        self.later_delays_ns: list[int] = []
         self.stalls = 0
 
 
@@ -206,6 +210,7 @@ class PacedConn(Conn):
         self.start_after_s = start_after_s
         self.buf = b""
         self.last_ns = 0
+        self.seen = 0  # events of this stream read so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -215,6 +220,7 @@ class PacedConn(Conn):
 
     def send(self) -> None:
         self.buf = b""
+        self.seen = 0
         self.last_ns = time.monotonic_ns()
         super().send()
 
@@ -225,10 +231,13 @@ class PacedConn(Conn):
         end = 0
         for m in _SENT.finditer(buf):
             if st.recording:
-                st.delays_ns.append(now - int(m.group(1)))
+                delay = now - int(m.group(1))
+                st.delays_ns.append(delay)
+                (st.later_delays_ns if self.seen else st.first_delays_ns).append(delay)
                 if now - self.last_ns > self.stall_ns:
                     st.stalls += 1
             self.last_ns = now
+            self.seen += 1
             end = m.end()
         if end:
             self.buf = buf[end:]
@@ -317,6 +326,8 @@ async def run(
                 "delay_p50_ms": percentile(delays, 50) or 0,
                 "delay_p99_ms": percentile(delays, 99) or 0,
                 "delay_max_ms": max(delays, default=0),
+                "first_delay_p99_ms": (percentile(stats.first_delays_ns, 99) or 0) / 1e6,
+                "later_delay_p99_ms": (percentile(stats.later_delays_ns, 99) or 0) / 1e6,
                 "ttfe_p50_ms": (percentile(stats.ttfe, 50) or 0) * ms,
                 "ttfe_p99_ms": (percentile(stats.ttfe, 99) or 0) * ms,
                 "stalls": stats.stalls,

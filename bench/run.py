@@ -295,7 +295,8 @@ def paced(url: str, d: Durations, tools: bool, pid: int | None) -> dict[str, flo
         x = loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
                    ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}"))
         for key in ("events_per_s", "offered_per_s", "delay_p50_ms", "delay_p99_ms", "delay_max_ms",
-                    "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct"):
+                    "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct",
+                    "first_delay_p99_ms", "later_delay_p99_ms"):
             if key in x:
                 r[f"p{n}_{key}"] = float(x[key])
     return r
