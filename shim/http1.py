@@ -275,6 +275,11 @@ class ServerConnection(h11.Connection):
         self._our = _SEND_BODY
         return render_head(b"HTTP/1.1 %d %s" % (status, reason), headers)
 
+    @property
+    def chunked_out(self) -> bool:
+        """Whether `send_data` frames its data as one chunk ("%x\\r\\n" data "\\r\\n")."""
+        return not self.h11 and self._our is _SEND_BODY and self._out_chunked
+
     def send_data(self, data: bytes) -> bytes:
         if self.h11:
             return super().send(h11.Data(data=data)) or b""

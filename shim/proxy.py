@@ -15,6 +15,7 @@ from http import HTTPStatus
 import h11
 import trio
 
+from . import relay as relaying
 from . import toolcalls
 from .chunked import ChunkedDecoder, ChunkedError, ChunkedPassthrough, chunk_data, whole_chunks_only
 from .engine import Engine
@@ -31,7 +32,7 @@ from .errors import (
 from .http1 import ServerConnection
 from .httpio import READ_BYTES, end_to_end_headers, header, next_event, receive, send, send_all
 from .lifecycle import State
-from .relay import RELAYS, Relay
+from .relay import AnyRelay, NativeRelay, Relay
 from .routes import CHAT, Route
 from .upstream import UpstreamConn
 
@@ -94,6 +95,11 @@ class ClientSide:
         if type(self.conn) is ServerConnection:
             return self.conn.send_data(data)
         return self.conn.send(h11.Data(data=data)) or b""
+
+    @property
+    def chunked_out(self) -> bool:
+        """Whether `data_bytes` frames as a chunk ("%x\\r\\n" data "\\r\\n")."""
+        return type(self.conn) is ServerConnection and self.conn.chunked_out
 
     def end_bytes(self) -> bytes:
         if type(self.conn) is ServerConnection:
@@ -471,11 +477,13 @@ def _relayable(client: ClientSide, up: UpstreamConn) -> bool:
 
 async def _relayed(
     client: ClientSide, up: UpstreamConn, ex: Exchange, out: list[bytes], timer: _ReadTimer,
-    step: Callable[[bytes], bytes | None],
+    step: Callable[[bytes], bytes | None], native: tuple[int, tuple[bytes, ...]] | None = None,
 ) -> bytes:
     """As `_flush_and_read`, but the relay thread does the reads that `step`
     takes whole, and their writes; the first read it does not take (b"" at
-    the engine's end) comes back here, for the caller's loop."""
+    the engine's end) comes back here, for the caller's loop. With `native`
+    (a check that does what `step` does for the reads it takes), the C
+    thread relays instead, where it was built."""
     while True:
         if out:
             try:
@@ -484,14 +492,17 @@ async def _relayed(
                 ex.outcome = "client_gone"
                 raise StreamBroken(f"the client went away: {e}") from None
             out.clear()
-        relay = Relay(up.stream.socket.fileno(), client.stream.socket.fileno(), step)
+        src, dst = up.stream.socket.fileno(), client.stream.socket.fileno()
+        relay: AnyRelay = (NativeRelay(src, dst, *native) if native is not None and relaying.NATIVE
+                           else Relay(src, dst, step))
         up.relay = relay
-        RELAYS.hand_over(relay)
+        relay.hand_over()
         try:
             await _wait_relay(relay, timer)
         finally:
-            RELAYS.take_back(relay)  # where it was not handed back: cancelled
+            relay.finish()  # the thread lets go, where it had not handed it back: cancelled
             up.relay = None
+        ex.bytes_out += relay.bytes_out
         if relay.pending:  # the client did not take it all at once: written here, with waiting
             out.append(relay.pending)
             continue
@@ -500,7 +511,7 @@ async def _relayed(
         return relay.data
 
 
-async def _wait_relay(relay: Relay, timer: _ReadTimer) -> None:
+async def _wait_relay(relay: AnyRelay, timer: _ReadTimer) -> None:
     """Wait until the relay thread hands the body back, keeping the read
     timeout meanwhile: the thread counts its reads, looked at every
     `slack_s`, so the timeout still fires between `timeout_s` and
@@ -513,13 +524,13 @@ async def _wait_relay(relay: Relay, timer: _ReadTimer) -> None:
     while True:
         checked = trio.current_time()
         with trio.move_on_at(min(fire_at, checked + timer.slack_s)):
-            await relay.done.wait()
+            await relay.wait()
             break
         now = trio.current_time()
         if relay.reads != seen:  # the last read came after the last look
             seen = relay.reads
             fire_at = now + timer.timeout_s
-        elif now >= fire_at and RELAYS.take_back(relay):
+        elif now >= fire_at and relay.take_back():
             timer.reading = True
             timer.scope.cancel()
             await trio.lowlevel.checkpoint()
@@ -588,7 +599,7 @@ async def _pump_raw(client: ClientSide, up: UpstreamConn, ex: Exchange, head: He
                     up.raw_done = not passthrough.leftover
                     return
             if relayable and passthrough.idle:
-                data = await _relayed(client, up, ex, out, timer, raw_step)
+                data = await _relayed(client, up, ex, out, timer, raw_step, (relaying.RAW, ()))
             else:
                 data = await _flush_and_read(client, up, ex, out, timer, passthrough.at_boundary, wait_first)
             if not data:
@@ -656,7 +667,9 @@ async def _pump_rewritten(client: ClientSide, up: UpstreamConn, ex: Exchange,
                     up.raw_done = not decoder.leftover
                     return
             if relayable and decoder.idle:
-                data = await _relayed(client, up, ex, out, timer, rewrite_step)
+                plain = rewriter.plain_triggers() if client.chunked_out else None
+                native = None if plain is None else (relaying.SSE, plain)
+                data = await _relayed(client, up, ex, out, timer, rewrite_step, native)
             else:
                 data = await _flush_and_read(client, up, ex, out, timer, True, wait_first)
             if not data:

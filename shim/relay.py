@@ -18,6 +18,15 @@ handles all of that as before.
 A relay belongs to the thread from `hand_over` until it is handed back
 (the task's `done` event) or taken back (`take_back`, under the lock);
 only then may the task touch its sockets, or anyone close them.
+
+Where the C part (shim/_relay.c) was built, the common cases go to its
+thread instead (`NativeRelay`): a whole-chunk pass-through, and a rewritten
+stream whose rewriter would pass the events unchanged. That thread never
+takes the GIL, so a relayed event no longer waits for the trio thread's
+work on other requests (up to the interpreter's 5 ms switch interval at
+each system call of the Python thread). Both threads keep the same
+contract; the Python one takes what the C one cannot (a rewriter in the
+middle of a tool call), and everything where the C part is missing.
 """
 
 from __future__ import annotations
@@ -26,11 +35,24 @@ import logging
 import os
 import select
 import threading
+import types
 from collections.abc import Callable
 
 import trio
 
+_relay: types.ModuleType | None
+try:
+    from . import _relay
+except ImportError:  # not built (no C compiler at install): the Python thread relays everything
+    _relay = None
+
 log = logging.getLogger("vllm_gateway.relay")
+
+# Whether the C thread takes the bodies it can. VLLM_GATEWAY_RELAY=python
+# turns it off (for comparisons, and for the tests of the Python thread).
+NATIVE = _relay is not None and os.environ.get("VLLM_GATEWAY_RELAY", "") != "python"
+RAW = 0  # whole chunks passed byte for byte (_relay.RAW)
+SSE = 1  # whole chunks of plain SSE events, framed again as one chunk (_relay.SSE)
 
 # As much as the trio side reads at once (shim/httpio.py READ_BYTES).
 READ_BYTES = 65536
@@ -58,6 +80,78 @@ class Relay:
         self.eof = False  # the engine closed its end
         self.error: OSError | None = None  # reading the engine failed
         self.taken = False  # taken back, before the thread handed it back
+
+    # The same interface as NativeRelay's, for the task.
+    bytes_out = 0  # the step counts the bytes it passes itself
+
+    def hand_over(self) -> None:
+        RELAYS.hand_over(self)
+
+    def take_back(self) -> bool:
+        return RELAYS.take_back(self)
+
+    async def wait(self) -> None:
+        """Until the thread hands the body back (or it is taken back)."""
+        await self.done.wait()
+
+    def finish(self) -> None:
+        """The task is done with it: the thread lets go, if it had not."""
+        RELAYS.take_back(self)
+
+
+class NativeRelay:
+    """One body handed to the C thread, with a check instead of a step:
+    RAW or SSE (the rewriter's triggers, which no passed event may hold).
+    What the thread leaves is read into these fields by `finish`."""
+
+    __slots__ = ("_c", "bytes_out", "data", "efd", "eof", "error", "pending", "taken")
+
+    def __init__(self, src: int, dst: int, mode: int, triggers: tuple[bytes, ...] = ()) -> None:
+        assert _relay is not None
+        # The thread writes it when it hands the body back; the task waits on it through trio.
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._c = _relay.Relay(src, dst, self.efd, mode, triggers)
+        except BaseException:
+            os.close(self.efd)
+            raise
+        self.bytes_out = 0  # data bytes the thread passed (the client's body)
+        self.data = b""
+        self.pending = b""
+        self.eof = False
+        self.error: OSError | None = None
+        self.taken = False
+
+    @property
+    def reads(self) -> int:
+        return int(self._c.reads)
+
+    def hand_over(self) -> None:
+        self._c.hand_over()
+
+    def take_back(self) -> bool:
+        """As `Relays.take_back`; the task waiting in `wait` wakes."""
+        if not self._c.take_back():
+            return False
+        os.eventfd_write(self.efd, 1)
+        return True
+
+    async def wait(self) -> None:
+        await trio.lowlevel.wait_readable(self.efd)
+
+    def finish(self) -> None:
+        """The thread lets go (if it had not), its results are read, the eventfd closed."""
+        if self.efd < 0:
+            return
+        self._c.take_back()
+        _reads, self.bytes_out, self.data, self.pending, eof, errno, taken = self._c.result()
+        self.eof, self.taken = bool(eof), bool(taken)
+        self.error = OSError(errno, os.strerror(errno)) if errno else None
+        os.close(self.efd)
+        self.efd = -1
+
+
+AnyRelay = Relay | NativeRelay
 
 
 class Relays:

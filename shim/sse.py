@@ -46,6 +46,11 @@ class SSEDecoder:
         self._scan = pos - start
         return events
 
+    @property
+    def empty(self) -> bool:
+        """Holding no part of an event."""
+        return not self._buf
+
     def whole(self, data: bytes) -> bool:
         """Whether `feed(data)` would return all of data, as events in the
         common shape (LF line ends, single empty lines), holding nothing

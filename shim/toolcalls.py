@@ -565,6 +565,13 @@ class StreamRewriter:
         """Output equals input so far, in every choice."""
         return all(sc.idle for sc in self._scanners.values())
 
+    def plain_triggers(self) -> tuple[bytes, bytes] | None:
+        """Where `feed` would now pass whole events in the common shape
+        unchanged when they hold none of these byte strings: holding
+        nothing, in no tool call. None otherwise. (The C relay thread
+        passes such events itself; see shim/_relay.c.)"""
+        return self._triggers if self._idle and self._decoder.empty else None
+
     def feed(self, data: bytes) -> bytes:
         """Upstream bytes in; bytes to send to the client now out (maybe b"")."""
         idle = self._idle

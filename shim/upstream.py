@@ -12,7 +12,7 @@ import trio
 
 from .http1 import UpstreamConnection
 from .httpio import next_event, send
-from .relay import RELAYS, Relay
+from .relay import AnyRelay
 
 # uvicorn (vLLM's HTTP server) closes idle keep-alive connections after 5 s;
 # reuse ours only well before that, so a reused one is almost never dead.
@@ -38,11 +38,11 @@ class UpstreamConn:
     cut_reason: str | None = None
     cut_retry: bool = False
     # the body being relayed by the relay thread (shim/relay.py), if it is
-    relay: Relay | None = None
+    relay: AnyRelay | None = None
 
     def close(self) -> None:
         if self.relay is not None:  # the relay thread lets go of the socket first
-            RELAYS.take_back(self.relay)
+            self.relay.take_back()
         self.stream.socket.close()
 
     def quiet(self) -> bool:

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 import shim.proxy
+import shim.relay
 from shim.chunked import ChunkedDecoder
 from shim.engine import Lease
 from shim.fleet import Fleet
@@ -370,16 +371,27 @@ async def test_pauses_shorter_than_the_read_timeout_never_cut_a_stream(
 # small part of the timeout and the bound for lateness is wide; the virtual
 # time tests above hold the exact bound.
 
+@pytest.fixture(params=["c", "python"])
+def relay_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C relay thread where it was built, and the Python one."""
+    if request.param == "c" and not shim.relay.NATIVE:
+        pytest.skip("shim/_relay.c is not built")
+    monkeypatch.setattr(shim.relay, "NATIVE", request.param == "c")
+
+
 @pytest.mark.parametrize("tools", [False, True])
+@pytest.mark.usefixtures("relay_thread")
 async def test_a_silent_engine_ends_a_relayed_stream_after_its_read_timeout(tools: bool) -> None:
     await silent_engine(tools, 1.0, 10.0)
 
 
 @pytest.mark.parametrize("tools", [False, True])
+@pytest.mark.usefixtures("relay_thread")
 async def test_pauses_shorter_than_the_read_timeout_never_cut_a_relayed_stream(tools: bool) -> None:
     await paused_engine(tools, 2.0, 0.1, 25)
 
 
+@pytest.mark.usefixtures("relay_thread")
 async def test_several_events_in_one_engine_write_are_rewritten_whole() -> None:
     # A busy gateway reads several of the engine's chunks at once; a tool
     # call split over them still becomes one tool call, its text never shown.
