@@ -15,7 +15,7 @@ from typing import assert_never
 import h11
 import trio
 
-from . import events, gpustatus
+from . import events, footprint, gpustatus
 from .config import GatewayConfig
 from .dispatch import ConfiguredModels, Engines, Forward, Own, dispatch
 from .edge import Connections, Edge
@@ -131,9 +131,14 @@ class Gateway:
         the absolute idle_since, so it never needs a timer to stay true;
         when nothing happens the shim wakes only for the watchdog."""
         watchdog = Notifier.watchdog_interval_s()
+        all_stopped = False
         while True:
             self.publish_status()
             self.notifier.watchdog()
+            was, all_stopped = all_stopped, all(e.state is State.STOPPED and not e.busy
+                                                for e in self.engines.values())
+            if all_stopped and not was:  # the gateway idles: what the traffic left goes back
+                footprint.give_back()
             with trio.move_on_after(watchdog if watchdog else math.inf):
                 await self._changed.wait()
 

@@ -7,6 +7,7 @@ An engine stand-in records every call that would start or reach the engine.
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from shim import edge
+from shim import edge, footprint
 from shim.config import EngineConfig, GatewayConfig
 from shim.engine import Lease
 from shim.fleet import Fleet
@@ -455,3 +456,27 @@ async def test_a_stalled_request_head_gets_408(monkeypatch: pytest.MonkeyPatch,
         assert reply is not None, "the connection closed without a response"
         assert_openai_error(reply, 408)
     assert engine.calls == []
+
+
+async def test_memory_is_given_back_each_time_the_last_engine_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once per stop, not at every change while stopped: each costs a full
+    # collection and a walk of the heap.
+    gave: list[State] = []
+    cfg = make_cfg()
+    engine = FakeEngine(cfg.engine, State.READY)
+    gw = Gateway(cfg, Fleet(cfg, {"main": engine}, None), Notifier())  # type: ignore[dict-item]
+    monkeypatch.setattr(footprint, "give_back", lambda: gave.append(engine.state))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gw.status_loop)
+        for state, busy, after in [(State.READY, 0, 0), (State.STOPPED, 1, 0), (State.STOPPED, 0, 1),
+                                   (State.STOPPED, 0, 1), (State.STARTING, 0, 1), (State.STOPPED, 0, 2)]:
+            engine.state, engine.busy = state, busy
+            gw.engine_changed()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(gave) == after, (state, busy)
+        nursery.cancel_scope.cancel()
+
+
+def test_give_back_runs_here() -> None:
+    footprint.give_back()  # glibc: malloc_trim found and called; elsewhere the collection alone
+    assert (footprint._TRIM is not None) == (platform.libc_ver()[0] == "glibc")
