@@ -47,8 +47,10 @@ typedef struct {
     char trig[2][MAX_TRIGGER];
     size_t trig_len[2];
     int registered;           /* the thread has it (under the lock) */
-    /* written by the thread under the lock, read by the task under it */
-    unsigned long long reads, bytes_out;
+    /* reads: counted by the thread, read by the task's read timer without the lock */
+    unsigned long long reads;
+    /* the rest: written by the thread under the lock, read by the task under it */
+    unsigned long long bytes_out;
     char *data; size_t data_len;        /* read, not taken: the task's */
     char *pending; size_t pending_len;  /* taken, not yet written: the task writes it */
     int eof, error, taken;
@@ -133,7 +135,7 @@ static int relay_one(RelayObject *r, char *buf, char *frame) {
         r->eof = 1;
         return 0;
     }
-    r->reads++;
+    __atomic_fetch_add(&r->reads, 1, __ATOMIC_RELAXED);
     const char *out = buf;
     size_t out_len = (size_t)n;
     if (r->mode == MODE_RAW) {
@@ -330,7 +332,8 @@ static PyObject *Relay_take_back(RelayObject *self, PyObject *Py_UNUSED(ignored)
 /* What the thread left: (reads, bytes_out, data, pending, eof, errno, taken). */
 static PyObject *Relay_result(RelayObject *self, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&lock);  /* held for a copy only: never across a read */
-    PyObject *res = Py_BuildValue("KKy#y#iii", self->reads, self->bytes_out, self->data ? self->data : "",
+    PyObject *res = Py_BuildValue("KKy#y#iii", __atomic_load_n(&self->reads, __ATOMIC_RELAXED),
+                                  self->bytes_out, self->data ? self->data : "",
                                   (Py_ssize_t)self->data_len, self->pending ? self->pending : "",
                                   (Py_ssize_t)self->pending_len, self->eof, self->error, self->taken);
     pthread_mutex_unlock(&lock);
@@ -338,10 +341,9 @@ static PyObject *Relay_result(RelayObject *self, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *Relay_get_reads(RelayObject *self, void *Py_UNUSED(closure)) {
-    pthread_mutex_lock(&lock);
-    unsigned long long reads = self->reads;
-    pthread_mutex_unlock(&lock);
-    return PyLong_FromUnsignedLongLong(reads);
+    /* no lock: the task looks at it while the thread relays, and must not
+     * wait for a read and a write with the GIL held */
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->reads, __ATOMIC_RELAXED));
 }
 
 static PyMethodDef Relay_methods[] = {
