@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import runpy
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakevllm_util import FakeVllm, pid_alive, sse_data, stream_chunks
+from tests.fakevllm_util import FAKE_VLLM, FakeVllm, pid_alive, sse_data, stream_chunks
 
 REPLY = "Hello there, fake world."
 DEV = {"VLLM_SERVER_DEV_MODE": "1"}
@@ -508,6 +511,20 @@ def ignored_signals(pid: int) -> int:
         if line.startswith("SigIgn:"):
             return int(line.split()[1], 16)
     raise AssertionError(f"no SigIgn in /proc/{pid}/status")
+
+
+def test_a_worker_whose_server_died_before_it_looked_exits() -> None:
+    # A server killed right after spawning its workers (a test's cleanup)
+    # is gone before a worker first reads its parent: the worker must not
+    # take init for the server and wait on it forever.
+    code = runpy.run_path(str(FAKE_VLLM), run_name="fake_vllm")["WORKER_CODE"]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    worker = subprocess.Popen([sys.executable, "-c", code, "VLLM::EngineCore_DP0", "0", str(gone.pid)])
+    try:
+        assert worker.wait(timeout=30) == 0
+    finally:
+        worker.kill()
 
 
 def test_orphan_workers_outlive_the_server(start: Start) -> None:
