@@ -146,6 +146,32 @@ def test_get_format() -> None:
         get_format("llama")
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["model", "messages", "stream", "skip_special_tokens", "x", "é"]),
+                       json_values, max_size=5),
+       st.sampled_from([(), ("auto",), (None,)]), st.booleans(),
+       st.sampled_from([b"", b" ", b"\n", b" \r\n\t"]))
+def test_an_adapted_request_is_the_request_asking_for_the_calls_as_text(
+    members: dict[str, Any], choice: tuple[str | None, ...], ascii_only: bool, trailer: bytes
+) -> None:
+    # Whether the two members are appended to the client's bytes or the
+    # body is written anew, the engine reads the same request.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    obj = {**members, "tools": tools, **({"tool_choice": choice[0]} if choice else {})}
+    body = json.dumps(obj, ensure_ascii=ascii_only).encode() + trailer
+    got = json.loads(adapt_request(body, NEMOTRON))
+    assert got == {**obj, "skip_special_tokens": False, "tool_choice": "none"}
+    if not choice and "skip_special_tokens" not in obj:
+        assert adapt_request(body, NEMOTRON).startswith(body.rstrip()[:-1])  # the client's bytes, as sent
+
+
 def test_adapt_request() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     for extra in ({}, {"tool_choice": "auto"}):
