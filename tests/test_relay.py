@@ -12,20 +12,12 @@ import trio
 
 from shim import relay as relaying
 from shim.relay import RELAYS, Relay
-
-STEP_S = 5.0
+from tests.relay_util import STEP_S, Pairs, assert_left_alone, read_exactly, socket_pairs
 
 
 @pytest.fixture
-def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
-    """(engine's end, the gateway's engine socket, the gateway's client socket, client's end)."""
-    engine, src = socket.socketpair()
-    dst, client = socket.socketpair()
-    for s in (src, dst):
-        s.setblocking(False)
-    yield engine, src, dst, client
-    for s in (engine, src, dst, client):
-        s.close()
+def pairs() -> Iterator[Pairs]:
+    yield from socket_pairs()
 
 
 def upper(data: bytes) -> bytes | None:
@@ -37,13 +29,6 @@ async def handed_back(relay: Relay) -> None:
     with trio.fail_after(STEP_S):
         await relay.done.wait()
 
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    sock.settimeout(STEP_S)
-    out = b""
-    while len(out) < n:
-        out += sock.recv(n - len(out))
-    return out
 
 
 async def test_what_step_takes_is_written_and_the_rest_comes_back(pairs: tuple[socket.socket, ...]) -> None:
@@ -90,11 +75,7 @@ async def test_taken_back_the_thread_lets_go(pairs: tuple[socket.socket, ...]) -
     assert await trio.to_thread.run_sync(read_exactly, client, 5) == b"FIRST"
     assert RELAYS.take_back(relay) is True
     assert relay.taken and relay.done.is_set()
-    engine.sendall(b"second")
-    # the thread no longer reads it: the bytes wait in the socket for the task
-    with trio.fail_after(STEP_S):
-        await trio.lowlevel.wait_readable(src)
-    assert src.recv(100) == b"second"
+    await assert_left_alone(engine, src)
 
 
 async def test_a_failing_step_hands_the_body_back(pairs: tuple[socket.socket, ...]) -> None:

@@ -17,13 +17,13 @@ from shim.chunked import ChunkedPassthrough, chunk_data, whole_chunks_only
 from shim.relay import NativeRelay
 from shim.sse import SSEDecoder
 from shim.toolcalls import StreamRewriter, get_format
+from tests.relay_util import STEP_S, Pairs, assert_left_alone, read_exactly, socket_pairs
 
 try:
     from shim import _relay
 except ImportError:  # pragma: no cover - a build without a C compiler
     _relay = None  # type: ignore[assignment]
 
-STEP_S = 5.0
 
 
 needs_c = pytest.mark.skipif(_relay is None, reason="shim/_relay.c is not built")
@@ -122,23 +122,9 @@ def test_a_busy_rewriter_has_no_plain_triggers() -> None:
 
 
 @pytest.fixture
-def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
-    """(engine's end, the gateway's engine socket, the gateway's client socket, client's end)."""
-    engine, src = socket.socketpair()
-    dst, client = socket.socketpair()
-    for s in (src, dst):
-        s.setblocking(False)
-    yield engine, src, dst, client
-    for s in (engine, src, dst, client):
-        s.close()
+def pairs() -> Iterator[Pairs]:
+    yield from socket_pairs()
 
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    sock.settimeout(STEP_S)
-    out = b""
-    while len(out) < n:
-        out += sock.recv(n - len(out))
-    return out
 
 
 async def handed_back(relay: NativeRelay) -> None:
@@ -214,11 +200,7 @@ async def test_taken_back_the_thread_lets_go_and_the_waiter_wakes(pairs: tuple[s
         await trio.testing.wait_all_tasks_blocked()
         assert relay.take_back() is True
     assert relay.taken and relay.efd == -1
-    engine.sendall(b"second")
-    # the thread no longer reads it: the bytes wait in the socket for the task
-    with trio.fail_after(STEP_S):
-        await trio.lowlevel.wait_readable(src)
-    assert src.recv(100) == b"second"
+    await assert_left_alone(engine, src)
 
 
 async def test_a_socket_cannot_be_handed_over_twice(pairs: tuple[socket.socket, ...]) -> None:
