@@ -230,6 +230,10 @@ static int start_thread(void) {
 static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"src", "dst", "efd", "mode", "triggers", NULL};
     PyObject *triggers = NULL;
+    if (self->registered) {
+        PyErr_SetString(PyExc_RuntimeError, "a relay cannot be set up again while the thread has it");
+        return -1;
+    }
     self->mode = MODE_RAW;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iii|iO", kwlist, &self->src, &self->dst, &self->efd,
                                      &self->mode, &triggers))

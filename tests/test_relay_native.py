@@ -210,6 +210,8 @@ async def test_a_socket_cannot_be_handed_over_twice(pairs: tuple[socket.socket, 
     second = NativeRelay(src.fileno(), dst.fileno(), relaying.RAW)
     with pytest.raises(FileExistsError):
         second.hand_over()
+    with pytest.raises(RuntimeError, match="set up again"):
+        first._c.__init__(src.fileno(), dst.fileno(), first.efd)  # type: ignore[misc]
     first.finish()
     second.hand_over()  # once the first let go
     second.finish()
