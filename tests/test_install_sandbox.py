@@ -34,6 +34,9 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     # what the README promises is installed: the journal fields' library...
     assert "systemd-python is not installed" not in done.stderr, done.stderr
     sandbox.run([f"{venv}/bin/python", "-c", "import systemd.journal"])
+    # ...and the relay thread's C part, built by pip from the same compiler
+    assert "shim/_relay.c) was not built" not in done.stderr, done.stderr
+    sandbox.run([f"{venv}/bin/python", "-c", "import shim._relay"])
     # ...and the default engine's missing command is named at once
     assert "the engine's command 'vllm' was not found" in done.stderr, done.stderr
     unit = sandbox.run(["cat", f"{home}/.config/systemd/user/vllm-gateway.service"]).stdout
