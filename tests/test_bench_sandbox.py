@@ -21,6 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS = ["direct", "socket-proxyd", "fastapi+httpx", "vllm-gateway", "vllm-gateway+rewrite"]
 
 
+def table(report: str, heading: str) -> list[list[str]]:
+    """The cells of the rows of the first table under `heading` (header and
+    rule left out)."""
+    section = report.partition(f"\n## {heading}\n")[2].partition("\n## ")[0]
+    lines: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+
+
 def test_quick_bench_measures_every_peer(sandbox: Sandbox, tmp_path: Path) -> None:
     run = subprocess.run(
         [str(REPO / "scripts" / "bench"), "--quick", "--out", str(tmp_path)],
@@ -29,9 +42,8 @@ def test_quick_bench_measures_every_peer(sandbox: Sandbox, tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr[-3000:]
     report = (tmp_path / "benchmarks.md").read_text()
     assert "- command: `scripts/bench --quick --out" in report
-    # the proxying table: a row of 14 figures a peer
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines()
-            if line.startswith("| ") and line.count("|") == 15}
+    # the proxying table: a row of 13 figures a peer
+    rows = {cells[0]: cells for cells in table(report, "Proxying")}
     for peer in PEERS:
         assert peer in rows, f"{peer} missing from the report"
         assert "not measured" not in rows[peer], rows[peer]
@@ -39,20 +51,19 @@ def test_quick_bench_measures_every_peer(sandbox: Sandbox, tmp_path: Path) -> No
     # every figure of the gateway's rows is there, errors included (0: the
     # warm-up checks that streams arrive whole)
     for peer in ("vllm-gateway", "vllm-gateway+rewrite"):
-        cells = [c.strip() for c in rows[peer].strip("|").split("|")]
-        assert len(cells) == 14 and "-" not in cells and cells[-1] == "0", rows[peer]
+        cells = rows[peer]
+        assert len(cells) == 14 and "-" not in cells and cells[-1] == "0", cells
     # the paced streams: a row of 13 figures a peer at 64 and at 256 streams,
     # and no stream of the gateway's broken
-    paced = [line.split("|")[1:-1] for line in report.splitlines()
-             if line.startswith("| ") and line.count("|") == 14]
+    paced = table(report, "Paced streams")
     for peer in PEERS:
         for streams in ("64", "256"):
-            row = next((c for c in paced if c[0].strip() == peer and c[1].strip() == streams), None)
+            row = next((c for c in paced if c[0] == peer and c[1] == streams), None)
             assert row is not None, f"{peer} at {streams} paced streams missing from the report"
-            assert "not measured" not in "|".join(row), row
+            assert len(row) == 14 and "not measured" not in row, row
             if peer.startswith("vllm-gateway"):
-                assert row[-2].strip() == "0", row
-                assert "-" not in [c.strip() for c in row], row
+                assert row[-2] == "0", row
+                assert "-" not in row, row
     assert "| CPU per event vs socket-proxyd @256 paced streams (rewrite on) | <= 2.5x |" in report
     assert "| delay added p99 @64 paced streams (rewrite off) | < 1 ms |" in report
     assert "| shim RSS after load |" in report
