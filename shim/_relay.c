@@ -115,6 +115,29 @@ static int plain_events(const RelayObject *r, const char *data, size_t n) {
     return 1;
 }
 
+/* What to write for a read of n bytes in buf, or NULL: the read goes back
+ * to the task. Its length in *out_len, the client's body bytes in it in
+ * *body_bytes. SSE frames into `frame` (n + 32 bytes), RAW passes buf. */
+static const char *passes(const RelayObject *r, const char *buf, size_t n, char *frame, size_t *out_len,
+                          size_t *body_bytes) {
+    if (r->mode == MODE_RAW) {
+        if (!whole_chunks(buf, n, NULL, NULL)) return NULL;
+        *out_len = *body_bytes = n;
+        return buf;
+    }
+    /* the data, framed again as one chunk: "%x\r\n" data "\r\n" */
+    size_t body_len;
+    char *body = frame + 18;
+    if (!whole_chunks(buf, n, body, &body_len) || !plain_events(r, body, body_len)) return NULL;
+    char hex[18];
+    size_t head = (size_t)snprintf(hex, sizeof hex, "%zx\r\n", body_len);
+    memcpy(body - head, hex, head);
+    memcpy(body + body_len, "\r\n", 2);
+    *out_len = head + body_len + 2;
+    *body_bytes = body_len;
+    return body - head;
+}
+
 /* ---- the thread ---- */
 
 static char *copy(const char *p, size_t n) {
@@ -136,25 +159,15 @@ static int relay_one(RelayObject *r, char *buf, char *frame) {
         return 0;
     }
     __atomic_fetch_add(&r->reads, 1, __ATOMIC_RELAXED);
-    const char *out = buf;
-    size_t out_len = (size_t)n;
-    if (r->mode == MODE_RAW) {
-        if (!whole_chunks(buf, (size_t)n, NULL, NULL)) goto give_back;
-        r->bytes_out += (size_t)n;
-    } else {
-        /* the data, framed again as one chunk: "%x\r\n" data "\r\n" */
-        size_t body_len, head;
-        char *body = frame + 18;
-        if (!whole_chunks(buf, (size_t)n, body, &body_len) || !plain_events(r, body, body_len))
-            goto give_back;
-        char hex[18];
-        head = (size_t)snprintf(hex, sizeof hex, "%zx\r\n", body_len);
-        out = body - head;
-        memcpy((char *)out, hex, head);
-        memcpy(body + body_len, "\r\n", 2);
-        out_len = head + body_len + 2;
-        r->bytes_out += body_len;
+    size_t out_len, body_bytes;
+    const char *out = passes(r, buf, (size_t)n, frame, &out_len, &body_bytes);
+    if (!out) {  /* the task's, as read */
+        r->data = copy(buf, (size_t)n);
+        if (!r->data) r->error = ENOMEM;
+        else r->data_len = (size_t)n;
+        return 0;
     }
+    r->bytes_out += body_bytes;
     ssize_t sent = write(r->dst, out, out_len);
     if (sent < 0) sent = 0;  /* full or gone: the task writes, and finds out which */
     if ((size_t)sent < out_len) {
@@ -164,11 +177,6 @@ static int relay_one(RelayObject *r, char *buf, char *frame) {
         return 0;
     }
     return 1;
-give_back:
-    r->data = copy(buf, (size_t)n);
-    if (!r->data) r->error = ENOMEM;
-    else r->data_len = (size_t)n;
-    return 0;
 }
 
 static void unregister_locked(RelayObject *r) {
@@ -227,6 +235,28 @@ static int start_thread(void) {
     return 0;
 }
 
+/* The triggers (None, or a tuple of at most two byte strings of 1 to 16
+ * bytes) into r; -1 with an exception set if they are not that. */
+static int set_triggers(RelayObject *r, PyObject *triggers) {
+    if (!triggers || triggers == Py_None) return 0;
+    if (!PyTuple_Check(triggers) || PyTuple_GET_SIZE(triggers) > 2) {
+        PyErr_SetString(PyExc_TypeError, "triggers is a tuple of at most two byte strings");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(triggers); i++) {
+        char *p;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(triggers, i), &p, &len) < 0) return -1;
+        if (len < 1 || len > MAX_TRIGGER) {
+            PyErr_SetString(PyExc_ValueError, "a trigger is 1 to 16 bytes");
+            return -1;
+        }
+        memcpy(r->trig[i], p, (size_t)len);
+        r->trig_len[i] = (size_t)len;
+    }
+    return 0;
+}
+
 static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"src", "dst", "efd", "mode", "triggers", NULL};
     PyObject *triggers = NULL;
@@ -246,24 +276,7 @@ static int Relay_init(RelayObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "mode is RAW or SSE");
         return -1;
     }
-    if (triggers && triggers != Py_None) {
-        if (!PyTuple_Check(triggers) || PyTuple_GET_SIZE(triggers) > 2) {
-            PyErr_SetString(PyExc_TypeError, "triggers is a tuple of at most two byte strings");
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(triggers); i++) {
-            char *p;
-            Py_ssize_t len;
-            if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(triggers, i), &p, &len) < 0) return -1;
-            if (len < 1 || len > MAX_TRIGGER) {
-                PyErr_SetString(PyExc_ValueError, "a trigger is 1 to 16 bytes");
-                return -1;
-            }
-            memcpy(self->trig[i], p, (size_t)len);
-            self->trig_len[i] = (size_t)len;
-        }
-    }
-    return 0;
+    return set_triggers(self, triggers);
 }
 
 static int take_back_locked(RelayObject *self) {
@@ -377,45 +390,22 @@ static PyTypeObject RelayType = {
     .tp_getset = Relay_getset,
 };
 
-/* The checks alone, for tests against the Python ones. */
+/* The checks alone, the thread's own code (`passes`), for tests against
+ * the Python ones. */
 static PyObject *check(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_buffer b;
-    int mode;
-    PyObject *triggers = NULL;
-    if (!PyArg_ParseTuple(args, "y*i|O", &b, &mode, &triggers)) return NULL;
     RelayObject probe;
+    PyObject *triggers = NULL;
     memset(&probe, 0, sizeof probe);
-    if (triggers && PyTuple_Check(triggers)) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(triggers) && i < 2; i++) {
-            char *p;
-            Py_ssize_t len;
-            if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(triggers, i), &p, &len) < 0 || len > MAX_TRIGGER) {
-                PyBuffer_Release(&b);
-                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a trigger is 1 to 16 bytes");
-                return NULL;
-            }
-            memcpy(probe.trig[i], p, (size_t)len);
-            probe.trig_len[i] = (size_t)len;
-        }
-    }
-    char *frame = malloc((size_t)b.len + 32);
+    if (!PyArg_ParseTuple(args, "y*i|O", &b, &probe.mode, &triggers)) return NULL;
+    char *frame = set_triggers(&probe, triggers) < 0 ? NULL : malloc((size_t)b.len + 32);
     if (!frame) {
         PyBuffer_Release(&b);
-        return PyErr_NoMemory();
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
-    char *body = frame + 18;
-    size_t body_len = 0;
-    PyObject *res;
-    if (!whole_chunks(b.buf, (size_t)b.len, body, &body_len)) res = Py_NewRef(Py_None);
-    else if (mode == MODE_RAW) res = PyBytes_FromStringAndSize(b.buf, b.len);
-    else if (!plain_events(&probe, body, body_len)) res = Py_NewRef(Py_None);
-    else {
-        char hex[18];
-        size_t head = (size_t)snprintf(hex, sizeof hex, "%zx\r\n", body_len);
-        memcpy(body - head, hex, head);
-        memcpy(body + body_len, "\r\n", 2);
-        res = PyBytes_FromStringAndSize(body - head, (Py_ssize_t)(head + body_len + 2));
-    }
+    size_t out_len, body_bytes;
+    const char *out = passes(&probe, b.buf, (size_t)b.len, frame, &out_len, &body_bytes);
+    PyObject *res = out ? PyBytes_FromStringAndSize(out, (Py_ssize_t)out_len) : Py_NewRef(Py_None);
     free(frame);
     PyBuffer_Release(&b);
     return res;
