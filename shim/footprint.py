@@ -21,6 +21,7 @@ A process that had already imported either keeps it as it was.
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import importlib.util
@@ -55,9 +56,11 @@ def defer() -> None:
 
 # -- memory given back once the gateway idles ------------------------------
 
+@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, where the C library has it (trio has loaded
-    ctypes already: no cost to look)."""
+    """glibc's malloc_trim, where the C library has it; looked up at the
+    first give-back, not when any command imports this module (trio has
+    loaded ctypes by then: no cost to look)."""
     import ctypes
 
     try:
@@ -65,9 +68,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (AttributeError, OSError):  # not glibc (musl has none)
         return None
     return trim
-
-
-_TRIM = _malloc_trim()
 
 
 def give_back() -> None:
@@ -80,5 +80,6 @@ def give_back() -> None:
     heap (~1 MB after 256 streams). Both cost a few milliseconds: this runs
     when the last engine has stopped, not on the request path."""
     gc.collect()
-    if _TRIM is not None:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -479,4 +479,4 @@ async def test_memory_is_given_back_each_time_the_last_engine_stops(monkeypatch:
 
 def test_give_back_runs_here() -> None:
     footprint.give_back()  # glibc: malloc_trim found and called; elsewhere the collection alone
-    assert (footprint._TRIM is not None) == (platform.libc_ver()[0] == "glibc")
+    assert (footprint._malloc_trim() is not None) == (platform.libc_ver()[0] == "glibc")
