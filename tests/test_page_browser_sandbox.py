@@ -147,9 +147,11 @@ def test_the_page_follows_a_cold_start_and_stops_the_engine_with_the_admin_key(
     b.wait_for("document.getElementById('gateway-body').textContent.includes('none: engines may start')",
                START_S, "the page to show no hold")
     assert gw.status()["holds"] == {}
-    # the only errors: the two refused stops, as the browser reports any 401
+    # the only errors: the refused stops, as the browser reports a 401. Chromium logs such a
+    # network error late or not at all for a fetch that already settled (a CI run saw one of
+    # the two), so their count is not checked; the page's own answer to each is, above.
     errors = b.errors()
-    assert len(errors) == 2 and all("401" in e and "/gateway/stop" in e for e in errors), errors
+    assert all("401" in e and "/gateway/stop" in e for e in errors), errors
 
 
 def enter_key(b: Browser, key: str) -> None:
