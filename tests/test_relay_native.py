@@ -218,6 +218,56 @@ async def test_a_socket_cannot_be_handed_over_twice(pairs: tuple[socket.socket, 
     assert first.taken and second.taken
 
 
+async def test_take_backs_racing_the_thread_lose_no_byte(pairs: tuple[socket.socket, ...]) -> None:
+    """The task takes the body back again and again while the engine streams
+    and the thread relays: every byte the engine sent reaches the client
+    once, in order, whether the thread wrote it or handed it back (read and
+    not passed, or passed and not yet written)."""
+    engine, src, dst, client = pairs
+    sent = b"".join(frame([b"%06d" % i]) for i in range(20_000))
+
+    def engine_side() -> None:
+        engine.sendall(sent)
+        engine.shutdown(socket.SHUT_WR)
+
+    def client_side() -> bytes:
+        client.settimeout(STEP_S * 6)
+        got = bytearray()
+        while data := client.recv(65536):
+            got += data
+        return bytes(got)
+
+    def to_client(data: bytes) -> None:
+        dst.setblocking(True)
+        dst.sendall(data)
+        dst.setblocking(False)
+
+    async with trio.open_nursery() as nursery:
+        received: list[bytes] = []
+
+        async def collect() -> None:
+            received.append(await trio.to_thread.run_sync(client_side))
+
+        nursery.start_soon(trio.to_thread.run_sync, engine_side)
+        nursery.start_soon(collect)
+        eof = False
+        taken = 0
+        with trio.fail_after(STEP_S * 6):
+            while not eof:
+                relay = NativeRelay(src.fileno(), dst.fileno(), relaying.RAW)
+                relay.hand_over()
+                await trio.lowlevel.checkpoint()
+                taken += relay.take_back()
+                relay.finish()
+                for left in (relay.pending, relay.data):  # the thread's order: pending, then what it read
+                    if left:
+                        to_client(left)
+                eof = relay.eof
+        dst.shutdown(socket.SHUT_WR)
+    assert received == [sent]
+    assert taken  # some were taken back from the thread, not all handed back
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="three open file descriptors"):
         _relay.Relay(-1, 1, 2)
