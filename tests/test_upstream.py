@@ -7,16 +7,19 @@ connections in use and says why."""
 from __future__ import annotations
 
 import functools
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import h11
+import pytest
 import trio
 import trio.testing
 
 from shim.httpio import next_event
-from shim.upstream import POOL_IDLE_S, Upstream, UpstreamConn, call, probe
+from shim.upstream import POOL_IDLE_S, Upstream, UpstreamConn, call, open_tcp, probe
 
 BODY = b'{"ok":true}'
 
@@ -181,3 +184,33 @@ async def test_a_call_to_a_peer_that_speaks_no_http_is_none() -> None:
         port = listeners[0].socket.getsockname()[1]
         assert await call("127.0.0.1", port, "GET", "/health") is None
         nursery.cancel_scope.cancel()
+
+
+async def test_connections_are_plain_connects_with_no_delay_and_refusals_leave_no_socket() -> None:
+    async with engine_on_a_free_port() as engine:
+        for host in ("127.0.0.1", "localhost"):  # a numeric address, and a name (looked up)
+            stream = await open_tcp(host, engine.port)
+            assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await stream.aclose()
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(OSError):
+            await open_tcp("127.0.0.1", port)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_an_ipv6_engine_address_is_connected_as_such() -> None:
+    listener = trio.socket.socket(socket.AF_INET6)
+    try:
+        await listener.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    listener.listen()
+    stream = await open_tcp("::1", listener.getsockname()[1])
+    assert stream.socket.family == socket.AF_INET6
+    await stream.aclose()
+    listener.close()
