@@ -16,7 +16,7 @@ engine behind it:
   direct: the paced streams against the engine itself, the floor (once)
 
 usage: scripts/sandbox -- .venv/bin/python bench/ab.py [--rounds N]
-           [--only load,paced] NAME=TREE[:VAR=VALUE,...] NAME=TREE...
+           [--only load,paced] [--starts spread|together] NAME=TREE[:VAR=VALUE,...] NAME=TREE...
 TREE is a folder holding a `shim` package (a checkout, or `git archive REV
 shim | tar -x -C DIR`); it goes first on the shim's PYTHONPATH.
 """
@@ -76,7 +76,7 @@ def smaps(pid: int, prefix: str) -> dict[str, float]:
 
 
 def one(procs: run.Procs, work: Path, name: str, tree: Path, env: dict[str, str], only: set[str],
-        secs: float) -> dict[str, float]:
+        secs: float, starts: str) -> dict[str, float]:
     r: dict[str, float] = {}
     if "load" in only or "paced" in only:
         g = TreeShim(procs, work, f"{name}-off", run.engine_cmd())
@@ -99,7 +99,7 @@ def one(procs: run.Procs, work: Path, name: str, tree: Path, env: dict[str, str]
                 r["p50_1_ms"] = c1["p50_ms"]
                 r["cpu_req_us"] = c32.get("cpu_us_per_request", 0.0)
             if "paced" in only:
-                for k, v in run.paced(url, paced_d(secs), False, pid).items():
+                for k, v in run.paced(url, paced_d(secs), False, pid, starts).items():
                     r[f"off_{k}"] = v
                 r["rss_paced_mb"] = run.rss_mb(pid)[0]
                 time.sleep(0.5)
@@ -117,7 +117,8 @@ def one(procs: run.Procs, work: Path, name: str, tree: Path, env: dict[str, str]
         assert gr.proc is not None
         try:
             run.check_peer(gr.port, tools=True)
-            for k, v in run.paced(f"http://127.0.0.1:{gr.port}", paced_d(secs), True, gr.proc.pid).items():
+            for k, v in run.paced(f"http://127.0.0.1:{gr.port}", paced_d(secs), True, gr.proc.pid,
+                                   starts).items():
                 r[f"on_{k}"] = v
         finally:
             gr.stop()
@@ -143,6 +144,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default="load,paced")
     ap.add_argument("--seconds", type=float, default=4.0, help="each measured window")
+    ap.add_argument("--starts", choices=["spread", "together"], default="together",
+                    help="paced streams' starts (bench/load.py)")
     a = ap.parse_args()
     only = set(a.only.split(","))
     trees = []
@@ -159,11 +162,11 @@ def main() -> int:
         procs.start("upstream", [*run.engine_cmd(), "--port", str(up)])
         run.wait_port(up)
         if "paced" in only:
-            direct = run.paced(f"http://127.0.0.1:{up}", paced_d(a.seconds), False, None)
+            direct = run.paced(f"http://127.0.0.1:{up}", paced_d(a.seconds), False, None, a.starts)
         for i in range(a.rounds):
             for name, tree, env in trees if i % 2 == 0 else trees[::-1]:
                 run.log(f"round {i + 1}: {name}")
-                r = one(procs, work, name, tree, env, only, a.seconds)
+                r = one(procs, work, name, tree, env, only, a.seconds, a.starts)
                 results[name].append(r)
                 print(json.dumps({"round": i + 1, "tree": name, **r}), flush=True)
     finally:

@@ -14,8 +14,12 @@ encoding; nothing else is parsed, so the client stays cheap.
 
   paced   POST a streaming one that the stand-in engine (bench/upstream.py)
           answers at a GPU's pace: `--events` events, `--interval-ms` apart,
-          each its own chunk stamped with its send time. Connections start
-          spread over one interval. Prints events/s achieved and offered,
+          each its own chunk stamped with its send time. The connections
+          start within one interval (`--starts together`, the default), so
+          their streams end and start again in waves of `--conns` requests
+          at once; `--starts spread` spreads them over one whole stream, so
+          that requests arrive evenly. The measured window begins once every
+          connection has started. Prints events/s achieved and offered,
           the delay each event gained between the engine's write and this
           client's read (p50, p99, max), time to first event, errors (a
           status other than 200, a stream cut short or with the wrong
@@ -266,7 +270,7 @@ class PacedConn(Conn):
 
 async def run(
     mode: str, url: str, conns: int, duration: float, warmup: float, tools: bool = False,
-    cpu_pid: int | None = None, events: int = 50, interval_ms: float = 25.0,
+    cpu_pid: int | None = None, events: int = 50, interval_ms: float = 25.0, starts: str = "together",
 ) -> dict[str, object]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
@@ -276,17 +280,19 @@ async def run(
     loop = asyncio.get_running_loop()
     protos: list[Conn] = []
     stall_ns = round(max(STALL_MS, 4 * interval_ms) * 1e6)
+    # the span over which paced connections start: one stream, or one interval
+    span_s = (events if starts == "spread" else 1) * interval_ms / 1000
     for i in range(conns):
         lost: asyncio.Future[None] = loop.create_future()
         factory: functools.partial[Conn]
         if mode == "paced":
             factory = functools.partial(PacedConn, req, stats, lost, events, stall_ns,
-                                        i * interval_ms / 1000 / conns)
+                                        i * span_s / conns)
         else:
             factory = functools.partial(StreamConn if mode == "stream" else Conn, req, stats, lost)
         _, proto = await loop.create_connection(factory, host, port)
         protos.append(proto)
-    await asyncio.sleep(warmup)
+    await asyncio.sleep(max(warmup, span_s) if mode == "paced" else warmup)
     stats.recording = True
     t0 = time.perf_counter()
     cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
@@ -306,6 +312,7 @@ async def run(
     result: dict[str, object] = {
         "mode": mode,
         "conns": conns,
+        **({"starts": starts} if mode == "paced" else {}),
         "duration_s": round(elapsed, 3),
         "requests": stats.done,
         "errors": stats.errors,
@@ -359,9 +366,11 @@ def main() -> int:
     p.add_argument("--cpu-pid", type=int, help="report this process's CPU time per request")
     p.add_argument("--events", type=int, default=50, help="paced: events per stream, [DONE] included")
     p.add_argument("--interval-ms", type=float, default=25.0, help="paced: between two events of a stream")
+    p.add_argument("--starts", choices=["spread", "together"], default="together",
+                   help="paced: connections start over one stream, or within one interval")
     a = p.parse_args()
     print(json.dumps(asyncio.run(run(a.mode, a.url, a.conns, a.duration, a.warmup, a.tools, a.cpu_pid,
-                                     a.events, a.interval_ms))))
+                                     a.events, a.interval_ms, a.starts))))
     return 0
 
 

@@ -288,12 +288,14 @@ def measure(
     return r
 
 
-def paced(url: str, d: Durations, tools: bool, pid: int | None) -> dict[str, float]:
-    """The paced streams at each number of streams, as `pN_`-prefixed figures."""
+def paced(url: str, d: Durations, tools: bool, pid: int | None, starts: str = "together") -> dict[str, float]:
+    """The paced streams at each number of streams, as `pN_`-prefixed figures
+    (`starts`: bench/load.py's, within one interval unless told)."""
     r: dict[str, float] = {}
     for n in PACED_STREAMS:
         x = loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
-                   ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}"))
+                   ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}",
+                    "--starts", starts))
         for key in ("events_per_s", "offered_per_s", "delay_p50_ms", "delay_p99_ms", "delay_max_ms",
                     "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct",
                     "first_delay_p99_ms", "later_delay_p99_ms"):
@@ -1109,10 +1111,12 @@ def write_doc(
         f"- **Paced streams**: `bench/load.py paced` with `x-bench-pace: {PACED_EVENTS}/"
         f"{PACED_INTERVAL_MS:g}`, which the stand-in engine answers on a fixed schedule from the "
         "request's arrival, stamping each event with CLOCK_MONOTONIC at its write; the connections "
-        "start spread over one interval, each streaming one completion after another. Events are "
-        "counted when they arrive within the window. Errors: a status other than 200, a stream cut "
-        "short or with the wrong number of events. Stalls: a gap of over 100 ms between two events "
-        "of a stream (or before its first). `+rewrite` offers a tool, as above.",
+        "start spread over one interval, each streaming one completion after another (so their "
+        "streams end and start again in waves; `bench/load.py --starts spread` spreads the starts "
+        "over a whole stream instead). Events are counted when they arrive within the window. "
+        "Errors: a status other than 200, a stream cut short or with the wrong number of events. "
+        "Stalls: a gap of over 100 ms between two events of a stream (or before its first). "
+        "`+rewrite` offers a tool, as above.",
         "- **Cold-start lag**: the engine is `scripts/fake-vllm --startup-delay 2`, which opens its port "
         "only when ready. With the engine stopped, one client sends a chat completion to the gateway "
         "while another polls the engine's `/health` directly every 1 ms. The engine became ready after "
