@@ -949,8 +949,9 @@ def main() -> int:
         log("measuring direct: paced streams again")
         try:
             again = paced(f"http://127.0.0.1:{up_port}", d, False, None)
-            extra["direct_paced_runs"] = [dict(res.get("direct", {})), again]
-            res.setdefault("direct", {}).update(lower_floor(res.get("direct", {}), again))
+            direct = res.setdefault("direct", {})
+            extra["direct_paced_runs"] = [dict(direct), again]
+            direct.update(lower_floor(direct, again))
         except Exception as e:
             notes.append(f"direct: paced streams not measured again: {e}")
 
