@@ -166,11 +166,9 @@ async def test_a_call_answers_status_and_body_and_none_where_nothing_answers() -
     async with engine_on_a_free_port() as engine:
         assert await call("127.0.0.1", engine.port, "POST", "/sleep", b"{}") == (200, BODY)
         assert await probe("127.0.0.1", engine.port, "/health") == 200
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()  # a free port that nobody listens on: refused
-    assert await probe("127.0.0.1", port, "/health") is None
+    with trio.socket.socket() as held:  # bound, never listening, nobody else's: refused
+        await held.bind(("127.0.0.1", 0))
+        assert await probe("127.0.0.1", held.getsockname()[1], "/health") is None
 
 
 async def test_a_call_to_a_peer_that_speaks_no_http_is_none() -> None:
@@ -192,15 +190,15 @@ async def test_connections_are_plain_connects_with_no_delay_and_refusals_leave_n
             stream = await open_tcp(host, engine.port)
             assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             await stream.aclose()
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()
-    before = len(os.listdir("/proc/self/fd"))
-    for _ in range(20):
-        with pytest.raises(OSError):
-            await open_tcp("127.0.0.1", port)
-    assert len(os.listdir("/proc/self/fd")) == before
+    # a port held (bound, never listening) so that nobody else takes it: refused
+    with trio.socket.socket() as held:
+        await held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with pytest.raises(ConnectionRefusedError):
+                await open_tcp("127.0.0.1", port)
+        assert len(os.listdir("/proc/self/fd")) == before
 
 
 async def test_an_ipv6_engine_address_is_connected_as_such() -> None:
