@@ -26,4 +26,8 @@ async def listeners(host: str, port: int) -> list[trio.SocketListener]:
     socks = activated_sockets()
     if socks:
         return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
-    return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+    # An ASCII host goes as bytes: as text, the lookup encodes it with the
+    # "idna" codec, whose import (stringprep's tables, ~0.1 MB) the process
+    # would keep for nothing; an address or a plain name needs no IDNA.
+    return await trio.open_tcp_listeners(port, host=host.encode() if host.isascii() else host,
+                                         backlog=BACKLOG)

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 import h11
 import trio
@@ -101,8 +101,14 @@ class StaticFile:
     etag: bytes
 
 
+# The package's folder, not importlib.resources: the gateway is installed as
+# files (pip, a venv), and resources' readers import zipfile, ~0.35 MB that
+# the serving process would hold for its lifetime to read three files once.
+STATIC = Path(__file__).parent / "static"
+
+
 def _load(name: str, content_type: bytes) -> StaticFile:
-    body = resources.files(__package__).joinpath("static", name).read_bytes()
+    body = (STATIC / name).read_bytes()
     return StaticFile(body, content_type, b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"')
 
 

@@ -51,3 +51,24 @@ def test_an_ssl_imported_before_stays() -> None:
         print(type(sys.modules["ssl"]).__name__, sys.modules["_hashlib"] is _hashlib)
     """)
     assert out == "module True"
+
+
+def test_serving_loads_no_zip_reader_and_no_idna_codec() -> None:
+    """The page's files come from the package's folder (importlib.resources'
+    readers import zipfile), and the listener's address is looked up as
+    bytes (text would import the "idna" codec and stringprep's tables)."""
+    out = _run("""
+        import sys, trio
+        import shim.cli, shim.server, shim.proxy
+        from shim import listen, page
+        files = page.load_files()
+        async def main():
+            for host in ("127.0.0.1", "localhost"):
+                for listener in await listen.listeners(host, 0):
+                    await listener.aclose()
+        trio.run(main)
+        print(sorted(m for m in ("zipfile", "importlib.resources.readers", "encodings.idna", "stringprep")
+                     if m in sys.modules), all(f.body for f in files.values()))
+    """)
+    assert out == "[] True"
+
