@@ -1,4 +1,5 @@
-"""The shim's own memory: OpenSSL kept out, and what a burst left given back.
+"""The shim's own memory: OpenSSL kept out, start-up's modules let go, and
+what a burst left given back.
 
 Keep OpenSSL out of the shim: about 4.5 MB of its ~29 MB at start-up.
 
@@ -52,6 +53,16 @@ def defer() -> None:
         sys.modules["ssl"] = stand_in
     if "_hashlib" not in sys.modules:
         sys.modules["_hashlib"] = None  # type: ignore[assignment]
+
+
+def forget(*names: str) -> None:
+    """Let modules that only start-up used go: out of sys.modules, and their
+    code, classes and what refers only to them collected now (before the
+    serving process freezes what start-up made, out of the collector's
+    reach). Anything that imports one later gets it afresh."""
+    for name in names:
+        sys.modules.pop(name, None)
+    gc.collect()
 
 
 # -- memory given back once the gateway idles ------------------------------

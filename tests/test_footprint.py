@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def _run(code: str) -> str:
@@ -72,3 +73,29 @@ def test_serving_loads_no_zip_reader_and_no_idna_codec() -> None:
     """)
     assert out == "[] True"
 
+
+def test_serve_lets_the_command_line_parser_go(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[engines.main]\ncommand = ["vllm", "serve", "m"]\n')
+    out = _run(f"""
+        import sys, trio
+        from shim import cli
+        trio.run = lambda fn, cfg: print("argparse" in sys.modules, "gettext" in sys.modules, fn.__name__)
+        cli.main(["--config", {str(cfg)!r}, "serve"])
+    """)
+    assert out == "False False serve"
+
+
+def test_a_forgotten_module_is_collected_and_comes_back_when_imported() -> None:
+    out = _run("""
+        import sys, weakref
+        import argparse
+        from shim import footprint
+        ref = weakref.ref(argparse)
+        del argparse
+        footprint.forget("argparse")
+        gone = ref() is None and "argparse" not in sys.modules
+        import argparse
+        print(gone, argparse.ArgumentParser(prog="x").parse_args([]) is not None)
+    """)
+    assert out == "True True"
