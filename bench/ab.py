@@ -49,7 +49,7 @@ class TreeShim(run.Shim):
             f'tool_call_format = "{self.fmt}"\nstart_timeout = "60s"\n'
         )
         self.proc = self.procs.start(f"shim-{self.name}", [str(run.SHIM), "--config", str(cfg), "serve"],
-                                     env={"PYTHONPATH": str(self.tree), **self.env})
+                                     env={**run.unit_environment(), "PYTHONPATH": str(self.tree), **self.env})
         run.wait_port(self.port)
 
 

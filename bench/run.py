@@ -308,6 +308,18 @@ def paced(url: str, d: Durations, tools: bool, pid: int | None, starts: str = "t
 # The gateway
 
 
+def unit_environment() -> dict[str, str]:
+    """The environment the installed unit gives the serving process
+    (units/vllm-gateway.service's `Environment=` lines): the gateway is
+    measured as it runs for its users."""
+    env = {}
+    for line in (REPO / "units" / "vllm-gateway.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key] = value
+    return env
+
+
 @dataclass
 class Shim:
     procs: Procs
@@ -333,7 +345,8 @@ class Shim:
             f'models = ["bench"]\nunit = "{self.unit}"\nstop_after = "off"\n'
             f'tool_call_format = "{self.fmt}"\nstart_timeout = "60s"\n'
         )
-        self.proc = self.procs.start(f"shim-{self.name}", [str(SHIM), "--config", str(cfg), "serve"])
+        self.proc = self.procs.start(f"shim-{self.name}", [str(SHIM), "--config", str(cfg), "serve"],
+                                     env=unit_environment())
         wait_port(self.port)
 
     def status(self) -> dict[str, Any]:

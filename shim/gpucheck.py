@@ -124,7 +124,7 @@ def report(checks: Sequence[Check]) -> tuple[str, int]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gpu-check", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--gpu", type=int, default=0, help="the GPU index to check (NVML's numbering; default 0)")
     p.add_argument("--hold-mib", type=int, default=2048, help="what a fake engine holds (default 2048)")
     p.add_argument("--python", default=sys.executable,

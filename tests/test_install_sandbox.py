@@ -48,6 +48,10 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     assert sandbox.systemctl("is-active", "vllm-gateway-idle.timer", check=False).stdout.strip() == "inactive"
     check = sandbox.run([f"{home}/.local/bin/vllm-gateway", "config", "check"]).stdout
     assert "[engines.main]" in check
+    # the service runs with -OO: its byte code is there before its first start
+    compiled = sandbox.run(["sh", "-c", f"ls {venv}/lib/python3*/site-packages/shim/__pycache__/"]).stdout
+    assert any(n.startswith("server.cpython-") and n.endswith(".opt-2.pyc")
+               for n in compiled.split()), compiled
 
     # one request, found again by its id in the journal (systemd-python's fields)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
@@ -59,6 +63,10 @@ def test_install_now_then_uninstall(sandbox: Sandbox) -> None:
     entries = [json.loads(line) for line in found.splitlines() if line.strip()]
     assert entries, "no journal entry has REQUEST_ID=install-test-42"
     assert entries[0]["STATUS"] == "200" and entries[0]["ROUTE"]
+    # the serving process got the unit's environment: no docstrings kept
+    pid = sandbox.systemctl("show", "-p", "MainPID", "--value", "vllm-gateway.service").stdout.strip()
+    environ = sandbox.run(["cat", f"/proc/{pid}/environ"]).stdout.split("\0")
+    assert "PYTHONOPTIMIZE=2" in environ, environ
 
     # a second run upgrades in place and keeps the configuration; it takes
     # back the timer's enablement that earlier versions made
