@@ -1171,8 +1171,10 @@ def write_doc(
         "poll); the lower bound (from the first 200) is within ~1-2 ms of it. fake-vllm's log stamps "
         "have 1 s resolution, too coarse to use. The shim itself polls /health every "
         "50 ms (shim/engine.py HEALTH_POLL_S), which bounds this lag from below on average.",
-        "- **Idle footprint**: VmRSS/VmHWM of the shim process; wake-ups = growth of "
-        "voluntary+nonvoluntary context switches over all its threads (/proc/PID/task/*/status) across "
+        "- **Idle footprint**: VmRSS/VmHWM of the shim process (started with the installed unit's "
+        "`Environment=` lines, `PYTHONOPTIMIZE=2` among them, as it runs for its users); "
+        "wake-ups = growth of voluntary+nonvoluntary context switches over all its threads "
+        "(/proc/PID/task/*/status) across "
         "the idle window, first with the engine ready and no request, then after `POST /gateway/stop`. "
         "Processes left: after the shim exited by itself (`exit_after`), any process whose command "
         "line names its config or its engine's port.",
