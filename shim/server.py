@@ -59,7 +59,8 @@ class Gateway:
 
     def apply_config(self, cfg: GatewayConfig) -> None:
         """A reload's new configuration (reloading.reload is the caller)."""
-        self.cfg = self.fleet.cfg = cfg
+        # the page too: its stream checks the keys a reload may have changed
+        self.cfg = self.fleet.cfg = self.page.cfg = cfg
 
     async def status_now(self) -> GatewayStatus:
         """/gateway/status as of now (endpoints.py builds it)."""

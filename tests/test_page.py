@@ -348,6 +348,24 @@ async def test_with_api_keys_the_stream_needs_a_key(caplog: pytest.LogCaptureFix
     assert engine.calls == []
 
 
+async def test_a_reload_that_changes_the_keys_applies_to_the_stream() -> None:
+    """Rotated keys: the page's stream takes the new key and refuses the old
+    one at once, as the API does; the page learns whether controls exist."""
+    async with gateway(api_keys=("sk-old",)) as (gw, _), trio.open_nursery() as nursery:
+        gw.apply_config(make_cfg(api_keys=(API_KEY,), admin_key=ADMIN_KEY))
+        for key, status in (("sk-old", 401), (API_KEY, 200), (ADMIN_KEY, 200)):
+            async with connection(gw, nursery) as c:
+                stream = Stream(c)
+                await stream.open([("authorization", f"Bearer {key}")])
+                assert stream.status == status, key
+                if status == 200:
+                    _, snap = await stream.event()
+                    assert snap["auth"] is True and snap["controls"] is True
+        async with connection(gw, nursery) as c:  # and the API agrees
+            old = [("authorization", "Bearer sk-old")]
+            assert (await c.request("GET", "/v1/models", headers=old)).status == 401
+
+
 def test_check_reader() -> None:
     check_reader([], [], None)
     check_reader([(b"authorization", b"Bearer k")], ["k"], None)
