@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <time.h>
 #include <unistd.h>
 
 #define READ_BYTES 65536
@@ -47,8 +48,9 @@ typedef struct {
     char trig[2][MAX_TRIGGER];
     size_t trig_len[2];
     int registered;           /* the thread has it (under the lock) */
-    /* reads: counted by the thread, read by the task's read timer without the lock */
-    unsigned long long reads;
+    /* reads: counted by the thread; last_read: CLOCK_MONOTONIC ns of the last
+     * one (0: none yet). Read by the task's read timer without the lock. */
+    unsigned long long reads, last_read;
     /* the rest: written by the thread under the lock, read by the task under it */
     unsigned long long bytes_out;
     char *data; size_t data_len;        /* read, not taken: the task's */
@@ -158,6 +160,10 @@ static int relay_one(RelayObject *r, char *buf, char *frame) {
         r->eof = 1;
         return 0;
     }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    __atomic_store_n(&r->last_read, (unsigned long long)now.tv_sec * 1000000000ULL + (unsigned long long)now.tv_nsec,
+                     __ATOMIC_RELAXED);
     __atomic_fetch_add(&r->reads, 1, __ATOMIC_RELAXED);
     size_t out_len, body_bytes;
     const char *out = passes(r, buf, (size_t)n, frame, &out_len, &body_bytes);
@@ -363,6 +369,10 @@ static PyObject *Relay_get_reads(RelayObject *self, void *Py_UNUSED(closure)) {
     return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->reads, __ATOMIC_RELAXED));
 }
 
+static PyObject *Relay_get_last_read(RelayObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->last_read, __ATOMIC_RELAXED));
+}
+
 static PyMethodDef Relay_methods[] = {
     {"hand_over", (PyCFunction)Relay_hand_over, METH_NOARGS, "The thread relays until it hands the body back."},
     {"take_back", (PyCFunction)Relay_take_back, METH_NOARGS,
@@ -374,6 +384,8 @@ static PyMethodDef Relay_methods[] = {
 
 static PyGetSetDef Relay_getset[] = {
     {"reads", (getter)Relay_get_reads, NULL, "reads taken so far", NULL},
+    {"last_read", (getter)Relay_get_last_read, NULL,
+     "time.monotonic_ns() of the last read taken, 0 before the first", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -5,6 +5,7 @@ SSE: int
 
 class Relay:
     reads: int
+    last_read: int
     def __init__(
         self, src: int, dst: int, efd: int, mode: int = ..., triggers: tuple[bytes, ...] = ...
     ) -> None: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -513,31 +514,35 @@ async def _relayed(
 
 async def _wait_relay(relay: AnyRelay, timer: _ReadTimer) -> None:
     """Wait until the relay thread hands the body back, keeping the read
-    timeout meanwhile: the thread counts its reads, looked at every
-    `slack_s`, so the timeout still fires between `timeout_s` and
-    `timeout_s + slack_s` after the engine's last bytes. Silence past it
-    takes the body back and ends it as a hung engine, through the timer's
-    scope (which waits meanwhile)."""
+    timeout meanwhile. The thread stamps each read it takes (the monotonic
+    clock, which trio's follows), so the task wakes only when the timeout
+    would fire had nothing come since: it then waits again, until
+    `timeout_s` after the last read, or takes the body back and ends it as
+    a hung engine through the timer's scope (which waits meanwhile). A
+    stream that keeps sending costs the task no wake-up until its end."""
     fire_at = timer.scope.deadline
     timer.scope.deadline = math.inf
-    seen = 0
     while True:
-        checked = trio.current_time()
-        with trio.move_on_at(min(fire_at, checked + timer.slack_s)):
+        with trio.move_on_at(fire_at):
             await relay.wait()
             break
-        now = trio.current_time()
-        if relay.reads != seen:  # the last read came after the last look
-            seen = relay.reads
-            fire_at = now + timer.timeout_s
-        elif now >= fire_at and relay.take_back():
-            timer.reading = True
-            timer.scope.cancel()
-            await trio.lowlevel.checkpoint()
-    if relay.reads != seen:
-        fire_at = trio.current_time() + timer.timeout_s
-    timer.armed_at = fire_at - timer.timeout_s - timer.slack_s
-    timer.scope.deadline = fire_at
+        fire_at = max(fire_at, _last_read_at(relay) + timer.timeout_s)
+        if trio.current_time() >= fire_at:
+            if relay.take_back():
+                timer.reading = True
+                timer.scope.cancel()
+                await trio.lowlevel.checkpoint()
+            break  # handed back meanwhile: its eventfd need not be waited for
+    timer.armed_at = max(timer.armed_at, _last_read_at(relay))
+    timer.scope.deadline = timer.armed_at + timer.timeout_s + timer.slack_s
+
+
+def _last_read_at(relay: AnyRelay) -> float:
+    """When the relay thread last read, on trio's clock; -inf before its first read."""
+    stamp = relay.last_read
+    if not stamp:
+        return -math.inf
+    return trio.current_time() - (time.monotonic_ns() - stamp) / 1e9
 
 
 async def _send_last(client: ClientSide, ex: Exchange, out: list[bytes]) -> None:

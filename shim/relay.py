@@ -35,6 +35,7 @@ import logging
 import os
 import select
 import threading
+import time
 import types
 from collections.abc import Callable
 
@@ -64,8 +65,8 @@ class Relay:
     """One body handed to the relay thread: its engine and client sockets,
     its step, and what the task finds when it gets it back."""
 
-    __slots__ = ("data", "done", "dst", "eof", "error", "pending", "reads", "src", "step", "taken",
-                 "token")
+    __slots__ = ("data", "done", "dst", "eof", "error", "last_read", "pending", "reads", "src", "step",
+                 "taken", "token")
 
     def __init__(self, src: int, dst: int, step: Callable[[bytes], bytes | None]) -> None:
         self.src = src  # the engine's socket
@@ -74,7 +75,8 @@ class Relay:
         self.step = step
         self.token = trio.lowlevel.current_trio_token()
         self.done = trio.Event()  # handed back
-        self.reads = 0  # reads taken; the task's read timer watches them
+        self.reads = 0  # reads taken
+        self.last_read = 0  # time.monotonic_ns() of the last one: the task's read timer watches it
         self.data = b""  # read, not taken by step: the task's to handle
         self.pending = b""  # taken by step, not yet written: the task writes it
         self.eof = False  # the engine closed its end
@@ -125,6 +127,10 @@ class NativeRelay:
     @property
     def reads(self) -> int:
         return int(self._c.reads)
+
+    @property
+    def last_read(self) -> int:
+        return int(self._c.last_read)
 
     def hand_over(self) -> None:
         self._c.hand_over()
@@ -228,6 +234,7 @@ class Relays:
             relay.eof = True
             return False
         data = view[:n].tobytes()
+        relay.last_read = time.monotonic_ns()
         relay.reads += 1
         try:
             out = relay.step(data)

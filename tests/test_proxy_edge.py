@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -389,6 +390,42 @@ async def test_a_silent_engine_ends_a_relayed_stream_after_its_read_timeout(tool
 @pytest.mark.usefixtures("relay_thread")
 async def test_pauses_shorter_than_the_read_timeout_never_cut_a_relayed_stream(tools: bool) -> None:
     await paused_engine(tools, 2.0, 0.1, 25)
+
+
+class SendingRelay:
+    """A relay whose thread has just read, whenever it is looked at, and
+    hands the body back when `done` is set; it counts the task's waits."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.waits = 0
+
+    @property
+    def last_read(self) -> int:
+        return time.monotonic_ns()
+
+    async def wait(self) -> None:
+        self.waits += 1
+        await self.done.wait()
+
+    def take_back(self) -> bool:
+        raise AssertionError("a stream that keeps sending was taken back")
+
+
+async def test_a_relayed_stream_that_keeps_sending_wakes_the_task_once_a_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # The task looks at the thread's reads only when the read timeout would
+    # have fired: 100 s of a stream at an 8 s timeout are 13 looks, not one
+    # every half second (the timer's slack), and the timeout stays where the
+    # last read puts it.
+    timer = shim.proxy._ReadTimer(8.0)
+    relay = SendingRelay()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shim.proxy._wait_relay, relay, timer)
+        await trio.sleep(100)
+        relay.done.set()
+    assert relay.waits == 1 + 100 // 8, relay.waits
+    assert timer.scope.deadline == pytest.approx(trio.current_time() + 8.0 + timer.slack_s, abs=0.01)
 
 
 @pytest.mark.usefixtures("relay_thread")
