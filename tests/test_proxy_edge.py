@@ -428,6 +428,33 @@ async def test_a_relayed_stream_that_keeps_sending_wakes_the_task_once_a_timeout
     assert timer.scope.deadline == pytest.approx(trio.current_time() + 8.0 + timer.slack_s, abs=0.01)
 
 
+class HandedBackRelay:
+    """A relay that read nothing and that the thread handed back just as the
+    read timeout fired: take_back finds it gone, its wake is yet to come."""
+
+    last_read = 0
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    async def wait(self) -> None:
+        self.waits += 1
+        assert self.waits < 5, "waiting again on an expired deadline"
+        await trio.sleep_forever()
+
+    def take_back(self) -> bool:
+        return False
+
+
+async def test_a_relay_handed_back_as_its_timeout_fires_ends_the_wait(
+        autojump_clock: trio.testing.MockClock) -> None:
+    timer = shim.proxy._ReadTimer(8.0)
+    relay = HandedBackRelay()
+    await shim.proxy._wait_relay(relay, timer)  # type: ignore[arg-type]
+    assert relay.waits == 1
+    assert trio.current_time() == pytest.approx(8.0 + timer.slack_s, abs=0.01)
+
+
 @pytest.mark.usefixtures("relay_thread")
 async def test_several_events_in_one_engine_write_are_rewritten_whole() -> None:
     # A busy gateway reads several of the engine's chunks at once; a tool
