@@ -138,6 +138,14 @@ KEYS += ["rss_load_mb", "p50_1_ms", "cpu_req_us", "rss_paced_mb", "rss_idle_mb"]
 ]
 
 
+def strays(tree: Path) -> list[str]:
+    """What Python would run at every start from the tree's folder, first on
+    the path: a sitecustomize or usercustomize (a probe's, left there once,
+    read 6 MB more idle RSS for its tree)."""
+    return [n for n in ("sitecustomize.py", "usercustomize.py", "sitecustomize", "usercustomize")
+            if (tree / n).exists()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("trees", nargs="+", metavar="NAME=TREE[:VAR=VALUE,...]")
@@ -152,7 +160,11 @@ def main() -> int:
     for x in a.trees:
         name, _, rest = x.partition("=")
         tree, _, envs = rest.partition(":")
-        trees.append((name, Path(tree).resolve(), dict(e.split("=", 1) for e in envs.split(",") if e)))
+        path = Path(tree).resolve()
+        if not (path / "shim").is_dir() or (stray := strays(path)):
+            ap.error(f"{tree}: " + (f"{', '.join(stray)} would run in its shim" if (path / "shim").is_dir()
+                                    else "holds no shim package"))
+        trees.append((name, path, dict(e.split("=", 1) for e in envs.split(",") if e)))
     work = Path(tempfile.mkdtemp(prefix="vllm-gateway-ab."))
     procs = run.Procs(work)
     results: dict[str, list[dict[str, float]]] = {n: [] for n, _, _ in trees}
