@@ -161,9 +161,10 @@ def main() -> int:
         name, _, rest = x.partition("=")
         tree, _, envs = rest.partition(":")
         path = Path(tree).resolve()
-        if not (path / "shim").is_dir() or (stray := strays(path)):
-            ap.error(f"{tree}: " + (f"{', '.join(stray)} would run in its shim" if (path / "shim").is_dir()
-                                    else "holds no shim package"))
+        if not (path / "shim").is_dir():
+            ap.error(f"{tree}: holds no shim package")
+        if stray := strays(path):
+            ap.error(f"{tree}: {', '.join(stray)} would run in its shim")
         trees.append((name, path, dict(e.split("=", 1) for e in envs.split(",") if e)))
     work = Path(tempfile.mkdtemp(prefix="vllm-gateway-ab."))
     procs = run.Procs(work)
