@@ -364,13 +364,15 @@ def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(gw: Gateway) ->
 
     trying_until = time.monotonic() + DISCONNECT_TRYING_S
     decoded_all = 0
+    by_length = engine_finished_requests(gw).get("length", 0.0)
     while True:
-        by_length = engine_finished_requests(gw).get("length", 0.0)
         request_id, closed = _leave_mid_stream(gw)
         wait_until(lambda: engine_running_requests(gw) == 0, ABORT_LOG_WAIT_S,
                    f"vLLM to end {request_id}")
-        if engine_finished_requests(gw).get("length", 0.0) == by_length:
+        after = engine_finished_requests(gw).get("length", 0.0)
+        if after == by_length:
             break  # ended otherwise than by decoding it all: aborted
+        by_length = after
         decoded_all += 1
         if time.monotonic() > trying_until:
             break  # the wait below fails, and says how the last one ended
