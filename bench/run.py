@@ -19,6 +19,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,12 +58,16 @@ class Durations:
     idle_s: float
     paced: float  # the measured window at each number of paced streams
     paced_warmup: float
+    # windows at each number of paced streams, one after the other; the
+    # figures are their medians, so that a moment of other work on the
+    # machine moves one window, not the reading
+    paced_windows: int
 
 
 QUICK = Durations(chat32=2.0, chat1=1.5, stream64=2.0, stream1=1.0, warmup=0.3, cold_runs=3, idle_s=5.0,
-                  paced=1.5, paced_warmup=0.5)
+                  paced=1.5, paced_warmup=0.5, paced_windows=1)
 FULL = Durations(chat32=10.0, chat1=5.0, stream64=10.0, stream1=3.0, warmup=1.0, cold_runs=20, idle_s=10.0,
-                 paced=8.0, paced_warmup=1.5)
+                 paced=8.0, paced_warmup=1.5, paced_windows=3)
 
 
 def log(msg: str) -> None:
@@ -290,17 +295,41 @@ def measure(
 
 def paced(url: str, d: Durations, tools: bool, pid: int | None, starts: str = "together") -> dict[str, float]:
     """The paced streams at each number of streams, as `pN_`-prefixed figures
-    (`starts`: bench/load.py's, within one interval unless told)."""
+    (`starts`: bench/load.py's, within one interval unless told): over
+    `d.paced_windows` windows, the median of each figure, the largest
+    delay, errors and stalls summed; each window's delay p99 as
+    `pN_delay_p99_wI`."""
     r: dict[str, float] = {}
     for n in PACED_STREAMS:
-        x = loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
+        windows = [
+            loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
                    ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}",
                     "--starts", starts))
-        for key in ("events_per_s", "offered_per_s", "delay_p50_ms", "delay_p99_ms", "delay_max_ms",
-                    "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct",
-                    "first_delay_p99_ms", "later_delay_p99_ms"):
-            if key in x:
-                r[f"p{n}_{key}"] = float(x[key])
+            for _ in range(d.paced_windows)
+        ]
+        r.update(combine_windows(n, windows))
+    return r
+
+
+def combine_windows(n: int, windows: list[dict[str, Any]]) -> dict[str, float]:
+    """One reading from several paced windows (see `paced`)."""
+    r: dict[str, float] = {}
+    for key in ("events_per_s", "offered_per_s", "delay_p50_ms", "delay_p99_ms", "delay_max_ms",
+                "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct",
+                "first_delay_p99_ms", "later_delay_p99_ms"):
+        values = [float(w[key]) for w in windows if key in w]
+        if not values:
+            continue
+        if key in ("errors", "stalls"):
+            r[f"p{n}_{key}"] = sum(values)
+        elif key == "delay_max_ms":
+            r[f"p{n}_{key}"] = max(values)
+        else:
+            r[f"p{n}_{key}"] = statistics.median(values)
+    if len(windows) > 1:
+        for i, w in enumerate(windows):
+            if "delay_p99_ms" in w:
+                r[f"p{n}_delay_p99_w{i}"] = float(w["delay_p99_ms"])
     return r
 
 
@@ -635,7 +664,8 @@ def paced_table(res: dict[str, dict[str, float]]) -> list[str]:
 def lower_floor(first: dict[str, float], again: dict[str, float]) -> dict[str, float]:
     """Direct's paced delay figures from two readings: the lower of each, the
     machine's own delay at its quieter moment (a stricter floor)."""
-    return {k: min(v, first[k]) if k in first else v for k, v in again.items() if "delay" in k}
+    return {k: min(v, first[k]) if k in first else v for k, v in again.items()
+            if "delay" in k and "_w" not in k}
 
 
 def _direct_runs(extra: dict[str, Any]) -> str:
@@ -646,6 +676,15 @@ def _direct_runs(extra: dict[str, Any]) -> str:
     each = [f"{n} streams {runs[0].get(f'p{n}_delay_p99_ms', 0):.2f} and "
             f"{runs[1].get(f'p{n}_delay_p99_ms', 0):.2f} ms" for n in PACED_STREAMS]
     return " (p99 in this run: " + ", ".join(each) + ")"
+
+
+def _windows(r: dict[str, float], key: str) -> list[float]:
+    """Each window's reading of a `pN_delay_p99_ms` figure (see `paced`)."""
+    base = key.removesuffix("_ms")
+    out: list[float] = []
+    while f"{base}_w{len(out)}" in r:
+        out.append(r[f"{base}_w{len(out)}"])
+    return out
 
 
 def paced_targets(res: dict[str, dict[str, float]]) -> list[tuple[str, str, str, bool | None]]:
@@ -679,8 +718,10 @@ def paced_targets(res: dict[str, dict[str, float]]) -> list[tuple[str, str, str,
                 out.append((label, f"< {below:g} ms", f"- (direct's own {floor:.2f} over the gateway's "
                             f"{v:.2f}: rerun on a quieter machine)", None))
                 continue
-            out.append((label, f"< {below:g} ms", f"{v - floor:.2f} ms ({v:.2f} less direct's {floor:.2f})",
-                        v - floor < below))
+            each = " / ".join(f"{w:.2f}" for w in _windows(g, key))
+            windows = f"; windows {each}" if each else ""
+            measured = f"{v - floor:.2f} ms ({v:.2f} less direct's {floor:.2f}{windows})"
+            out.append((label, f"< {below:g} ms", measured, v - floor < below))
     return out
 
 
@@ -1075,8 +1116,8 @@ def write_doc(
         f"- machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
         f"{m['systemd']}",
         f"- run time: {elapsed:.0f} s; windows: {d.chat32:g} s at 32 connections, {d.chat1:g} s at 1, "
-        f"{d.stream64:g} s at 64 streams, {d.stream1:g} s at 1 stream, {d.paced:g} s at each number "
-        "of paced streams",
+        f"{d.stream64:g} s at 64 streams, {d.stream1:g} s at 1 stream, {d.paced_windows} x {d.paced:g} s "
+        "at each number of paced streams",
         "- the machine was shared: other work ran on its 2 cores at the same time, so absolute figures "
         "move between runs; the ratios within one run are what the targets read",
         "",
@@ -1101,7 +1142,12 @@ def write_doc(
         "each stream's first event (it waits for the proxy's work on the request and the engine's "
         "answer head) and the events after it (the relay alone) also have their own p99. "
         "CPU: the proxy's own (user + system, from /proc) over the window, per event and as a share "
-        "of one core. The targets read the delay a proxy adds as its p99 less direct's. Direct "
+        "of one core. "
+        + (f"Each peer runs {d.paced_windows} windows of {d.paced:g} s at each number of streams, one "
+           "after the other; a row holds their medians (max: the largest, errors and stalls: the sum), "
+           "so that a moment of other work on the machine moves one window, not the reading. "
+           if d.paced_windows > 1 else "")
+        + "The targets read the delay a proxy adds as its p99 less direct's. Direct "
         "runs twice, before the other peers and after them; its row and the targets take the "
         "lower of each delay figure" + _direct_runs(extra) + ".",
         "",
