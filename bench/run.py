@@ -298,7 +298,7 @@ def paced(url: str, d: Durations, tools: bool, pid: int | None, starts: str = "t
     (`starts`: bench/load.py's, within one interval unless told): over
     `d.paced_windows` windows, the median of each figure, the largest
     delay, errors and stalls summed; each window's delay p99 as
-    `pN_delay_p99_wI`."""
+    `pN_windowI_p99_ms`."""
     r: dict[str, float] = {}
     for n in PACED_STREAMS:
         windows = [
@@ -329,7 +329,7 @@ def combine_windows(n: int, windows: list[dict[str, Any]]) -> dict[str, float]:
     if len(windows) > 1:
         for i, w in enumerate(windows):
             if "delay_p99_ms" in w:
-                r[f"p{n}_delay_p99_w{i}"] = float(w["delay_p99_ms"])
+                r[f"p{n}_window{i}_p99_ms"] = float(w["delay_p99_ms"])
     return r
 
 
@@ -664,8 +664,7 @@ def paced_table(res: dict[str, dict[str, float]]) -> list[str]:
 def lower_floor(first: dict[str, float], again: dict[str, float]) -> dict[str, float]:
     """Direct's paced delay figures from two readings: the lower of each, the
     machine's own delay at its quieter moment (a stricter floor)."""
-    return {k: min(v, first[k]) if k in first else v for k, v in again.items()
-            if "delay" in k and "_w" not in k}
+    return {k: min(v, first[k]) if k in first else v for k, v in again.items() if "delay" in k}
 
 
 def _direct_runs(extra: dict[str, Any]) -> str:
@@ -678,12 +677,11 @@ def _direct_runs(extra: dict[str, Any]) -> str:
     return " (p99 in this run: " + ", ".join(each) + ")"
 
 
-def _windows(r: dict[str, float], key: str) -> list[float]:
-    """Each window's reading of a `pN_delay_p99_ms` figure (see `paced`)."""
-    base = key.removesuffix("_ms")
+def _windows(r: dict[str, float], n: int) -> list[float]:
+    """Each window's delay p99 at `n` paced streams (see `paced`)."""
     out: list[float] = []
-    while f"{base}_w{len(out)}" in r:
-        out.append(r[f"{base}_w{len(out)}"])
+    while f"p{n}_window{len(out)}_p99_ms" in r:
+        out.append(r[f"p{n}_window{len(out)}_p99_ms"])
     return out
 
 
@@ -718,7 +716,7 @@ def paced_targets(res: dict[str, dict[str, float]]) -> list[tuple[str, str, str,
                 out.append((label, f"< {below:g} ms", f"- (direct's own {floor:.2f} over the gateway's "
                             f"{v:.2f}: rerun on a quieter machine)", None))
                 continue
-            each = " / ".join(f"{w:.2f}" for w in _windows(g, key))
+            each = " / ".join(f"{w:.2f}" for w in _windows(g, n))
             windows = f"; windows {each}" if each else ""
             measured = f"{v - floor:.2f} ms ({v:.2f} less direct's {floor:.2f}{windows})"
             out.append((label, f"< {below:g} ms", measured, v - floor < below))

@@ -24,13 +24,13 @@ def test_windows_give_medians_the_largest_delay_and_sums() -> None:
     assert r["p256_cpu_us_per_event"] == 21.0
     assert r["p256_delay_max_ms"] == 40.0  # but its worst event stays in sight
     assert r["p256_stalls"] == 3
-    assert run._windows(r, "p256_delay_p99_ms") == [2.0, 15.0, 3.0]
+    assert run._windows(r, 256) == [2.0, 15.0, 3.0]
 
 
 def test_one_window_is_its_own_reading() -> None:
     r = run.combine_windows(64, [window(0.7, 18.0, 3.0, 0)])
     assert r["p64_delay_p99_ms"] == 0.7
-    assert run._windows(r, "p64_delay_p99_ms") == []
+    assert run._windows(r, 64) == []
 
 
 def test_the_delay_target_names_each_window_and_the_floor_ignores_them() -> None:
@@ -40,7 +40,7 @@ def test_the_delay_target_names_each_window_and_the_floor_ignores_them() -> None
     again = run.combine_windows(256, [window(0.8, 0, 5.0, 0), window(1.2, 0, 5.0, 0), window(1.1, 0, 5.0, 0)])
     direct = run.lower_floor(first, again)
     assert direct["p256_delay_p99_ms"] == 1.0  # the lower of the two medians
-    assert not run._windows(direct, "p256_delay_p99_ms")
+    assert not run._windows(direct, 256)
     rows = run.paced_targets({"vllm-gateway": g, "direct": direct})
     row = next(r for r in rows if r[0] == "delay added p99 @256 paced streams (rewrite off)")
     assert row[2] == "2.00 ms (3.00 less direct's 1.00; windows 2.00 / 7.50 / 3.00)"
