@@ -58,9 +58,8 @@ class Durations:
     idle_s: float
     paced: float  # the measured window at each number of paced streams
     paced_warmup: float
-    # windows at each number of paced streams, one after the other; the
-    # figures are their medians, so that a moment of other work on the
-    # machine moves one window, not the reading
+    # windows of each peer at each number of paced streams, in rounds (see
+    # `paced_rounds`); the figures are their medians
     paced_windows: int
 
 
@@ -293,22 +292,95 @@ def measure(
     return r
 
 
+def paced_window(url: str, n: int, d: Durations, tools: bool, pid: int | None,
+                 starts: str = "together") -> dict[str, Any]:
+    """One window of `n` paced streams through `url` (bench/load.py's figures;
+    `starts`: its, within one interval unless told)."""
+    return loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
+                  ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}",
+                   "--starts", starts))
+
+
 def paced(url: str, d: Durations, tools: bool, pid: int | None, starts: str = "together") -> dict[str, float]:
-    """The paced streams at each number of streams, as `pN_`-prefixed figures
-    (`starts`: bench/load.py's, within one interval unless told): over
-    `d.paced_windows` windows, the median of each figure, the largest
-    delay, errors and stalls summed; each window's delay p99 as
-    `pN_windowI_p99_ms`."""
+    """The paced streams of one peer at each number of streams, as
+    `pN_`-prefixed figures: `d.paced_windows` windows one after the other,
+    combined by `combine_windows` (bench/ab.py's reading; a full run takes
+    `paced_rounds`)."""
     r: dict[str, float] = {}
     for n in PACED_STREAMS:
-        windows = [
-            loadpy("paced", url, n, d.paced, d.paced_warmup, tools, pid,
-                   ("--events", str(PACED_EVENTS), "--interval-ms", f"{PACED_INTERVAL_MS:g}",
-                    "--starts", starts))
-            for _ in range(d.paced_windows)
-        ]
-        r.update(combine_windows(n, windows))
+        r.update(combine_windows(n, [paced_window(url, n, d, tools, pid, starts)
+                                     for _ in range(d.paced_windows)]))
     return r
+
+
+@dataclass
+class PacedPeer:
+    """A peer in the paced rounds: its port, whether its load offers a tool,
+    and the process whose CPU it costs (None: not counted)."""
+
+    name: str
+    port: int
+    tools: bool = False
+    pid: int | None = None
+
+
+def paced_rounds(peers: list[PacedPeer], d: Durations, notes: list[str]) -> dict[str, dict[str, float]]:
+    """The paced streams of every peer, interleaved: at each number of
+    streams, `d.paced_windows` rounds of one window of each peer in turn,
+    combined per peer by `combine_windows`. A minute of other work on the
+    machine then moves one window of every peer, which the medians leave
+    out, rather than every window of one peer; and the figures compared
+    (CPU against socket-proxyd's, delay against direct's) come from the
+    same moments. A peer whose window fails leaves the rounds and is not
+    reported (a note says why)."""
+    windows: dict[str, dict[int, list[dict[str, Any]]]] = {p.name: {n: [] for n in PACED_STREAMS}
+                                                          for p in peers}
+    failed: set[str] = set()
+    for n in PACED_STREAMS:
+        for i in range(d.paced_windows):
+            log(f"paced streams: {n}, round {i + 1} of {d.paced_windows}")
+            for p in peers:
+                if p.name in failed:
+                    continue
+                try:
+                    windows[p.name][n].append(
+                        paced_window(f"http://127.0.0.1:{p.port}", n, d, p.tools, p.pid))
+                except Exception as e:  # a peer that fails leaves a gap, not a crashed run
+                    log(f"{p.name} failed: {e}")
+                    notes.append(f"{p.name}: paced streams not measured: {e}")
+                    failed.add(p.name)
+                settle()
+    out: dict[str, dict[str, float]] = {}
+    for p in peers:
+        if p.name not in failed:
+            out[p.name] = {}
+            for n in PACED_STREAMS:
+                out[p.name].update(combine_windows(n, windows[p.name][n]))
+    return out
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """The machine's busy and total CPU time so far, in clock ticks (/proc/stat)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(f[:8])  # user .. steal (guest time is within user)
+    return total - f[3] - f[4], total
+
+
+def settle(limit_s: float = 20.0, busy_below: float = 0.05) -> None:
+    """Wait, at most `limit_s`, until the machine's CPUs are nearly idle over
+    0.2 s: what one peer's window leaves running (a saturated peer's backlog,
+    the engine's writes to closed streams) does not fall into the next one."""
+    t0 = time.monotonic()
+    busy0, total0 = cpu_jiffies()
+    while time.monotonic() - t0 < limit_s:
+        time.sleep(0.2)
+        busy1, total1 = cpu_jiffies()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            if time.monotonic() - t0 > 1.0:
+                log(f"the machine was idle again after {time.monotonic() - t0:.1f} s")
+            return
+        busy0, total0 = busy1, total1
+    log(f"the machine was still busy after {limit_s:g} s; going on")
 
 
 def combine_windows(n: int, windows: list[dict[str, Any]]) -> dict[str, float]:
@@ -661,22 +733,6 @@ def paced_table(res: dict[str, dict[str, float]]) -> list[str]:
     return rows
 
 
-def lower_floor(first: dict[str, float], again: dict[str, float]) -> dict[str, float]:
-    """Direct's paced delay figures from two readings: the lower of each, the
-    machine's own delay at its quieter moment (a stricter floor)."""
-    return {k: min(v, first[k]) if k in first else v for k, v in again.items() if "delay" in k}
-
-
-def _direct_runs(extra: dict[str, Any]) -> str:
-    """Direct's two delay p99 readings, for the text."""
-    runs = extra.get("direct_paced_runs")
-    if not runs or len(runs) != 2:
-        return ""
-    each = [f"{n} streams {runs[0].get(f'p{n}_delay_p99_ms', 0):.2f} and "
-            f"{runs[1].get(f'p{n}_delay_p99_ms', 0):.2f} ms" for n in PACED_STREAMS]
-    return " (p99 in this run: " + ", ".join(each) + ")"
-
-
 def _windows(r: dict[str, float], n: int) -> list[float]:
     """Each window's delay p99 at `n` paced streams (see `paced`)."""
     out: list[float] = []
@@ -901,14 +957,16 @@ def main() -> int:
         procs.start("upstream", [*engine_cmd(), "--port", str(up_port), "--procs", str(a.upstream_procs)])
         wait_port(up_port)
 
+        paced_peers: list[PacedPeer] = []
+
         def peer(name: str, port: int, tools: bool = False, pid: int | None = None) -> None:
+            """The peer's own figures; its paced streams wait for the rounds."""
             log(f"measuring {name}")
             try:
                 res[name] = measure(port, d, use_wrk, tools, pid)
                 if name == "vllm-gateway" and pid:  # the footprint of the load before, as always
                     extra["rss_mb"], extra["rss_peak_mb"] = rss_mb(pid)
-                log(f"measuring {name}: paced streams")
-                res[name].update(paced(f"http://127.0.0.1:{port}", d, tools, pid))
+                paced_peers.append(PacedPeer(name, port, tools, pid))
             except Exception as e:  # a peer that fails leaves a gap, not a crashed run
                 log(f"{name} failed: {e}")
                 notes.append(f"{name}: not measured: {e}")
@@ -921,7 +979,6 @@ def main() -> int:
         )
         wait_port(pp)
         peer("socket-proxyd", pp, pid=proxyd.pid)
-        procs.stop(proxyd)
 
         fp = free_port()
         fa = procs.start(
@@ -937,7 +994,6 @@ def main() -> int:
         )
         wait_port(fp)
         peer("fastapi+httpx", fp, pid=fa.pid)
-        procs.stop(fa)
 
         # The gateway, warm: its engine is the same stand-in, started by the shim.
         exit_after = d.idle_s + 4
@@ -946,6 +1002,15 @@ def main() -> int:
         g.start()
         peer("vllm-gateway", g.port, pid=g.proc.pid if g.proc else None)
         pid = g.proc.pid if g.proc else 0
+        gr = Shim(procs, work, "rewrite", engine_cmd(), fmt="nemotron")
+        shims.append(gr)
+        gr.start()
+        peer("vllm-gateway+rewrite", gr.port, tools=True, pid=gr.proc.pid if gr.proc else None)
+
+        for name, paced_res in paced_rounds(paced_peers, d, notes).items():
+            res[name].update(paced_res)
+        procs.stop(proxyd)
+        procs.stop(fa)
         spy_bin = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
 
         def profile(shim: Shim, tools: bool) -> None:
@@ -965,6 +1030,8 @@ def main() -> int:
                 spy.wait(30)
 
         profile(g, tools=False)
+        profile(gr, tools=True)
+        gr.stop()
         extra["rss_paced_mb"], extra["rss_paced_peak_mb"] = rss_mb(pid)
         time.sleep(0.5)
         log(f"idle footprint: engine ready, {d.idle_s:g} s")
@@ -989,23 +1056,6 @@ def main() -> int:
         ).stdout.strip()
         extra["unit_state"] = unit_state
 
-        gr = Shim(procs, work, "rewrite", engine_cmd(), fmt="nemotron")
-        shims.append(gr)
-        gr.start()
-        peer("vllm-gateway+rewrite", gr.port, tools=True, pid=gr.proc.pid if gr.proc else None)
-        profile(gr, tools=True)
-        gr.stop()
-
-        # The floor of the delay figures once more, after the peers: a single
-        # reading of it on a busy moment once came out above the gateway's own.
-        log("measuring direct: paced streams again")
-        try:
-            again = paced(f"http://127.0.0.1:{up_port}", d, False, None)
-            direct = res.setdefault("direct", {})
-            extra["direct_paced_runs"] = [dict(direct), again]
-            direct.update(lower_floor(direct, again))
-        except Exception as e:
-            notes.append(f"direct: paced streams not measured again: {e}")
 
         # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
         log(f"cold starts: {d.cold_runs}")
@@ -1141,13 +1191,13 @@ def write_doc(
         "answer head) and the events after it (the relay alone) also have their own p99. "
         "CPU: the proxy's own (user + system, from /proc) over the window, per event and as a share "
         "of one core. "
-        + (f"Each peer runs {d.paced_windows} windows of {d.paced:g} s at each number of streams, one "
-           "after the other; a row holds their medians (max: the largest, errors and stalls: the sum), "
-           "so that a moment of other work on the machine moves one window, not the reading. "
+        + (f"Each peer runs {d.paced_windows} windows of {d.paced:g} s at each number of streams, in "
+           "rounds: a round is one window of every peer in turn (direct first), each once the machine "
+           "is idle again. A row holds the medians of a peer's windows (max: the largest, "
+           "errors and stalls: the sum), so that a minute of other work on the machine moves one window "
+           "of every peer, not the reading, and the figures compared come from the same moments. "
            if d.paced_windows > 1 else "")
-        + "The targets read the delay a proxy adds as its p99 less direct's. Direct "
-        "runs twice, before the other peers and after them; its row and the targets take the "
-        "lower of each delay figure" + _direct_runs(extra) + ".",
+        + "The targets read the delay a proxy adds as its p99 less direct's.",
         "",
         *pct_,
         "",
