@@ -384,7 +384,9 @@ def settle(limit_s: float = 20.0, busy_below: float = 0.05) -> None:
 
 
 def combine_windows(n: int, windows: list[dict[str, Any]]) -> dict[str, float]:
-    """One reading from several paced windows (see `paced`)."""
+    """One reading of a peer's paced windows at `n` streams: the median of
+    each figure, the largest max, errors and stalls summed; each window's
+    delay p99 as `pN_windowI_p99_ms` where there are several."""
     r: dict[str, float] = {}
     for key in ("events_per_s", "offered_per_s", "delay_p50_ms", "delay_p99_ms", "delay_max_ms",
                 "ttfe_p50_ms", "ttfe_p99_ms", "errors", "stalls", "cpu_us_per_event", "cpu_core_pct",
@@ -1055,7 +1057,6 @@ def main() -> int:
             ["systemctl", "--user", "is-active", g.unit], capture_output=True, text=True
         ).stdout.strip()
         extra["unit_state"] = unit_state
-
 
         # Cold start: fake-vllm, 2 s to get ready; the shim polls its /health.
         log(f"cold starts: {d.cold_runs}")
