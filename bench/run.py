@@ -736,7 +736,7 @@ def paced_table(res: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _windows(r: dict[str, float], n: int) -> list[float]:
-    """Each window's delay p99 at `n` paced streams (see `paced`)."""
+    """Each window's delay p99 at `n` paced streams (see `combine_windows`)."""
     out: list[float] = []
     while f"p{n}_window{len(out)}_p99_ms" in r:
         out.append(r[f"p{n}_window{len(out)}_p99_ms"])
