@@ -127,7 +127,8 @@ def one(procs: run.Procs, work: Path, name: str, tree: Path, env: dict[str, str]
 
 def paced_d(secs: float) -> run.Durations:
     return run.Durations(chat32=0, chat1=0, stream64=0, stream1=0, warmup=0.3, cold_runs=0, idle_s=0,
-                         paced=secs, paced_warmup=1.0, paced_windows=1)
+                         paced=secs, paced_warmup=1.0, paced_windows=1,
+                         settle_s=0.0)
 
 
 KEYS = [f"{w}_{k}" for w in ("start", "load", "idle") for k in ("heap", "anon_big", "anon_small", "files")]

@@ -61,12 +61,14 @@ class Durations:
     # windows of each peer at each number of paced streams, in rounds (see
     # `paced_rounds`); the figures are their medians
     paced_windows: int
+    # the longest wait for the machine to go idle after each paced window
+    settle_s: float
 
 
 QUICK = Durations(chat32=2.0, chat1=1.5, stream64=2.0, stream1=1.0, warmup=0.3, cold_runs=3, idle_s=5.0,
-                  paced=1.5, paced_warmup=0.5, paced_windows=1)
+                  paced=1.5, paced_warmup=0.5, paced_windows=1, settle_s=5.0)
 FULL = Durations(chat32=10.0, chat1=5.0, stream64=10.0, stream1=3.0, warmup=1.0, cold_runs=20, idle_s=10.0,
-                 paced=8.0, paced_warmup=1.5, paced_windows=3)
+                 paced=8.0, paced_warmup=1.5, paced_windows=3, settle_s=20.0)
 
 
 def log(msg: str) -> None:
@@ -349,7 +351,7 @@ def paced_rounds(peers: list[PacedPeer], d: Durations, notes: list[str]) -> dict
                     log(f"{p.name} failed: {e}")
                     notes.append(f"{p.name}: paced streams not measured: {e}")
                     failed.add(p.name)
-                settle()
+                settle(d.settle_s)
     out: dict[str, dict[str, float]] = {}
     for p in peers:
         if p.name not in failed:
@@ -366,7 +368,7 @@ def cpu_jiffies() -> tuple[int, int]:
     return total - f[3] - f[4], total
 
 
-def settle(limit_s: float = 20.0, busy_below: float = 0.05) -> None:
+def settle(limit_s: float, busy_below: float = 0.05) -> None:
     """Wait, at most `limit_s`, until the machine's CPUs are nearly idle over
     0.2 s: what one peer's window leaves running (a saturated peer's backlog,
     the engine's writes to closed streams) does not fall into the next one."""

@@ -59,10 +59,10 @@ def test_rounds_interleave_the_peers_and_drop_one_that_fails(monkeypatch: pytest
         return window(float(next(p99)), 20.0 if port != 1 else 0, 5.0, 0)
 
     monkeypatch.setattr(run, "paced_window", one_window)
-    monkeypatch.setattr(run, "settle", lambda: None)
+    monkeypatch.setattr(run, "settle", lambda limit_s: None)
     notes: list[str] = []
     d = run.Durations(chat32=0, chat1=0, stream64=0, stream1=0, warmup=0, cold_runs=0, idle_s=0,
-                      paced=1, paced_warmup=0, paced_windows=3)
+                      paced=1, paced_warmup=0, paced_windows=3, settle_s=0)
     peers = [run.PacedPeer("direct", 1), run.PacedPeer("socket-proxyd", 2, pid=7),
              run.PacedPeer("vllm-gateway", 3, pid=8)]
     res = run.paced_rounds(peers, d, notes)
